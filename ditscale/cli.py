@@ -1,0 +1,58 @@
+"""`python -m ditscale COMMAND ...`: one entry point, each command implemented in its own module.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`; they are imported only when used,
+so `--help` stays fast and a command never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ditscale.errors import DitscaleError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ditscale.train.command", "train a DiT (alone, under torchrun, deepspeed or srun)"),
+    "export": ("ditscale.train.export", "write a run's EMA weights as a reference-compatible DiT state dict"),
+    "sample": ("ditscale.train.sample_command", "draw a grid of samples from a run's checkpoint"),
+    "data": ("ditscale.data.command", "build shards and study subsets (same as shards/build.py, shards/subset.py)"),
+    "eval": ("ditscale.eval.command", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
+    "report": ("ditscale.eval.report", "the study's tables and plots for a grid of runs"),
+    "grid": ("ditscale.grid_command", "expand a grid file and show its runs"),
+    "bench": ("ditscale.bench", "benchmarks: attention, data, train"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ditscale",
+        description="ditscale: Diffusion Transformers with local-attention windows, at cluster scale.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        if name in sys.argv[1:2]:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv[1:] = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DitscaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,179 @@
+"""The one run-config schema: typed, validated once, before anything heavy starts.
+
+A config is YAML with the sections below. `load_config(path, overrides)` applies dotted `key=value` overrides
+(values parsed as YAML: `train.steps=100`, `model.windows=local@head`, `optim.betas=[0.9,0.99]`), validates,
+and raises ConfigError naming the key on an unknown key or a wrong type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ditscale.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "run"
+    seed: int = 0
+    # Local directory or object-storage URL (s3://bucket/prefix) for config, checkpoints, logs and samples.
+    dir: str = "runs/run"
+
+
+class ModelSection(_Section):
+    variant: str = "DiT-XS/1"
+    windows: str = "global"  # a window spec: global, local@head, local*@mix, 5x6@tail, 3,5,7,...
+    input_size: int = Field(32, gt=0)  # image (pixel space) or latent side
+    in_channels: int = Field(3, gt=0)
+    num_classes: int = Field(1000, ge=1)
+    learn_sigma: bool = True
+    class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0)
+    attention_backend: Literal["auto", "sdpa_mask", "flex", "halo"] = "auto"
+
+
+class DiffusionSection(_Section):
+    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT)
+    num_timesteps: int = Field(1000, gt=1)
+    schedule: Literal["linear"] = "linear"
+    sample_steps: int = Field(250, gt=0)  # respaced ancestral sampling for sample grids
+    cfg_scale: float = Field(1.0, ge=1.0)
+
+
+class DataSection(_Section):
+    train: str = ""  # manifest.json URL of the training shards (local path or s3://)
+    test: str = ""  # manifest.json URL of the held-out test shards (optional; eval uses it)
+    kind: Literal["pixels", "latents"] = "pixels"
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    flip: bool = True
+    verify_sha256: bool = False
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class TrainSection(_Section):
+    steps: int = Field(400_000, gt=0)
+    global_batch: int = Field(64, gt=0)
+    micro_batch: int = Field(64, gt=0)  # per rank; accumulation = global / (micro * world)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    zero_stage: int = Field(2, ge=0, le=3)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    tf32: bool = True
+
+
+class CheckpointSection(_Section):
+    every: int = Field(5000, gt=0)
+    keep: int = Field(3, ge=1)
+
+
+class LogSection(_Section):
+    every: int = Field(10, gt=0)
+    sample_every: int = Field(1000, ge=0)  # 0: no sample grids
+    metrics_port: int = Field(9400, ge=0, le=65535)  # base port; rank r listens on base + local rank; 0 = off
+    progress: bool = True
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+
+    @field_validator("train")
+    @classmethod
+    def _batches(cls, v: TrainSection) -> TrainSection:
+        if v.global_batch % v.micro_batch:
+            raise ValueError(f"global_batch {v.global_batch} is not a multiple of micro_batch {v.micro_batch}")
+        return v
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {e}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {origin}: " + "; ".join(lines)
+
+
+def config_from_dict(tree: dict, origin: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def read_config_tree(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top")
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    tree = read_config_tree(path) if path else {}
+    tree = _merge(tree, parse_overrides(overrides))
+    return config_from_dict(tree, origin=str(path or "<defaults>"))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,21 @@
+"""Shared pytest setup. Service fixtures (S3, Slurm, Ray, Prometheus) live in tests/plugins/, one file each."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# DeepSpeed's CPU shm-comm op and inductor compile once per cache dir: keep them in the project cache.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+pytest_plugins = ["tests.plugins.s3", "tests.plugins.slurm", "tests.plugins.ray", "tests.plugins.prometheus"]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT

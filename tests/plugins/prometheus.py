@@ -1,0 +1,1 @@
+"""Fixture for a real prometheus service (see tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Fixture for a real ray service (see tests/conftest.py)."""

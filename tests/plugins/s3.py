@@ -1,0 +1,1 @@
+"""Fixture for a real s3 service (see tests/conftest.py)."""

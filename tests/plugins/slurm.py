@@ -1,0 +1,1 @@
+"""Fixture for a real slurm service (see tests/conftest.py)."""
