@@ -383,3 +383,67 @@ def test_gaussian_diffusion_direct_construction():
     model = _model(learn_sigma=False)
     out = d.p_sample_loop(model, (1, 2, 4, 4), model_kwargs=dict(y=torch.tensor([0])), generator=_gen(0))
     assert torch.isfinite(out).all()
+
+
+def test_hybrid_loss_matches_direct_float64_computation():
+    # Re-derive mse + vb by hand (numpy float64) for a fixed model output, at t = 0 (decoder NLL) and t > 0 (KL).
+    d = create_diffusion()
+    rng = np.random.default_rng(0)
+    B, C = 3, 2
+    x0 = rng.uniform(-1, 1, (B, C, 2, 2))
+    noise = rng.standard_normal((B, C, 2, 2))
+    eps_hat = rng.standard_normal((B, C, 2, 2))
+    v = rng.uniform(-1, 1, (B, C, 2, 2))
+    tt = np.array([0, 7, 640])
+
+    def model_fn(x, t, y=None):
+        return torch.from_numpy(np.concatenate([eps_hat, v], 1))
+
+    got = d.training_losses(model_fn, torch.from_numpy(x0), torch.from_numpy(tt), noise=torch.from_numpy(noise))
+
+    b = np.linspace(1e-4, 0.02, 1000)
+    ab = np.cumprod(1 - b)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = b * (1 - ab_prev) / (1 - ab)
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+    for i, t in enumerate(tt):
+        x_t = math.sqrt(ab[t]) * x0[i] + math.sqrt(1 - ab[t]) * noise[i]
+        x0_hat = (x_t - math.sqrt(1 - ab[t]) * eps_hat[i]) / math.sqrt(ab[t])
+
+        def post_mean(x_start, t=t, x_t=x_t):
+            c1 = b[t] * math.sqrt(ab_prev[t]) / (1 - ab[t])
+            c2 = (1 - ab_prev[t]) * math.sqrt(1 - b[t]) / (1 - ab[t])
+            return c1 * x_start + c2 * x_t
+
+        frac = (v[i] + 1) / 2
+        logvar = frac * math.log(b[t]) + (1 - frac) * post_logvar[t]
+        mean = post_mean(x0_hat)
+        if t == 0:
+            vb = -discretized_gaussian_log_likelihood(
+                torch.from_numpy(x0[i]), means=torch.from_numpy(mean), log_scales=torch.from_numpy(0.5 * logvar)
+            ).numpy()
+        else:
+            m1, lv1 = post_mean(x0[i]), post_logvar[t]
+            vb = 0.5 * (-1 + logvar - lv1 + np.exp(lv1 - logvar) + (m1 - mean) ** 2 * np.exp(-logvar))
+        assert got["vb"][i].item() == pytest.approx(vb.mean() / math.log(2), rel=1e-9)
+        assert got["mse"][i].item() == pytest.approx(((noise[i] - eps_hat[i]) ** 2).mean(), rel=1e-12)
+
+
+def test_p_sample_step_matches_direct_computation():
+    d = create_diffusion("10")  # respaced: betas recomputed from alpha_bar at the kept steps
+    x = torch.randn(2, 1, 2, 2, generator=_gen(0), dtype=torch.float64)
+    eps_hat = torch.randn(x.shape, generator=_gen(1), dtype=torch.float64)
+    t = torch.tensor([5, 5])
+
+    def model_fn(x, t, y=None):
+        return torch.cat([eps_hat, torch.zeros_like(eps_hat)], 1)  # v = 0: geometric mean of the two variances
+
+    out = d.p_sample(model_fn, x, t, clip_denoised=False, generator=_gen(2))
+    z = torch.randn(x.shape, generator=_gen(2)).double()
+    ab_t, ab_prev = d.alphas_cumprod[5], d.alphas_cumprod[4]
+    beta = 1 - ab_t / ab_prev
+    assert beta == pytest.approx(d.betas[5])
+    x0_hat = (x - math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(ab_t)
+    mean = (beta * math.sqrt(ab_prev) * x0_hat + (1 - ab_prev) * math.sqrt(1 - beta) * x) / (1 - ab_t)
+    var = math.sqrt(beta * beta * (1 - ab_prev) / (1 - ab_t))
+    assert torch.allclose(out["sample"], mean + math.sqrt(var) * z, atol=1e-6)
