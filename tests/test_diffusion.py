@@ -447,3 +447,16 @@ def test_p_sample_step_matches_direct_computation():
     mean = (beta * math.sqrt(ab_prev) * x0_hat + (1 - ab_prev) * math.sqrt(1 - beta) * x) / (1 - ab_t)
     var = math.sqrt(beta * beta * (1 - ab_prev) / (1 - ab_t))
     assert torch.allclose(out["sample"], mean + math.sqrt(var) * z, atol=1e-6)
+
+
+def test_diffusion_from_config():
+    from ditscale.config import config_from_dict
+    from ditscale.diffusion import diffusion_from_config
+
+    cfg = config_from_dict({"diffusion": {"loss": "mse", "num_timesteps": 100}, "model": {"learn_sigma": False}})
+    d = diffusion_from_config(cfg)
+    assert d.num_timesteps == 100 and d.loss_type == "mse" and d.var_type == "fixed_large"
+    assert diffusion_from_config(cfg, "ddim10").timestep_map[:2] == [0, 10]
+    bad = config_from_dict({"model": {"learn_sigma": False}})
+    with pytest.raises(ConfigError, match="learn_sigma"):
+        diffusion_from_config(bad)

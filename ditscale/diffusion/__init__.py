@@ -32,6 +32,7 @@ __all__ = [
     "SpacedDiffusion",
     "approx_standard_normal_cdf",
     "create_diffusion",
+    "diffusion_from_config",
     "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule",
     "mean_flat",
@@ -81,6 +82,17 @@ def create_diffusion(
         timestep_respacing = [int(diffusion_steps)]
     use = space_timesteps(int(diffusion_steps), timestep_respacing)
     return SpacedDiffusion(use, betas, var_type=var_type, loss=loss, rescale_vb=rescale_vb)
+
+
+def diffusion_from_config(cfg, timestep_respacing: str | Iterable[int] | None = "") -> SpacedDiffusion:
+    """The diffusion of a run config (ditscale.config.Config): its diffusion section and model.learn_sigma."""
+    return create_diffusion(
+        timestep_respacing,
+        noise_schedule=cfg.diffusion.schedule,
+        learn_sigma=cfg.model.learn_sigma,
+        loss=cfg.diffusion.loss,
+        diffusion_steps=cfg.diffusion.num_timesteps,
+    )
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
