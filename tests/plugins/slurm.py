@@ -113,7 +113,7 @@ def _write_conf(root: Path, munge_socket: Path) -> Path:
         "SchedulerParameters=sched_interval=2",
         "GresTypes=gpu",
     ]
-    for name, port in zip(NODES, node_ports):
+    for name, port in zip(NODES, node_ports, strict=True):
         lines.append(
             f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={CPUS_PER_NODE} "
             f"RealMemory=8000 Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN"

@@ -1,0 +1,353 @@
+"""Grid files: a base config plus axes, expanded into runs with stable, readable ids.
+
+A grid file (configs/grids/*.yaml):
+
+```yaml
+name: celeba32                      # grid name: default id prefix and run-dir folder
+base: ../demo.yaml                  # optional base config file (relative to the grid file)
+config:                             # optional inline config tree, merged over `base`
+  model: {variant: DiT-XS/1, input_size: 32}
+  train: {steps: 400000, global_batch: 64}
+vars: {data_root: data}             # template variables (override: --var data_root=s3://bucket/ditscale)
+run_dir: "runs/{grid}/{id}"         # where each run writes (relative paths resolve against the cwd)
+id: "{grid}-xs1-{windows}-n{n}-s{shuffle}"   # optional; default: name + one "{prefix}{label}" per axis
+resources: {nodes: 1, gpus_per_node: 8, cpus_per_task: 8, mem_gb: 64, timeout_min: 1440}
+axes:                               # the runs are the cartesian product, in this order
+  windows: {key: model.windows, values: [global, local@head, local*@mix]}
+  n: {values: [1000, 10000, 100000], prefix: n}            # a variable only used by `set`
+  shuffle: {key: run.seed, values: [0, 1, 2], prefix: s}
+  nodes: {key: resources.nodes, values: [1, 2]}            # keys under resources. set the run's resources
+  dataset:                                                 # a mapping: value name -> overrides
+    celeba: {data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"}
+set:                                # dotted keys, formatted per run with axis values, vars, grid and id
+                                    # (strings in `config` and `base` are formatted the same way)
+  data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"
+```
+
+Ids use each axis value's label: numbers that are round powers of ten print as `1e4`, model variants as
+`xs1` (DiT-XS/1), other strings as they are with `*` spelled `star` (local*@head -> localstar@head: ids
+are directory names, and `*` is a glob character) and `/` replaced by `_`. Every run's config is validated through
+ditscale.config (and its window spec against the model depth) before anything is submitted; errors name the
+grid file, the run id and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditscale.config import Config, _merge, _set_dotted, config_from_dict, read_config_tree
+from ditscale.errors import ConfigError, DitscaleError, LaunchError
+
+DEFAULT_RESOURCES: dict[str, Any] = {
+    "nodes": 1,
+    "gpus_per_node": 0,  # 0: CPU run (one task per node unless tasks_per_node says otherwise)
+    "tasks_per_node": None,  # default: gpus_per_node, or 1 without GPUs
+    "cpus_per_task": 1,
+    "mem_gb": None,
+    "timeout_min": 60,
+}
+_GRID_KEYS = {"name", "base", "config", "vars", "run_dir", "id", "resources", "axes", "set", "description"}
+_ID_OK = re.compile(r"[^A-Za-z0-9@._+=-]")
+
+
+@dataclass
+class RunSpec:
+    id: str
+    config: Config
+    run_dir: str
+    resources: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)  # axis name -> value of this run
+    grid: str = ""
+
+    @property
+    def tasks_per_node(self) -> int:
+        r = self.resources
+        return int(r.get("tasks_per_node") or r.get("gpus_per_node") or 1)
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.resources.get("nodes", 1)) * self.tasks_per_node
+
+    def config_dict(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+
+def format_label(value: Any) -> str:
+    """Short id-friendly label: 10000 -> '1e4', 'DiT-XS/1' -> 'xs1', 'local*@mix' -> 'localstar@mix'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and value >= 1000:
+        mant, exp = value, 0
+        while mant % 10 == 0:
+            mant //= 10
+            exp += 1
+        if exp >= 3 and mant < 10:
+            return f"{mant}e{exp}"
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    s = str(value)
+    m = re.fullmatch(r"DiT-([A-Za-z]+)/(\d+)", s)
+    if m:
+        return f"{m.group(1).lower()}{m.group(2)}"
+    return _ID_OK.sub("_", s.replace("*", "star").replace("/", "_"))
+
+
+@dataclass
+class _Axis:
+    name: str
+    key: str | None
+    values: list[Any]
+    overrides: list[dict] | None  # mapping axis: per value, a dict of dotted overrides
+    prefix: str
+
+
+def _parse_axes(raw: Any, origin: str) -> list[_Axis]:
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise LaunchError(f"{origin}: 'axes' must be a mapping of axis name -> values")
+    axes = []
+    for name, spec in raw.items():
+        where = f"{origin}: axis {name!r}"
+        key, prefix, overrides = None, "", None
+        if isinstance(spec, list):
+            values = spec
+        elif isinstance(spec, dict) and "values" in spec:
+            unknown = set(spec) - {"values", "key", "prefix"}
+            if unknown:
+                raise LaunchError(f"{where}: unknown field(s) {sorted(unknown)} (expected values, key, prefix)")
+            values, key, prefix = spec["values"], spec.get("key"), str(spec.get("prefix", ""))
+        elif isinstance(spec, dict):  # value name -> overrides
+            values = list(spec)
+            overrides = []
+            for v, ov in spec.items():
+                if ov is not None and not isinstance(ov, dict):
+                    raise LaunchError(f"{where}: value {v!r} must map to a mapping of dotted overrides")
+                overrides.append(ov or {})
+        else:
+            raise LaunchError(f"{where}: expected a list of values, {{values: [...], key: ...}} or a mapping")
+        if not isinstance(values, list) or not values:
+            raise LaunchError(f"{where}: 'values' must be a non-empty list")
+        if key is None and "." in str(name) and overrides is None:
+            key = str(name)
+        axes.append(_Axis(str(name), key, values, overrides, prefix))
+    return axes
+
+
+def _fmt(template: Any, ctx: dict, where: str) -> Any:
+    if isinstance(template, str):
+        try:
+            return template.format(**ctx)
+        except (KeyError, IndexError, ValueError) as e:
+            raise LaunchError(f"{where}: cannot format {template!r}: unknown or bad placeholder {e}") from None
+    if isinstance(template, list):
+        return [_fmt(t, ctx, where) for t in template]
+    if isinstance(template, dict):
+        return {k: _fmt(v, ctx, where) for k, v in template.items()}
+    return template
+
+
+def load_grid(grid_file: str | Path) -> dict:
+    p = Path(grid_file)
+    if not p.is_file():
+        raise LaunchError(f"grid file {str(p)!r} does not exist")
+    try:
+        grid = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"grid file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(grid, dict):
+        raise LaunchError(f"grid file {str(p)!r}: expected a mapping at the top")
+    unknown = set(grid) - _GRID_KEYS
+    if unknown:
+        raise LaunchError(f"grid file {str(p)!r}: unknown key(s) {sorted(unknown)} (expected {sorted(_GRID_KEYS)})")
+    return grid
+
+
+def expand(
+    grid_file: str | Path,
+    *,
+    vars: dict[str, Any] | None = None,
+    run_root: str | None = None,
+    overrides: list[str] | None = None,
+    validate: bool = True,
+) -> list[RunSpec]:
+    """Expand a grid file into its runs (cartesian product of the axes, in file order).
+
+    vars override the grid's template variables; run_root replaces the grid's run_dir with `{run_root}/{id}`;
+    overrides are dotted `key=value` applied to every run (after the axes). With validate (default), each run's
+    window spec is also checked against its model's depth.
+    """
+    from ditscale.config import parse_overrides
+
+    p = Path(grid_file)
+    origin = f"grid {str(p)!r}"
+    grid = load_grid(p)
+    name = str(grid.get("name") or p.stem)
+    tree: dict = {}
+    if grid.get("base"):
+        base = Path(grid["base"])
+        base = base if base.is_absolute() else p.parent / base
+        try:
+            tree = read_config_tree(base)
+        except ConfigError as e:
+            raise LaunchError(f"{origin}: base: {e}") from None
+    inline = grid.get("config") or {}
+    if not isinstance(inline, dict):
+        raise LaunchError(f"{origin}: 'config' must be a mapping of config sections")
+    tree = _merge(tree, inline)
+    gvars = dict(grid.get("vars") or {})
+    gvars.update(vars or {})
+    resources0 = dict(DEFAULT_RESOURCES)
+    res_raw = grid.get("resources") or {}
+    bad = set(res_raw) - set(DEFAULT_RESOURCES)
+    if bad:
+        raise LaunchError(f"{origin}: unknown resources key(s) {sorted(bad)} (expected {sorted(DEFAULT_RESOURCES)})")
+    resources0.update(res_raw)
+    axes = _parse_axes(grid.get("axes"), origin)
+    sets = grid.get("set") or {}
+    if not isinstance(sets, dict):
+        raise LaunchError(f"{origin}: 'set' must be a mapping of dotted config keys -> values")
+    try:
+        extra = parse_overrides(overrides)
+    except ConfigError as e:
+        raise LaunchError(f"{origin}: {e}") from None
+    id_template = grid.get("id") or "-".join(["{grid}"] + [f"{a.prefix}{{{a.name}}}" for a in axes])
+    run_dir_template = f"{run_root.rstrip('/')}/{{id}}" if run_root else grid.get("run_dir", "runs/{grid}/{id}")
+
+    runs: list[RunSpec] = []
+    seen: dict[str, dict] = {}
+    for combo in itertools.product(*[range(len(a.values)) for a in axes]):
+        values = {a.name: a.values[i] for a, i in zip(axes, combo, strict=True)}
+        labels = {a.name: format_label(a.values[i]) for a, i in zip(axes, combo, strict=True)}
+        ctx_values = {**gvars, "grid": name, **values}
+        run_id = _fmt(id_template, {**gvars, "grid": name, **labels}, f"{origin}: id")
+        where = f"{origin}: run {run_id!r}"
+        if run_id in seen:
+            raise LaunchError(f"{where}: duplicate run id (values {values} and {seen[run_id]}); make 'id' unique")
+        seen[run_id] = values
+        ctx = {**ctx_values, "id": run_id}
+        run_tree = _fmt(copy.deepcopy(tree), ctx, f"{where}: config")
+        resources = dict(resources0)
+        dotted: list[tuple[str, Any]] = []
+        for a, i in zip(axes, combo, strict=True):
+            if a.overrides is not None:
+                dotted += list(a.overrides[i].items())
+            elif a.key:
+                dotted.append((a.key, a.values[i]))
+        dotted += list(sets.items())
+        for key, value in dotted:
+            value = _fmt(value, ctx, f"{where}: key {key!r}")
+            if key.startswith("resources."):
+                rkey = key.split(".", 1)[1]
+                if rkey not in DEFAULT_RESOURCES:
+                    raise LaunchError(f"{where}: unknown key {key!r} (resources: {sorted(DEFAULT_RESOURCES)})")
+                resources[rkey] = value
+            else:
+                try:
+                    _set_dotted(run_tree, key, value)
+                except ConfigError as e:
+                    raise LaunchError(f"{where}: {e}") from None
+        run_tree = _merge(run_tree, extra)
+        run_dir = str(_fmt(run_dir_template, ctx, f"{where}: run_dir"))
+        if "://" not in run_dir:
+            run_dir = str(Path(run_dir).absolute())
+        _set_dotted(run_tree, "run.dir", run_dir)
+        _set_dotted(run_tree, "run.name", run_id)
+        try:
+            cfg = config_from_dict(run_tree, origin=f"({where})")
+        except ConfigError as e:
+            raise LaunchError(f"{where}: {e}") from None
+        for rkey in ("nodes", "cpus_per_task", "timeout_min"):
+            if not isinstance(resources.get(rkey), int) or resources[rkey] < 1:
+                raise LaunchError(f"{where}: resources.{rkey} must be a positive integer (got {resources[rkey]!r})")
+        runs.append(RunSpec(run_id, cfg, run_dir, resources, values, name))
+    if validate:
+        check_models(runs)
+    return runs
+
+
+def check_models(runs: list[RunSpec]) -> None:
+    """Each run's model variant exists and its window spec fits the model depth (cheap: built on the meta device)."""
+    try:
+        import torch
+
+        from ditscale.model import DiT_models, parse_windows
+    except ImportError:  # model package not available: the trainer validates at start
+        return
+    depths: dict[str, int] = {}
+    for r in runs:
+        m = r.config.model
+        where = f"run {r.id!r}"
+        if m.variant not in DiT_models:
+            raise LaunchError(f"{where}: model.variant {m.variant!r} is unknown (expected one of {sorted(DiT_models)})")
+        if m.variant not in depths:
+            try:
+                with torch.device("meta"):
+                    model = DiT_models[m.variant](input_size=m.input_size, in_channels=m.in_channels, num_classes=1)
+                depths[m.variant] = int(model.depth)
+            except DitscaleError as e:
+                raise LaunchError(f"{where}: model: {e}") from None
+            except Exception as e:  # noqa: BLE001 - e.g. input_size not divisible by the patch size
+                raise LaunchError(f"{where}: model.variant {m.variant!r} with input_size {m.input_size}: {e}") from None
+        try:
+            parse_windows(m.windows, depths[m.variant])
+        except DitscaleError as e:
+            raise LaunchError(f"{where}: model.windows {m.windows!r}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise LaunchError(f"{where}: model.windows {m.windows!r}: {e}") from None
+
+
+def check_data(runs: list[RunSpec]) -> None:
+    """Every run's data.train (and data.test when set) manifest can be read. Errors name the run and the key."""
+    ok: dict[str, str | None] = {}
+    for r in runs:
+        for key in ("train", "test"):
+            url = getattr(r.config.data, key)
+            if not url and key == "test":
+                continue
+            if not url:
+                raise LaunchError(f"run {r.id!r}: data.train is empty (expected a manifest.json URL)")
+            if url not in ok:
+                ok[url] = _manifest_problem(url)
+            if ok[url]:
+                raise LaunchError(f"run {r.id!r}: data.{key} {url!r} cannot be read: {ok[url]}")
+
+
+def _manifest_problem(url: str) -> str | None:
+    try:
+        from ditscale.data import read_manifest
+    except ImportError:
+        read_manifest = None
+    try:
+        if read_manifest is not None:
+            read_manifest(url)
+            return None
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            f.read(1)
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure to reach the URL is reported the same way
+        return f"{type(e).__name__}: {e}"
+
+
+def summarize(runs: list[RunSpec]) -> str:
+    """A plain table of runs: id, resources, run dir."""
+    rows = [("RUN", "NODES", "TASKS", "GPUS/NODE", "TIME(min)", "RUN DIR")]
+    for r in runs:
+        res = r.resources
+        rows.append(
+            (r.id, str(res["nodes"]), str(r.num_tasks), str(res["gpus_per_node"]), str(res["timeout_min"]), r.run_dir)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)

@@ -1,0 +1,60 @@
+"""`python -m ditscale grid FILE`: expand a grid file and show its runs (nothing is submitted).
+
+With --status, also each run's state from its run dir; with --collect, the results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="grid file (configs/grids/*.yaml)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="override a grid template var")
+    p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
+    p.add_argument("--check-data", action="store_true", help="also check that every data URL can be read")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON (id, run_dir, resources, config)")
+    p.add_argument("--status", action="store_true", help="show each run's state from its run dir")
+    p.add_argument("--collect", metavar="OUT", help="write results.{csv,json,md} into OUT and print the markdown")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
+
+
+def parse_vars(items: list[str]) -> dict:
+    import yaml
+
+    from ditscale.errors import LaunchError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise LaunchError(f"--var {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v else ""
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ditscale import grid as G
+    from ditscale import results
+
+    runs = G.expand(args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides)
+    if args.check_data:
+        G.check_data(runs)
+    if args.json:
+        out = [
+            {"id": r.id, "run_dir": r.run_dir, "resources": r.resources, "values": r.values, "config": r.config_dict()}
+            for r in runs
+        ]
+        print(json.dumps(out, indent=2, default=str))
+    elif args.status:
+        print(results.format_status(results.run_states(runs)))
+    elif args.collect:
+        table = results.collect(runs)
+        paths = results.write_table(table, args.collect)
+        print(results.to_markdown(table))
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+    else:
+        print(G.summarize(runs))
+        print(f"\n{len(runs)} runs in grid {runs[0].grid if runs else args.grid!r}")
+    return 0
