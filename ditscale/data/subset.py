@@ -1,0 +1,2 @@
+def make_subset(*a, **k):
+    raise NotImplementedError
