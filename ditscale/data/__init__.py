@@ -1,10 +1,10 @@
 """Data: WebDataset shards of image datasets on any fsspec URL, study subsets, and the resumable train stream.
 
-    build_shards(source, src, out, resolution, ...)  -> manifest (OUT/manifest.json)
-    make_subset(manifest_url, size, out, seed=0, pair=False, ...) -> subset manifests
-    read_manifest(url) -> dict
-    make_loader(manifest_url, *, batch_size, rank, world_size, seed, num_workers, ...) -> TrainStream
-    iter_dataset(manifest_url) -> (image, label, index) once each, in index order
+build_shards(source, src, out, resolution, ...)  -> manifest (OUT/manifest.json)
+make_subset(manifest_url, size, out, seed=0, pair=False, ...) -> subset manifests
+read_manifest(url) -> dict
+make_loader(manifest_url, *, batch_size, rank, world_size, seed, num_workers, ...) -> TrainStream
+iter_dataset(manifest_url) -> (image, label, index) once each, in index order
 """
 
 from ditscale.data.convert import build_shards

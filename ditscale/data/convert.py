@@ -61,9 +61,7 @@ def encode_image(img, image_format: str) -> bytes:
 
 
 def sample_meta(index: int, label: int, source_id: str, split: str) -> bytes:
-    return json.dumps(
-        {"index": index, "class": label, "source_id": source_id, "split": split}, sort_keys=True
-    ).encode()
+    return json.dumps({"index": index, "class": label, "source_id": source_id, "split": split}, sort_keys=True).encode()
 
 
 @dataclass
@@ -185,8 +183,16 @@ def build_shards(
             chunk = items[k : k + size]
             fp = dict(fingerprint, first=chunk[0][0], last=chunk[-1][0], count=len(chunk))
             tasks[split].append(
-                ShardTask(name, storage.join(base, name), storage.join(base, "_parts", name + ".json"), chunk,
-                          resolution, channels, image_format, fp)
+                ShardTask(
+                    name,
+                    storage.join(base, name),
+                    storage.join(base, "_parts", name + ".json"),
+                    chunk,
+                    resolution,
+                    channels,
+                    image_format,
+                    fp,
+                )
             )
 
     all_tasks = [t for split in splits for t in tasks[split]]
@@ -204,7 +210,7 @@ def build_shards(
     try:
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-                for t, info in zip(todo, pool.map(_encode_shard, todo)):
+                for t, info in zip(todo, pool.map(_encode_shard, todo), strict=True):
                     results[t.url] = info
                     bar.update(len(t.items))
         else:
@@ -249,9 +255,14 @@ def build_shards(
     root = dict(manifests[primary])
     root["summary"] = {
         "manifest": storage.join(out, "manifest.json"),
-        "splits": {s: {"url": storage.join(split_url(out, s, primary), "manifest.json"),
-                       "samples": manifests[s]["num_samples"], "shards": len(manifests[s]["shards"])}
-                   for s in splits},
+        "splits": {
+            s: {
+                "url": storage.join(split_url(out, s, primary), "manifest.json"),
+                "samples": manifests[s]["num_samples"],
+                "shards": len(manifests[s]["shards"]),
+            }
+            for s in splits
+        },
         "shards_built": len(todo),
         "shards_reused": reused,
         "skipped": all_skipped,

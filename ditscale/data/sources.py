@@ -141,9 +141,7 @@ def list_digits(src: str | None = None) -> SourceListing:
 
     target = load_digits().target
     test = set(np.random.default_rng(0).permutation(n)[:DIGITS_TEST_SIZE].tolist())
-    records = [
-        Record(("digits", i), f"digits/{i}", "test" if i in test else "train", int(target[i])) for i in range(n)
-    ]
+    records = [Record(("digits", i), f"digits/{i}", "test" if i in test else "train", int(target[i])) for i in range(n)]
     return SourceListing("digits", records, [str(d) for d in range(10)])
 
 
@@ -188,7 +186,7 @@ def _imagenet_val_labels(root: Path, val_dir: Path, synsets: list[str]) -> dict[
             id_to_wnid = {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows}
             ids = [int(x) for x in gt.read_text().split()]
             files = sorted(p.name for p in val_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-            return {Path(f).stem: id_to_wnid[i] for f, i in zip(files, ids)}
+            return {Path(f).stem: id_to_wnid[i] for f, i in zip(files, ids, strict=False)}
     raise DataError(
         f"imagenet val folder {str(val_dir)!r} is flat: expected synset subfolders, LOC_val_solution.csv, "
         f"or ILSVRC2012_devkit_t12/data/{{meta.mat,ILSVRC2012_validation_ground_truth.txt}} under {str(root)!r}"
@@ -264,15 +262,19 @@ def list_lsun(src: str) -> SourceListing:
             keys = [bytes(k) for k, _ in txn.cursor()]
         env.close()
         for k in keys:
-            records.append(Record(("lmdb", str(d), k), f"{d.name}/{k.decode('ascii', 'replace')}", split,
-                                  cats.index(cat)))
+            records.append(
+                Record(("lmdb", str(d), k), f"{d.name}/{k.decode('ascii', 'replace')}", split, cats.index(cat))
+            )
     return SourceListing("lsun", records, cats, skipped)
 
 
 def list_coco(src: str) -> SourceListing:
     root = _need_dir(Path(src), "coco --src")
-    found = [(d, s) for d, s in (("train2017", "train"), ("val2017", "val"), ("train2014", "train"),
-                                   ("val2014", "val")) if (root / d).is_dir()]
+    found = [
+        (d, s)
+        for d, s in (("train2017", "train"), ("val2017", "val"), ("train2014", "train"), ("val2014", "val"))
+        if (root / d).is_dir()
+    ]
     if not found:
         raise DataError(f"coco --src {src!r}: expected train2017/ and/or val2017/ image folders")
     records, skipped = [], []

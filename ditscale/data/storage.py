@@ -90,8 +90,16 @@ def with_retries(fn: Callable[[], T], url: str, what: str = "read", retries: int
             last = e
             if not _retryable(e) or i == attempts - 1:
                 break
-            log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", what, url, type(e).__name__, e, i + 1,
-                        attempts - 1, delay)
+            log.warning(
+                "%s %s failed (%s: %s); retry %d/%d in %.1fs",
+                what,
+                url,
+                type(e).__name__,
+                e,
+                i + 1,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
             delay *= 2
     raise StorageError(f"cannot {what} {url} after {attempts} attempt(s): {type(last).__name__}: {last}") from last

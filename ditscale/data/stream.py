@@ -273,8 +273,13 @@ class LogicalStream:
                 arr, label, index = decode_sample(sample, manifest, bool(flips[t]))
             except Exception as exc:  # noqa: BLE001 - corrupt sample: skip, count, log
                 self.skipped += 1
-                log.warning("skipping corrupt sample %s in shard %s: %s: %s", sample.get("__key__"),
-                            sample.get("__url__"), type(exc).__name__, exc)
+                log.warning(
+                    "skipping corrupt sample %s in shard %s: %s: %s",
+                    sample.get("__key__"),
+                    sample.get("__url__"),
+                    type(exc).__name__,
+                    exc,
+                )
                 continue
             yield arr, label, index, (e, j + 1)
 
@@ -284,7 +289,8 @@ class LogicalStream:
             skipped0 = self.skipped
             arrs, labels, idx = [], [], []
             pos = (self.epoch, self.emitted)
-            for arr, label, index, pos in it:
+            for arr, label, index, after in it:
+                pos = after
                 arrs.append(arr)
                 labels.append(label)
                 idx.append(index)
@@ -328,8 +334,9 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         plan = _plan_from_spec(self.spec)
         mine = self.order[w::W]
         streams = [
-            LogicalStream(plan, self.spec["rank"] * self.spec["streams"] + s, *self.positions[s],
-                          verify=self.spec["verify"])
+            LogicalStream(
+                plan, self.spec["rank"] * self.spec["streams"] + s, *self.positions[s], verify=self.spec["verify"]
+            )
             for s in mine
         ]
         return _round_robin(streams, self.spec["batch_size"])
@@ -339,12 +346,15 @@ _PLANS: dict = {}
 
 
 def _plan_from_spec(spec: dict) -> Plan:
-    key = json.dumps({k: spec[k] for k in ("seed", "world_size", "streams", "shuffle_buffer", "flip")}) + spec[
-        "manifest"]["url"]
+    key = (
+        json.dumps({k: spec[k] for k in ("seed", "world_size", "streams", "shuffle_buffer", "flip")})
+        + spec["manifest"]["url"]
+    )
     if key not in _PLANS:
         _PLANS.clear()
-        _PLANS[key] = Plan(spec["manifest"], spec["seed"], spec["world_size"] * spec["streams"],
-                           spec["shuffle_buffer"], spec["flip"])
+        _PLANS[key] = Plan(
+            spec["manifest"], spec["seed"], spec["world_size"] * spec["streams"], spec["shuffle_buffer"], spec["flip"]
+        )
     return _PLANS[key]
 
 
@@ -355,9 +365,20 @@ class TrainStream:
     `last_indices` holds the global sample indices of the last batch yielded (for tests and debugging).
     """
 
-    def __init__(self, manifest: dict, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, shuffle_buffer: int = 1000, flip: bool = True, verify_sha256: bool = False,
-                 streams: int | None = None):
+    def __init__(
+        self,
+        manifest: dict,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        flip: bool = True,
+        verify_sha256: bool = False,
+        streams: int | None = None,
+    ):
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -380,22 +401,36 @@ class TrainStream:
             raise DataError(f"streams={streams} is not a multiple of num_workers={self.num_workers}")
 
     def _spec(self) -> dict:
-        return {"manifest": self.manifest, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "streams": self.streams, "shuffle_buffer": self.shuffle_buffer, "flip": self.flip,
-                "verify": self.verify, "batch_size": self.batch_size}
+        return {
+            "manifest": self.manifest,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "streams": self.streams,
+            "shuffle_buffer": self.shuffle_buffer,
+            "flip": self.flip,
+            "verify": self.verify,
+            "batch_size": self.batch_size,
+        }
 
     def _start(self) -> Iterator[dict]:
         order = [(self.batches + i) % self.streams for i in range(self.streams)]  # next batch first
         if self.num_workers == 0:
             plan = _plan_from_spec(self._spec())
-            by_s = {s: LogicalStream(plan, self.rank * self.streams + s, *self.positions[s], verify=self.verify)
-                    for s in order}
+            by_s = {
+                s: LogicalStream(plan, self.rank * self.streams + s, *self.positions[s], verify=self.verify)
+                for s in order
+            }
             return _round_robin([by_s[s] for s in order], self.batch_size)
         storage.register_gopen()
         ds = _WorkerDataset(self._spec(), order, list(self.positions))
         self._loader = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=storage.worker_init_fn,
-            prefetch_factor=2, persistent_workers=False,
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=storage.worker_init_fn,
+            prefetch_factor=2,
+            persistent_workers=False,
         )
         return iter(self._loader)
 
@@ -419,19 +454,30 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         return {
-            "version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "streams": self.streams, "num_samples": self.manifest["num_samples"], "batches": self.batches,
-            "skipped": self.skipped, "positions": [list(p) for p in self.positions],
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "streams": self.streams,
+            "num_samples": self.manifest["num_samples"],
+            "batches": self.batches,
+            "skipped": self.skipped,
+            "positions": [list(p) for p in self.positions],
             "shuffle_buffer": self.shuffle_buffer,
         }
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("seed", "world_size", "rank", "num_samples", "shuffle_buffer"):
-            mine = self.seed if key == "seed" else (
-                self.manifest["num_samples"] if key == "num_samples" else getattr(self, key))
+            mine = (
+                self.seed
+                if key == "seed"
+                else (self.manifest["num_samples"] if key == "num_samples" else getattr(self, key))
+            )
             if key in sd and sd[key] != mine:
-                raise DataError(f"data-loader state was saved with {key}={sd[key]}, this stream has {key}={mine}; "
-                                "resume with the same data settings")
+                raise DataError(
+                    f"data-loader state was saved with {key}={sd[key]}, this stream has {key}={mine}; "
+                    "resume with the same data settings"
+                )
         streams = int(sd["streams"])
         self._check_streams(streams)
         if len(sd["positions"]) != streams:
@@ -446,14 +492,33 @@ class TrainStream:
         self.close()
 
 
-def make_loader(manifest_url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                num_workers: int = 0, shuffle_buffer: int = 1000, flip: bool = True, verify_sha256: bool = False,
-                streams: int | None = None) -> TrainStream:
+def make_loader(
+    manifest_url: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    flip: bool = True,
+    verify_sha256: bool = False,
+    streams: int | None = None,
+) -> TrainStream:
     """The trainer's input: an endless, resumable TrainStream over the shards of a manifest (see module doc)."""
     storage.register_gopen()
-    return TrainStream(read_manifest(manifest_url), batch_size=batch_size, rank=rank, world_size=world_size,
-                       seed=seed, num_workers=num_workers, shuffle_buffer=shuffle_buffer, flip=flip,
-                       verify_sha256=verify_sha256, streams=streams)
+    return TrainStream(
+        read_manifest(manifest_url),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        flip=flip,
+        verify_sha256=verify_sha256,
+        streams=streams,
+    )
 
 
 def iter_dataset(manifest_url: str, verify_sha256: bool = False) -> Iterator[tuple[torch.Tensor, int, int]]:
