@@ -1,0 +1,426 @@
+"""`python -m ditscale report --grid DIR|GRID.yaml`: the study's tables and plots from the runs' eval/*.json.
+
+- PSNR gap against N per window configuration (mean +- std over seeds/shuffles),
+- the FID table with the relative change against global attention (same variant and N),
+- the placement comparison (head / mix / tail for each local preset),
+- attention locality per block (mean attention distance in tokens),
+- the two-model test when pair.json files are present.
+Writes `report.md` and PNGs into --out (default: DIR/report, or reports/<grid name> for a grid file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditscale.errors import ConfigError
+from ditscale.eval import common
+
+log = logging.getLogger("ditscale.report")
+PLACEMENTS = ("head", "mix", "tail")
+
+
+@dataclass
+class RunInfo:
+    id: str
+    run_dir: str
+    variant: str
+    windows: str
+    seed: int
+    n: int | None
+    evals: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", required=True, help="a directory of run dirs, or a grid file (configs/grids/*.yaml)")
+    parser.add_argument("--out", default=None, help="output directory for report.md and PNGs")
+    parser.add_argument("--title", default=None)
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def _read_evals(run_dir: str) -> dict[str, Any]:
+    out = {}
+    d = Path(common.eval_dir(run_dir))
+    if "://" in run_dir:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(common.eval_dir(run_dir))
+        try:
+            files = [f for f in fs.ls(path, detail=False) if str(f).endswith(".json")]
+        except (FileNotFoundError, OSError):
+            return out
+        for f in files:
+            with fs.open(f, "r") as fh:
+                out[Path(f).stem] = json.load(fh)
+        return out
+    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out[f.stem] = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            log.warning("skipping unreadable %s", f)
+    return out
+
+
+def _n_of(evals: dict, values: dict, train_url: str) -> int | None:
+    for key in ("n", "N", "data_size", "size"):
+        if isinstance(values.get(key), (int, float)):
+            return int(values[key])
+    for ev in evals.values():
+        n = ev.get("n_train") if isinstance(ev, dict) else None
+        if isinstance(n, int):
+            return n
+    if train_url:
+        try:
+            return int(common.manifest_of(train_url).get("num_samples"))
+        except Exception:
+            return None
+    return None
+
+
+def discover(grid: str) -> tuple[list[RunInfo], str]:
+    """The runs of a grid file or of a directory of run dirs (any folder holding config.yaml), and a name."""
+    p = Path(grid)
+    runs: list[RunInfo] = []
+    if p.is_file():
+        from ditscale.grid import expand
+
+        for r in expand(str(p)):
+            evals = _read_evals(r.run_dir)
+            c = r.config
+            runs.append(
+                RunInfo(
+                    r.id,
+                    r.run_dir,
+                    c.model.variant,
+                    c.model.windows,
+                    c.run.seed,
+                    _n_of(evals, r.values, c.data.train),
+                    evals,
+                )
+            )
+        return runs, p.stem
+    if not p.is_dir():
+        raise ConfigError(f"--grid {grid!r}: expected a directory of run dirs or a grid file")
+    for cfg_file in sorted(p.rglob("config.yaml")):
+        if len(cfg_file.relative_to(p).parts) > 4:
+            continue
+        try:
+            tree = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        model, run, data = tree.get("model", {}), tree.get("run", {}), tree.get("data", {})
+        run_dir = str(cfg_file.parent)
+        evals = _read_evals(run_dir)
+        runs.append(
+            RunInfo(
+                run.get("name") or cfg_file.parent.name,
+                run_dir,
+                model.get("variant", "?"),
+                str(model.get("windows", "global")),
+                int(run.get("seed", 0)),
+                _n_of(evals, {}, data.get("train", "")),
+                evals,
+            )
+        )
+    return runs, p.name
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def _mean_std(vals: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd, len(vals)
+
+
+def _fmt(ms: tuple[float, float, int], digits: int = 2) -> str:
+    m, sd, k = ms
+    if k == 0:
+        return ""
+    return f"{m:.{digits}f}" if k == 1 else f"{m:.{digits}f} ± {sd:.{digits}f} ({k})"
+
+
+def _windows_order(ws) -> list[str]:
+    ws = sorted(set(ws))
+    return (["global"] if "global" in ws else []) + [w for w in ws if w != "global"]
+
+
+def _n_label(n) -> str:
+    if n is None:
+        return "N=?"
+    e = math.log10(n) if n > 0 else 0
+    return f"N=1e{int(e)}" if n >= 1000 and float(e).is_integer() else f"N={n}"
+
+
+def gather(runs: list[RunInfo], metric: str, key: str) -> dict[tuple, list[float]]:
+    """{(variant, windows, n): [value per run]} of evals[metric][key]."""
+    out: dict[tuple, list[float]] = {}
+    for r in runs:
+        ev = r.evals.get(metric)
+        if isinstance(ev, dict) and isinstance(ev.get(key), (int, float)):
+            out.setdefault((r.variant, r.windows, r.n), []).append(float(ev[key]))
+    return out
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def psnr_table(runs: list[RunInfo]) -> tuple[str, dict]:
+    gap, tr, te = (
+        gather(runs, "psnr_gap", "avg_gap"),
+        gather(runs, "psnr_gap", "avg_train_psnr"),
+        gather(runs, "psnr_gap", "avg_test_psnr"),
+    )
+    if not gap:
+        return "", {}
+    variants = sorted({k[0] for k in gap})
+    ns = sorted({k[2] for k in gap}, key=lambda n: -1 if n is None else n)
+    parts = []
+    for v in variants:
+        ws = _windows_order(k[1] for k in gap if k[0] == v)
+        rows = [[w] + [_fmt(_mean_std(gap.get((v, w, n), []))) for n in ns] for w in ws]
+        parts.append(
+            f"**{v}**: average PSNR gap (dB, train − test; lower = better generalisation)\n\n"
+            + _md_table(["windows"] + [_n_label(n) for n in ns], rows)
+        )
+        rows = [
+            [w]
+            + [
+                f"{_fmt(_mean_std(tr.get((v, w, n), [])))} / {_fmt(_mean_std(te.get((v, w, n), [])))}"
+                if (v, w, n) in tr
+                else ""
+                for n in ns
+            ]
+            for w in ws
+        ]
+        parts.append(
+            f"**{v}**: average train / test PSNR (dB)\n\n" + _md_table(["windows"] + [_n_label(n) for n in ns], rows)
+        )
+    return "\n\n".join(parts), gap
+
+
+def fid_table(runs: list[RunInfo]) -> tuple[str, dict, str]:
+    label = "FID (Inception)"
+    fid = gather(runs, "fid", "fid")
+    if not fid:
+        label = "FID on pixel features (not comparable to Inception FID)"
+        fid = gather(runs, "fid_pixels", "fid")
+    if not fid:
+        return "", {}, label
+    ws = _windows_order(k[1] for k in fid)
+    keys = sorted({(k[0], k[2]) for k in fid}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+    rows = []
+    for v, n in keys:
+        base = _mean_std(fid.get((v, "global", n), []))[0]
+        row = [v, _n_label(n)]
+        for w in ws:
+            m = _mean_std(fid.get((v, w, n), []))
+            cell = _fmt(m, 4)
+            if cell and w != "global" and math.isfinite(base) and base > 0:
+                cell += f" ({(m[0] - base) / base * 100:+.2f}%)"
+            row.append(cell)
+        rows.append(row)
+    return (
+        f"{label}; relative change against global attention in brackets\n\n" + _md_table(["variant", "N"] + ws, rows),
+        fid,
+        label,
+    )
+
+
+def placement_table(gap: dict, fid: dict) -> str:
+    presets = sorted({k[1].split("@")[0] for k in list(gap) + list(fid) if "@" in k[1]})
+    if not presets:
+        return ""
+    keys = sorted({(k[0], k[2]) for k in list(gap) + list(fid)}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+    rows = []
+    for v, n in keys:
+        for name, table in (("PSNR gap", gap), ("FID", fid)):
+            if not any(k[0] == v and k[2] == n for k in table):
+                continue
+            row = [v, _n_label(n), name, _fmt(_mean_std(table.get((v, "global", n), [])), 3)]
+            for pre in presets:
+                row += [_fmt(_mean_std(table.get((v, f"{pre}@{pl}", n), [])), 3) for pl in PLACEMENTS]
+            rows.append(row)
+    header = ["variant", "N", "metric", "global"] + [f"{pre}@{pl}" for pre in presets for pl in PLACEMENTS]
+    return _md_table(header, rows)
+
+
+def locality_table(runs: list[RunInfo]) -> tuple[str, dict]:
+    groups: dict[tuple, list[list[float]]] = {}
+    uniform = None
+    for r in runs:
+        ev = r.evals.get("locality")
+        if not isinstance(ev, dict) or not ev.get("blocks"):
+            continue
+        groups.setdefault((r.variant, r.windows, r.n), []).append([b["mean_distance"] for b in ev["blocks"]])
+        uniform = ev.get("uniform", {}).get("mean_distance", uniform)
+    if not groups:
+        return "", {}
+    depth = max(len(v[0]) for v in groups.values())
+    rows = []
+    means = {}
+    for key in sorted(groups, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1]])[0])):
+        per_block = [_mean_std([d[b] for d in groups[key] if b < len(d)])[0] for b in range(depth)]
+        means[key] = per_block
+        rows.append([key[0], key[1], _n_label(key[2])] + [f"{x:.2f}" if math.isfinite(x) else "" for x in per_block])
+    note = f" (uniform attention: {uniform:.2f})" if uniform is not None else ""
+    return (
+        "Mean attention distance per block, in tokens"
+        + note
+        + "\n\n"
+        + _md_table(["variant", "windows", "N"] + [f"b{b}" for b in range(depth)], rows)
+    ), means
+
+
+def pair_table(runs: list[RunInfo]) -> str:
+    seen, rows = set(), []
+    for r in runs:
+        ev = r.evals.get("pair")
+        if not isinstance(ev, dict) or tuple(ev.get("runs", [])) in seen:
+            continue
+        seen.add(tuple(ev["runs"]))
+        rows.append(
+            [
+                r.variant,
+                r.windows,
+                str(ev.get("n_train")),
+                f"{ev['paired_similarity']['mean']:.3f}",
+                f"{ev['nearest_train_similarity']['mean']:.3f}",
+                str(ev.get("samples")),
+            ]
+        )
+    if not rows:
+        return ""
+    return _md_table(["variant", "windows", "N (A, B)", "paired cos sim", "nearest-train cos sim", "samples"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gap_vs_n(gap: dict, path: str) -> str | None:
+    keys = [k for k in gap if k[2]]
+    if not keys:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for v in sorted({k[0] for k in keys}):
+        for w in _windows_order(k[1] for k in keys if k[0] == v):
+            ns = sorted(k[2] for k in keys if k[0] == v and k[1] == w)
+            ms = [_mean_std(gap[(v, w, n)]) for n in ns]
+            ax.errorbar(ns, [m[0] for m in ms], yerr=[m[1] for m in ms], marker="o", capsize=3, label=f"{v} {w}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training-set size N")
+    ax.set_ylabel("average PSNR gap (dB)")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
+    if not table:
+        return None
+    plt = _plt()
+    ns = sorted({k[2] for k in table}, key=lambda n: -1 if n is None else n)
+    ws = _windows_order(k[1] for k in table)
+    fig, axes = plt.subplots(1, len(ns), figsize=(max(4, 1 + 0.6 * len(ws)) * len(ns), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], ns, strict=True):
+        ms = [_mean_std([x for k, v in table.items() if k[1] == w and k[2] == n for x in v]) for w in ws]
+        ax.bar(
+            range(len(ws)),
+            [m[0] for m in ms],
+            yerr=[m[1] for m in ms],
+            capsize=3,
+            color=["gray" if w == "global" else f"C{i}" for i, w in enumerate(ws)],
+        )
+        ax.set_xticks(range(len(ws)), ws, rotation=45, ha="right", fontsize=8)
+        ax.set_title(_n_label(n))
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def plot_locality(means: dict, uniform_note: bool, path: str) -> str | None:
+    if not means:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (v, w, n), per in means.items():
+        ax.plot(range(len(per)), per, marker="o", label=f"{v} {w} {_n_label(n)}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("mean attention distance (tokens)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def build_report(runs: list[RunInfo], out: str, title: str) -> str:
+    md = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs; numbers are means over runs with the same variant, windows and N "
+        "(± sample std and the run count when there are several).",
+        "",
+    ]
+    psnr_md, gap = psnr_table(runs)
+    fid_md, fid, fid_label = fid_table(runs)
+    loc_md, loc_means = locality_table(runs)
+    figs = []
+    if psnr_md:
+        md += ["## PSNR gap against N", "", psnr_md, ""]
+        if plot_gap_vs_n(gap, common.join(out, "psnr_gap_vs_n.png")):
+            md += ["![PSNR gap against N](psnr_gap_vs_n.png)", ""]
+            figs.append("psnr_gap_vs_n.png")
+        if plot_bars(gap, "average PSNR gap (dB)", common.join(out, "psnr_gap_bars.png")):
+            md += ["![PSNR gap per window configuration](psnr_gap_bars.png)", ""]
+    if fid_md:
+        md += ["## FID", "", fid_md, ""]
+        if plot_bars(fid, fid_label.split(";")[0], common.join(out, "fid.png")):
+            md += ["![FID per window configuration](fid.png)", ""]
+    pl = placement_table(gap, fid)
+    if pl:
+        md += ["## Placement (head / mix / tail)", "", pl, ""]
+    if loc_md:
+        md += ["## Attention locality per block", "", loc_md, ""]
+        if plot_locality(loc_means, True, common.join(out, "locality.png")):
+            md += ["![mean attention distance per block](locality.png)", ""]
+    pr = pair_table(runs)
+    if pr:
+        md += ["## Two-model test", "", pr, ""]
+    missing = [r.id for r in runs if not r.evals]
+    if missing:
+        md += ["## Runs without evaluation results", "", ", ".join(missing), ""]
+    text = "\n".join(md)
+    with common._open(common.join(out, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def run(args) -> int:
+    runs, name = discover(args.grid)
+    if not runs:
+        raise ConfigError(f"--grid {args.grid!r}: no runs found (no config.yaml below it)")
+    out = args.out or (str(Path(args.grid) / "report") if Path(args.grid).is_dir() else str(Path("reports") / name))
+    build_report(runs, out, args.title or f"Study report: {name}")
+    print(f"wrote {common.join(out, 'report.md')} ({len(runs)} runs)")
+    return 0

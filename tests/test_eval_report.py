@@ -1,0 +1,64 @@
+"""`ditscale report` on hand-written run dirs (config.yaml + eval/*.json): tables, relative FID change, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ditscale.errors import ConfigError
+from ditscale.eval import report
+
+
+def _run(root, name, windows, n, seed, gap, fid=None, loc=None):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    (d / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"run": {"name": name, "seed": seed, "dir": str(d)}, "model": {"variant": "DiT-T/1", "windows": windows}}
+        )
+    )
+    (d / "eval" / "psnr_gap.json").write_text(
+        json.dumps({"avg_gap": gap, "avg_train_psnr": 20 + gap, "avg_test_psnr": 20.0, "n_train": n})
+    )
+    if fid is not None:
+        (d / "eval" / "fid_pixels.json").write_text(json.dumps({"fid": fid, "n_train": n}))
+    if loc is not None:
+        blocks = [{"block": b, "mean_distance": v, "mass_3x3": 0.5} for b, v in enumerate(loc)]
+        (d / "eval" / "locality.json").write_text(
+            json.dumps({"blocks": blocks, "uniform": {"mean_distance": 3.0}, "n_train": n})
+        )
+    return d
+
+
+def test_report_tables_and_plots(tmp_path):
+    grid = tmp_path / "grid"
+    _run(grid, "g-n10-s0", "global", 10, 0, 8.0, fid=10.0, loc=[2.0, 2.5])
+    _run(grid, "g-n10-s1", "global", 10, 1, 6.0, fid=12.0)
+    _run(grid, "l-n10-s0", "local@head", 10, 0, 5.0, fid=8.8, loc=[0.8, 1.9])
+    _run(grid, "l-n1000-s0", "local@head", 1000, 0, 0.5, fid=3.0)
+    _run(grid, "t-n10-s0", "local@tail", 10, 0, 9.0)
+    (grid / "pending").mkdir()
+    (grid / "pending" / "config.yaml").write_text("run: {name: pending}\nmodel: {windows: global}\n")
+    runs, name = report.discover(str(grid))
+    assert len(runs) == 6 and name == "grid"
+    text = report.build_report(runs, str(tmp_path / "out"), "t")
+    assert "7.00 ± 1.41 (2)" in text  # global N=10 gap over two seeds
+    assert "8.8000 (-20.00%)" in text  # local FID vs mean global FID 11.0
+    assert "| DiT-T/1 | N=10 | PSNR gap | 7.000 ± 1.414 (2) | 5.000 |  | 9.000 |" in text  # placement row
+    assert "Mean attention distance" in text and "0.80" in text
+    assert "pending" in text  # listed as a run without results
+    for png in ("psnr_gap_vs_n.png", "fid.png", "locality.png", "report.md"):
+        assert (tmp_path / "out" / png).stat().st_size > 0
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ConfigError):
+        report.discover(str(tmp_path / "nothing"))
+    import argparse
+
+    p = argparse.ArgumentParser()
+    report.add_arguments(p)
+    with pytest.raises(ConfigError, match="no runs"):
+        report.run(p.parse_args(["--grid", str(tmp_path)]))
