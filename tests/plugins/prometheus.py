@@ -303,8 +303,8 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> Traini
     runs a tiny 2-rank training on digits shards while the real Prometheus scrapes both ranks' /metrics."""
     try:
         import ditscale.train.command  # noqa: F401
-
         from ditscale.data import build_shards
+        from ditscale.model import DiT_models  # noqa: F401
     except ImportError as e:
         pytest.skip(f"the trainer or the data package is not importable yet: {e}")
     root = tmp_path_factory.mktemp("k8s-run")

@@ -1,0 +1,397 @@
+"""Kubernetes manifests (k8s/), the image definition and the kustomize overlay.
+
+- every file at the top of k8s/ is a Kubernetes resource (`kubectl apply -f k8s/` applies them all);
+- every core resource validates against the Kubernetes 1.30 .. 1.37 schemas in strict mode (kubernetes-validate).
+  The CRDs are not in those schemas: PodMonitor (monitoring.coreos.com/v1) is checked structurally against the
+  Job it scrapes; RayJob (ray.io/v1) structurally, and its head/worker pod templates strictly as core
+  PodTemplates;
+- the Indexed Job is wired as documented (node rank, master through the headless Service, GPUs, /dev/shm,
+  secrets by reference, restart and rendezvous bounds, non-root read-only pods);
+- `kubectl kustomize` renders the overlay offline and the result validates too;
+- the Job's command, with its env substituted, runs the 2-rank training locally (slow; shared run with the
+  Prometheus tests, see tests/plugins/prometheus.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+
+from ditscale.config import config_from_dict
+from tests.plugins.prometheus import expand_k8s_vars, job_command
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+VERSIONS = [f"1.{m}" for m in range(30, 38)]
+CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("ray.io/v1", "RayJob")}
+
+
+def load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def top_level() -> dict[str, list[dict]]:
+    return {p.name: load(p) for p in sorted(K8S.iterdir()) if p.is_file()}
+
+
+def all_docs() -> list[tuple[str, dict]]:
+    files = [p for p in sorted(K8S.iterdir()) if p.is_file()] + sorted((K8S / "ray").glob("*.yaml"))
+    return [(str(p.relative_to(ROOT)), d) for p in files for d in load(p)]
+
+
+def by_kind(kind: str) -> dict:
+    (doc,) = [d for _, d in all_docs() if d["kind"] == kind and not d["metadata"]["name"].endswith("dashboard")]
+    return doc
+
+
+def job() -> dict:
+    return by_kind("Job")
+
+
+def container() -> dict:
+    (c,) = job()["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_values(c: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def validate_core(doc: dict, version: str, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except ValidationError as e:
+        pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {e.path}: {e.message}")
+
+
+# ------------------------------------------------------------------------------------------- schema checks
+
+
+def test_top_of_k8s_holds_only_kubernetes_resources():
+    files = top_level()
+    assert files, "k8s/ is empty"
+    for name, docs in files.items():
+        assert name.endswith((".yaml", ".yml", ".json")), f"k8s/{name}: kubectl apply -f k8s/ reads only yaml/json"
+        assert "kustomization" not in name.lower(), f"k8s/{name}: overlays belong in k8s/overlays/"
+        assert docs, f"k8s/{name} holds no resource"
+        for d in docs:
+            assert {"apiVersion", "kind", "metadata"} <= set(d), f"k8s/{name}: not a Kubernetes resource"
+    kinds = sorted(d["kind"] for docs in files.values() for d in docs)
+    assert kinds == sorted(["Namespace", "ConfigMap", "ConfigMap", "Service", "Job", "PodMonitor"]), kinds
+    assert "Secret" not in kinds  # credentials are created by the user (docs/kubernetes.md), never committed
+    # the namespace sorts first, so that `kubectl apply -f k8s/` creates it before what lives in it
+    first = next(iter(files.values()))
+    assert first[0]["kind"] == "Namespace"
+    ns = first[0]["metadata"]["name"]
+    for _, d in all_docs():
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == ns, d["metadata"]["name"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifests_validate_strict(version):
+    checked, crds = 0, []
+    for where, doc in all_docs():
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRDS:
+            with pytest.raises(SchemaNotFoundError):  # not in the core schemas: checked structurally below
+                kubernetes_validate.validate(doc, version, strict=True)
+            crds.append(doc["kind"])
+            continue
+        validate_core(doc, version, where)
+        checked += 1
+    assert checked == 5 and sorted(crds) == ["PodMonitor", "RayJob"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rayjob_pod_templates_validate_strict(version):
+    spec = by_kind("RayJob")["spec"]["rayClusterSpec"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for i, t in enumerate(templates):
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"rayjob-{i}"}, "template": t}
+        validate_core(doc, version, "k8s/ray/rayjob.yaml")
+
+
+def test_validator_rejects_a_broken_job():
+    bad = json.loads(json.dumps(job()))
+    bad["spec"]["backoffLimit"] = "eight"
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, "1.30", strict=True)
+    bad = json.loads(json.dumps(job()))
+    bad["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8  # strict: unknown field
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, "1.37", strict=True)
+
+
+# ------------------------------------------------------------------------------------------ the Indexed Job
+
+
+def test_indexed_job_rendezvous_through_the_headless_service():
+    j, svc, c = job(), by_kind("Service"), container()
+    spec, pod = j["spec"], j["spec"]["template"]["spec"]
+    env = env_values(c)
+    nodes = int(env["NNODES"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == nodes >= 2
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"job-name": j["metadata"]["name"]}
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert env["MASTER_ADDR"] == f"{j['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert int(env["MASTER_PORT"]) in [p["port"] for p in svc["spec"]["ports"]]
+    assert int(env["MASTER_PORT"]) in [p["containerPort"] for p in c["ports"]]
+    (idx,) = [e for e in c["env"] if e["name"] == "JOB_COMPLETION_INDEX"]
+    assert (
+        idx["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    argv = c["command"] + c["args"]
+    assert argv[0] == "torchrun"
+    for flag, var in [
+        ("--nnodes", "NNODES"),
+        ("--nproc_per_node", "GPUS_PER_NODE"),
+        ("--node_rank", "JOB_COMPLETION_INDEX"),
+        ("--master_addr", "MASTER_ADDR"),
+        ("--master_port", "MASTER_PORT"),
+    ]:
+        assert f"{flag}=$({var})" in argv, flag
+    assert argv[argv.index("-m") :] == ["-m", "ditscale", "train", "--config", "$(DITSCALE_CONFIG)"]
+    # bounded rendezvous: an Indexed Job is not gang-scheduled
+    assert "--rdzv_conf=timeout=$(RDZV_TIMEOUT_SECONDS)" in argv
+    assert 60 <= int(env["RDZV_TIMEOUT_SECONDS"]) <= 3600
+    # every $(VAR) in the command is defined in the container env (else Kubernetes leaves it verbatim)
+    names = {e["name"] for e in c["env"]}
+    assert set(re.findall(r"\$\(([A-Za-z_]\w*)\)", " ".join(argv))) <= names
+
+
+def test_job_restarts_failed_pods_to_resume():
+    spec = job()["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy; the Job controller replaces the pod
+    assert spec["backoffLimit"] >= 2 * int(env_values(container())["NNODES"])
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert pod["terminationGracePeriodSeconds"] >= 60  # SIGTERM -> checkpoint at the end of the step
+    assert "activeDeadlineSeconds" not in spec  # a multi-day training is not killed by a deadline
+    assert "--max_restarts=0" in container()["args"]
+
+
+def test_job_resources_volumes_and_security():
+    j, c = job(), container()
+    pod = j["spec"]["template"]["spec"]
+    gpus = int(env_values(c)["GPUS_PER_NODE"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    metrics_ports = [p for p in c["ports"] if p["name"].startswith("metrics-")]
+    assert len(metrics_ports) == gpus
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in vols[mounts["/tmp"]]  # writable scratch under a read-only root
+    for key in ("HOME", "XDG_CACHE_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR"):
+        assert env_values(c)[key].startswith("/tmp"), key
+    psc, csc = pod["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"]["drop"] == ["ALL"] and not csc.get("privileged")
+
+
+def test_secrets_by_reference_only():
+    for where, doc in all_docs():
+        text = json.dumps(doc)
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), where
+        for c in _containers(doc):
+            for e in c.get("env", []):
+                if e["name"].startswith("AWS_"):
+                    assert "value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "ditscale-s3", (where, e)
+    names = {e["name"] for e in container()["env"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= names
+
+
+def _containers(doc: dict) -> list[dict]:
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "containers" in x and isinstance(x["containers"], list):
+                found.extend(x["containers"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc)
+    return found
+
+
+def test_configmap_holds_a_valid_run_config_on_object_storage():
+    (cm,) = [d for _, d in all_docs() if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    cfg = config_from_dict(yaml.safe_load(cm["data"]["config.yaml"]), origin="k8s/10-config.yaml")
+    assert cfg.run.dir.startswith("s3://") and cfg.data.train.startswith("s3://")
+    c, pod = container(), job()["spec"]["template"]["spec"]
+    env = env_values(c)
+    config_path = Path(env["DITSCALE_CONFIG"])
+    (vol,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert Path(mount["mountPath"]) / "config.yaml" == config_path and mount["readOnly"]
+    world = int(env["NNODES"]) * int(env["GPUS_PER_NODE"])
+    assert cfg.train.global_batch % (cfg.train.micro_batch * world) == 0
+    ports = sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("metrics-"))
+    assert ports == list(range(cfg.log.metrics_port, cfg.log.metrics_port + len(ports)))
+
+
+def test_podmonitor_scrapes_every_rank_of_the_job():
+    pm, c = by_kind("PodMonitor"), container()
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    labels = job()["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    named = {p["name"] for p in c["ports"]}
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {p for p in named if p.startswith("metrics-")}
+    for e in endpoints:
+        assert set(e) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels", "relabelings"}
+        assert e["path"] == "/metrics" and re.fullmatch(r"\d+[smh]", e["interval"])
+    assert "release" in pm["metadata"]["labels"]  # kube-prometheus-stack's default podMonitorSelector
+
+
+# ------------------------------------------------------------------------------------- RayJob and the image
+
+
+def test_rayjob_runs_the_ray_grid_launcher():
+    rj = by_kind("RayJob")
+    spec = rj["spec"]
+    assert set(spec) <= {
+        "entrypoint", "submissionMode", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "backoffLimit",
+        "rayClusterSpec", "runtimeEnvYAML", "activeDeadlineSeconds", "suspend", "clusterSelector",
+    }  # fmt: skip
+    argv = spec["entrypoint"].split()
+    assert argv[:2] == ["python", "launchers/ray_grid.py"]
+    launcher = ROOT / argv[1]
+    assert launcher.is_file(), "launchers/ray_grid.py (launcher engineer) is missing"
+    grid = argv[argv.index("--grid") + 1]
+    assert (ROOT / grid).is_file(), f"the RayJob's grid {grid} does not exist"
+    helptext = subprocess.run(
+        [sys.executable, str(launcher), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    ).stdout
+    for flag in [a for a in argv if a.startswith("--")]:
+        assert flag in helptext, f"ray_grid.py has no {flag} option"
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling"}
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={cluster['rayVersion']}" in dockerfile
+    assert set(cluster["headGroupSpec"]) <= {"rayStartParams", "template", "serviceType"}
+    for g in cluster["workerGroupSpecs"]:
+        assert set(g) <= {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"}
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values())
+        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert str(gpus) == argv[argv.index("--workers-per-run") + 1]
+
+
+def test_image_definition_and_references():
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile, re.M).group(1)
+    assert base.startswith("pytorch/pytorch:") and "cuda" in base
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user and user[-1].split(":")[0] == "1000"
+    for src in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for path in src.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    assert re.search(r"pip install[^\n]*\.", dockerfile)
+    images = {c["image"] for _, d in all_docs() for c in _containers(d)}
+    assert len(images) == 1, images  # one image, built from k8s/image/Dockerfile
+    uids = {
+        d_spec["securityContext"]["runAsUser"]
+        for _, d in all_docs()
+        for d_spec in _pod_specs(d)
+    }  # fmt: skip
+    assert uids == {1000}
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "containers" in x and "securityContext" in x:
+                found.append(x)
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ kustomize overlay
+
+
+def _kustomize_binary() -> list[str] | None:
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        r = subprocess.run([kubectl, "kustomize", "--help"], capture_output=True, text=True)
+        if r.returncode == 0 and "load-restrictor" in r.stdout:
+            return [kubectl, "kustomize"]
+    kustomize = shutil.which("kustomize")
+    return [kustomize, "build"] if kustomize else None
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir()))
+def test_overlay_renders_offline_and_validates(overlay):
+    tool = _kustomize_binary()
+    if tool is None:
+        pytest.skip("no kubectl with kustomize (>= 1.14) or kustomize binary on PATH")
+    r = subprocess.run(
+        tool + ["--load-restrictor=LoadRestrictionsNone", str(K8S / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    base_kinds = sorted(d["kind"] for docs in top_level().values() for d in docs)
+    assert sorted(d["kind"] for d in docs) == base_kinds
+    for version in VERSIONS:
+        for d in docs:
+            if (d["apiVersion"], d["kind"]) not in CRDS:
+                validate_core(d, version, f"overlay {overlay}")
+    (j,) = [d for d in docs if d["kind"] == "Job"]
+    (c,) = j["spec"]["template"]["spec"]["containers"]
+    env = env_values(c)
+    assert j["spec"]["completions"] == j["spec"]["parallelism"] == int(env["NNODES"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
+    assert env["MASTER_ADDR"] == f"{j['metadata']['name']}-0.{j['spec']['template']['spec']['subdomain']}"
+
+
+# ------------------------------------------------------------------------------ the command, run for real
+
+
+def test_job_command_substitution():
+    argv = job_command({"NNODES": "1", "GPUS_PER_NODE": "2", "JOB_COMPLETION_INDEX": "0", "MASTER_ADDR": "127.0.0.1"})
+    assert argv[:6] == [
+        "torchrun", "--nnodes=1", "--nproc_per_node=2", "--node_rank=0", "--master_addr=127.0.0.1",
+        "--master_port=29500",
+    ]  # fmt: skip
+    assert argv[-5:] == ["-m", "ditscale", "train", "--config", "/etc/ditscale/config.yaml"]
+    assert expand_k8s_vars("$(A)-$$(A)-$(B)", {"A": "x"}) == "x-$(A)-$(B)"
+
+
+@pytest.mark.slow
+@pytest.mark.prometheus
+def test_job_command_runs_the_training_locally(monitored_training):
+    """The manifest's own command (1 node x 2 processes, master 127.0.0.1) trains the tiny config to the end."""
+    run = monitored_training
+    assert run.argv[0] == "torchrun" and "--nproc_per_node=2" in run.argv and "--node_rank=0" in run.argv
+    assert run.argv[-5:] == ["-m", "ditscale", "train", "--config", str(run.config_path)]
+    assert run.returncode == 0, run.output[-6000:]
+    final = json.loads((run.run_dir / "final.json").read_text())
+    assert final["finished"] is True and final["step"] == yaml.safe_load(run.config_path.read_text())["train"]["steps"]
+    assert (run.run_dir / "checkpoints" / "latest").is_file()
