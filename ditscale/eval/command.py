@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=8, help="eigenvector images shown")
     p.add_argument("--method", choices=("auto", "jacrev", "rows"), default="auto")
 
+    from ditscale.eval.study import add_study_arguments
+
+    p = sub.add_parser("study", help="the small-scale digits study of docs/results.md (data, training, evals)")
+    add_study_arguments(p)
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _meta(run_dir: str, cfg, args, metric: str) -> dict:
@@ -202,18 +207,17 @@ def run_pair(args) -> dict:
         )
     train_a = common.load_images(cfg_a.data.train, model=model_a)
     train_b = common.load_images(cfg_b.data.train, model=model_b)
-    ids_a, ids_b = (
-        pair.subset_ids(common.manifest_of(cfg_a.data.train)),
-        pair.subset_ids(common.manifest_of(cfg_b.data.train)),
-    )
+    man_a, man_b = common.manifest_of(cfg_a.data.train), common.manifest_of(cfg_b.data.train)
+    ids_a, ids_b = pair.subset_ids(man_a), pair.subset_ids(man_b)
     if ids_a is not None and ids_b is not None:
         how = "manifest indices"
-        pair.check_disjoint(ids_a, ids_b, cfg_a.data.train, cfg_b.data.train)
-    else:  # no recorded source indices: identical images are the evidence
+    elif man_a.get("source") and man_a.get("source") == man_b.get("source"):
+        how = "source indices of the samples"  # every sample carries its index in the source dataset
+        ids_a, ids_b = set(train_a[2]), set(train_b[2])
+    else:  # nothing to compare indices by: identical images are the evidence
         how = "image contents"
-        pair.check_disjoint(
-            pair.image_hashes(train_a[0]), pair.image_hashes(train_b[0]), cfg_a.data.train, cfg_b.data.train
-        )
+        ids_a, ids_b = pair.image_hashes(train_a[0]), pair.image_hashes(train_b[0])
+    pair.check_disjoint(ids_a, ids_b, cfg_a.data.train, cfg_b.data.train)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.samples, model_a.in_channels, model_a.input_size, model_a.input_size)
     noise = torch.randn(shape, generator=g)
@@ -394,12 +398,19 @@ def run_jacobian(args) -> dict:
     return res
 
 
+def run_study(args) -> int:
+    from ditscale.eval.study import run_study as _run
+
+    return _run(args)
+
+
 RUNNERS = {
     "psnr-gap": run_psnr_gap,
     "pair": run_pair,
     "locality": run_locality,
     "fid": run_fid,
     "jacobian": run_jacobian,
+    "study": run_study,
 }
 
 

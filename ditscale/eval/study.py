@@ -1,0 +1,207 @@
+"""`python -m ditscale eval study --out DIR`: the small-scale study of docs/results.md, end to end, on CPU.
+
+On the 1,797 sklearn digits at 8x8 (1,500 train / 297 test; nothing downloaded), with a pixel-space DiT-T/1
+(patch 1, 64 tokens, hidden 96, depth 4):
+1. memorisation vs generalisation: global attention on N=10 and on larger N (two disjoint subsets of each size for
+   the two-model test, plus the full 1,500 training images for the PSNR gap);
+2. local windows vs global attention at an intermediate N, over several data shuffles.
+Runs are trained one after another as single processes (`python -m ditscale train`, ZeRO stage 0), then each is
+evaluated (psnr-gap, locality, jacobian, fid with pixel features; pair for the disjoint pairs) and
+`ditscale report` lays the grid out. Finished runs and evaluations are reused, so the command can be rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("ditscale.eval.study")
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/study", help="directory for data, runs and the report")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per run")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variant", default="DiT-T/1")
+    p.add_argument("--small", type=int, default=10, help="the memorising training-set size")
+    p.add_argument("--large", type=int, default=750, help="size of each disjoint subset of the generalising pair")
+    p.add_argument("--mid", type=int, default=100, help="the intermediate N of the window comparison")
+    p.add_argument("--local", default="3,3,-,-", help="window spec of the local model (one entry per block)")
+    p.add_argument("--shuffles", type=int, default=2, help="data shuffles per configuration at --mid")
+    p.add_argument(
+        "--full", action=argparse.BooleanOptionalAction, default=True, help="also train on all 1,500 training images"
+    )
+    p.add_argument("--k", type=int, default=300, help="images per split for the PSNR gap")
+    p.add_argument("--samples", type=int, default=200, help="samples for the pair test and pixel FID")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+
+
+def _config(args, name: str, run_dir: Path, train: str, test: str, windows: str, seed: int) -> dict:
+    return {
+        "run": {"name": name, "seed": seed, "dir": str(run_dir)},
+        "model": {
+            "variant": args.variant,
+            "windows": windows,
+            "input_size": 8,
+            "in_channels": 1,
+            "num_classes": 10,
+            "learn_sigma": True,
+        },
+        "diffusion": {"loss": "hybrid", "num_timesteps": 1000, "sample_steps": 50},
+        "data": {"train": train, "test": test, "flip": False, "shuffle_buffer": 100},
+        "optim": {"lr": args.lr, "warmup_steps": 100},
+        "train": {
+            "steps": args.steps,
+            "global_batch": args.batch,
+            "micro_batch": args.batch,
+            "zero_stage": 0,
+            "precision": "fp32",
+            "ema_decay": 0.999,
+        },
+        "checkpoint": {"every": args.steps, "keep": 1},
+        "log": {"every": 100, "sample_every": 0, "metrics_port": 0, "progress": False},
+    }
+
+
+def plan(args) -> tuple[list[dict], list[tuple[str, str]], dict]:
+    """(runs, pairs, data): the runs to train, the (A, B) run ids for the two-model test, the subsets to build."""
+    out = Path(args.out)
+    data = out / "data"
+    full = str(data / "digits8" / "manifest.json")
+    test = str(data / "digits8" / "test" / "manifest.json")
+    subsets = {}  # url -> (size, seed, pair)
+    runs, pairs = [], []
+
+    def add(rid, train, windows, seed):
+        runs.append(
+            {
+                "id": rid,
+                "dir": str(out / "runs" / rid),
+                "config": _config(args, rid, out / "runs" / rid, train, test, windows, seed),
+            }
+        )
+
+    for n in (args.small, args.large):
+        base = data / f"pair-n{n}"
+        subsets[str(base)] = (n, 0, True)
+        add(f"global-n{n}-a", str(base / "s1" / "manifest.json"), "global", 0)
+        add(f"global-n{n}-b", str(base / "s2" / "manifest.json"), "global", 0)
+        pairs.append((f"global-n{n}-a", f"global-n{n}-b"))
+    if args.full:
+        add("global-n1500", full, "global", 0)
+    for s in range(args.shuffles):
+        base = data / f"n{args.mid}-s{s}"
+        subsets[str(base)] = (args.mid, s, False)
+        for windows in ("global", args.local):
+            tag = "global" if windows == "global" else "local"
+            add(f"{tag}-n{args.mid}-s{s}", str(base / "manifest.json"), windows, s)
+    return runs, pairs, {"root": str(data / "digits8"), "subsets": subsets, "full": full}
+
+
+def _build_data(d: dict) -> None:
+    from ditscale.data import build_shards, make_subset
+
+    if not Path(d["full"]).is_file():
+        build_shards("digits", None, d["root"], resolution=8, channels=1, progress=False)
+    for url, (n, seed, pair) in d["subsets"].items():
+        marker = Path(url) / ("s1" if pair else "") / "manifest.json"
+        if not marker.is_file():
+            make_subset(d["full"], n, url, seed=seed, pair=pair)
+
+
+def _train(run: dict, threads: int) -> float:
+    d = Path(run["dir"])
+    if (d / "final.json").is_file():
+        return 0.0
+    d.mkdir(parents=True, exist_ok=True)
+    cfg_file = d.parent / f"{run['id']}.yaml"
+    cfg_file.write_text(yaml.safe_dump(run["config"], sort_keys=False))
+    env = {"OMP_NUM_THREADS": str(threads)}
+    import os
+
+    t0 = time.perf_counter()
+    with open(d.parent / f"{run['id']}.log", "w") as logf:
+        rc = subprocess.call(
+            [sys.executable, "-m", "ditscale", "train", "--config", str(cfg_file)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    if rc != 0:
+        raise RuntimeError(f"training {run['id']} failed (rc {rc}); see {d.parent / (run['id'] + '.log')}")
+    return time.perf_counter() - t0
+
+
+def _eval(argv: list[str]) -> dict:
+    from ditscale.eval.command import RUNNERS, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return RUNNERS[args.metric](args)
+
+
+def run_study(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs, pairs, data = plan(args)
+    if args.dry_run:
+        for r in runs:
+            print(r["id"], r["config"]["data"]["train"], r["config"]["model"]["windows"])
+        print("pairs:", pairs)
+        return 0
+    out = Path(args.out)
+    timings = {}
+    _build_data(data)
+    for r in runs:
+        timings[r["id"]] = {"train_s": round(_train(r, args.threads), 1)}
+        log.info("trained %s in %.0fs", r["id"], timings[r["id"]]["train_s"])
+    for r in runs:
+        ev = Path(r["dir"]) / "eval"
+        t0 = time.perf_counter()
+        todo = [
+            ("psnr_gap", ["psnr-gap", "--run", r["dir"], "--k", str(args.k)]),
+            ("locality", ["locality", "--run", r["dir"], "--images", "64"]),
+            ("jacobian", ["jacobian", "--run", r["dir"], "--sigma", "0.3"]),
+            (
+                "fid_pixels",
+                [
+                    "fid",
+                    "--run",
+                    r["dir"],
+                    "--features",
+                    "pixels",
+                    "--samples",
+                    str(args.samples),
+                    "--ref",
+                    data["full"],
+                    "--cache",
+                    str(out / "cache"),
+                ],
+            ),
+        ]
+        for name, argv in todo:
+            if not (ev / f"{name}.json").is_file():
+                _eval(argv)
+        timings[r["id"]]["eval_s"] = round(time.perf_counter() - t0, 1)
+    for a, b in pairs:
+        da, db = (next(r["dir"] for r in runs if r["id"] == x) for x in (a, b))
+        if not (Path(da) / "eval" / "pair.json").is_file():
+            _eval(["pair", "--runs", da, db, "--samples", str(args.samples)])
+    from ditscale.eval import report
+
+    found, _ = report.discover(str(out / "runs"))
+    report.build_report(found, str(out / "report"), "Small-scale study: digits 8x8, " + args.variant)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    print(f"wrote {out / 'report' / 'report.md'}")
+    return 0
