@@ -1,0 +1,189 @@
+"""What a training run tells the outside world: Prometheus metrics, a JSON-lines log, a progress bar, sample grids.
+
+Prometheus: every rank serves /metrics on port `log.metrics_port + local_rank` (0 = off), with labels
+run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base units,
+_total for counters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LABELS = ("run", "variant", "windows", "data_size", "rank")
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
+CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, math.inf)
+
+
+class Metrics:
+    """The contract's Prometheus metrics for one rank, in a private registry, served over HTTP when port > 0."""
+
+    def __init__(self, labels: dict[str, str], port: int = 0, addr: str = "0.0.0.0"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r, names = self.registry, list(LABELS)
+
+        def g(name: str, doc: str):
+            return Gauge(name, doc, names, registry=r).labels(**labels)
+
+        def c(name: str, doc: str):  # prometheus_client appends _total to counter names itself
+            return Counter(name.removesuffix("_total"), doc, names, registry=r).labels(**labels)
+
+        self.loss = g("ditscale_train_loss", "training loss (mean over ranks and the last logging window)")
+        self.step = g("ditscale_train_step", "optimizer steps completed")
+        self.samples = c("ditscale_samples_total", "training samples consumed by all ranks")
+        self.images_per_second = g("ditscale_images_per_second", "training throughput of the whole job")
+        self.step_time = Histogram(
+            "ditscale_step_time_seconds",
+            "wall time of one optimizer step on this rank",
+            names,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.data_wait = c("ditscale_data_wait_seconds_total", "time this rank waited for the data loader")
+        self.grad_norm = g("ditscale_grad_norm", "global gradient norm before clipping")
+        self.learning_rate = g("ditscale_learning_rate", "learning rate")
+        self.gpu_allocated = g("ditscale_gpu_memory_allocated_bytes", "GPU memory allocated by tensors")
+        self.gpu_reserved = g("ditscale_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator")
+        self.checkpoint_time = Histogram(
+            "ditscale_checkpoint_seconds",
+            "wall time of one checkpoint save",
+            names,
+            buckets=CKPT_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.skipped = c("ditscale_skipped_samples_total", "corrupt samples skipped by this rank's loader")
+        self._skipped_seen = 0
+        self.server = None
+        self.port = port
+        if port:
+            from prometheus_client import start_http_server
+
+            try:
+                self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+                log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+            except OSError as e:
+                log.warning("Prometheus exporter not started: port %d unavailable (%s)", port, e)
+
+    def set_skipped(self, total: int) -> None:
+        if total > self._skipped_seen:
+            self.skipped.inc(total - self._skipped_seen)
+            self._skipped_seen = total
+
+    def update_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.gpu_allocated.set(torch.cuda.memory_allocated())
+            self.gpu_reserved.set(torch.cuda.memory_reserved())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class JsonlLog:
+    """Append-only JSON lines (metrics.jsonl), flushed per line."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and self.path.is_file():
+            # A resumed run repeats the steps after its checkpoint: drop the lines the interrupted run wrote there.
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= truncate_after_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.f = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """Rank-0 progress bar: step, images/s, loss, ETA (tqdm)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 10.0,
+            )
+
+    def update(self, n: int, loss: float, images_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}", refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def grid_image(images, nrow: int | None = None, pad: int = 2):
+    """(N, C, H, W) tensor/array in [-1, 1] -> a PIL image grid (C = 1 grey, 3 RGB; others: first 3 channels)."""
+    from PIL import Image
+
+    x = np.asarray(images.detach().float().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
+    n, c, h, w = x.shape
+    if c not in (1, 3):  # e.g. 4-channel latents: show the first three channels, each rescaled
+        x = x[:, :3]
+        lo = x.min(axis=(0, 2, 3), keepdims=True)
+        hi = x.max(axis=(0, 2, 3), keepdims=True)
+        x = (x - lo) / np.maximum(hi - lo, 1e-8) * 2 - 1
+        c = 3
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = np.zeros((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            x[i] + 1
+        ) / 2
+    arr = (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if c == 1:
+        return Image.fromarray(np.ascontiguousarray(arr[0]))
+    return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)))
+
+
+def save_grid(images, path: Path | str, nrow: int | None = None, scale: int = 1) -> Path:
+    img = grid_image(images, nrow=nrow)
+    if scale > 1:
+        from PIL import Image
+
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,32 @@
+"""`python -m ditscale train --config FILE [--run-dir DIR] [key=value ...]`
+
+Works alone, under torchrun, under the deepspeed launcher (which passes --local_rank) and under srun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--run-dir", help="run directory or URL (overrides run.dir)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ditscale.config import load_config
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)  # fails here, before torch/DeepSpeed work, on a bad key or type
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from ditscale.train import run_training
+
+    run_training(cfg)
+    return 0

@@ -1,0 +1,171 @@
+"""DeepSpeed set-up: process environment, process group, the DeepSpeed config derived from our Config, the engine.
+
+Nothing here knows about diffusion or data; `loop.py` composes it with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from ditscale.config import Config
+from ditscale.distenv import DistEnv
+from ditscale.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def project_cache() -> Path:
+    """`.cache/` of the source checkout (shared by tests, the demo and CI), else ~/.cache/ditscale."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
+        return repo / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ditscale"
+
+
+def setup_process_env(denv: DistEnv) -> None:
+    """Defaults that must be in place before DeepSpeed/torch do heavy work. Never overrides what the user set."""
+    cache = project_cache()
+    # DeepSpeed JIT-builds its CPU shm_comm op once per extensions dir (~50 s): keep one shared, persistent dir.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; the deepspeed launcher and srun do not
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        n = max(1, cores // max(denv.local_world_size, 1))
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(denv: DistEnv) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on CUDA; a group of one when started alone)."""
+    import deepspeed
+
+    if not denv.is_distributed and "MASTER_PORT" not in os.environ:
+        denv = dataclasses.replace(denv, master_port=_free_port())
+    denv.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(denv.local_rank)
+        device, backend = torch.device("cuda", denv.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return device
+
+
+def shutdown(ok: bool) -> None:
+    """Leave the process group cleanly (avoids 'terminate called without an active exception' at exit)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def resolve_precision(cfg: Config) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if p == "bf16" and not torch.cuda.is_available():
+        log.warning("train.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
+    return p
+
+
+def grad_accumulation(cfg: Config, world_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch * world_size
+    if t.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch ({t.micro_batch}) x "
+            f"{world_size} processes = {per_step}"
+        )
+    return t.global_batch // per_step
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t = cfg.train
+    conf = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,  # 0 disables (DeepSpeed's own default would be 1.0)
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": resolve_precision(cfg) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage in (1, 2):
+        conf["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True)
+    return conf
+
+
+def warmup_factor(warmup_steps: int):
+    """LR multiplier per optimizer step: linear warm-up over `warmup_steps`, then constant (DiT: constant 1e-4)."""
+
+    def f(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return f
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute each transformer block in the backward pass (torch.utils.checkpoint), wrapping from outside:
+    the block's forward is replaced on the instance, so parameter names (and state dicts) are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError("train.activation_checkpointing: the model has no .blocks to checkpoint")
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """(engine, optimizer, lr_scheduler): AdamW (DiT's lr 1e-4, wd 0) + optional warm-up, wrapped by DeepSpeed."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {"fused": True} if torch.cuda.is_available() else {}
+    opt = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, **kw
+    )
+    factor = warmup_factor(cfg.optim.warmup_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
+        config=deepspeed_config(cfg, world_size),
+    )
+    if cfg.train.compile:
+        engine.compile()
+    return engine, optimizer, scheduler
+
+
+def set_tf32(enabled: bool) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
