@@ -309,7 +309,7 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> Traini
         pytest.skip(f"the trainer or the data package is not importable yet: {e}")
     root = tmp_path_factory.mktemp("k8s-run")
     shards_dir = root / "shards"
-    build_shards("digits", None, str(shards_dir), resolution=8)
+    build_shards("digits", None, str(shards_dir), resolution=8, channels=1)
     manifest = shards_dir / "manifest.json"
     assert manifest.is_file(), f"build_shards wrote no {manifest}"
     run_name = "k8s-e2e"
