@@ -1,0 +1,22 @@
+"""The DiT family with per-block local-attention windows (ditscale.model)."""
+
+from ditscale.model.attention import attention, halo_attention, sdpa_mask_attention, window_mask
+from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
+from ditscale.model.dit import DiT, DiT_models, create_model
+from ditscale.model.windows import PRESETS, format_windows, parse_windows, placement_indices
+
+__all__ = [
+    "DiT",
+    "DiT_models",
+    "PRESETS",
+    "attention",
+    "create_model",
+    "extract_state_dict",
+    "format_windows",
+    "halo_attention",
+    "load_reference_state_dict",
+    "parse_windows",
+    "placement_indices",
+    "sdpa_mask_attention",
+    "window_mask",
+]

@@ -1,0 +1,97 @@
+"""Loading official facebookresearch/DiT checkpoints (and ditscale exports) into a DiT, with clear errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ditscale.errors import CheckpointError
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def extract_state_dict(obj, source: str = "checkpoint", prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint object.
+
+    Accepts a raw state dict (the released DiT-XL-2-256x256.pt files) or a training checkpoint with "ema" and/or
+    "model" keys (facebookresearch/DiT train.py writes {"model", "ema", "opt", "args"}); `prefer` picks which of the
+    two when both are present. Strips "module." (DDP) and "_orig_mod." (torch.compile) prefixes.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
+    sd = obj
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        order = [prefer] + [k for k in ("ema", "model", "state_dict") if k != prefer]
+        for key in order:
+            if isinstance(obj.get(key), Mapping):
+                sd = obj[key]
+                break
+        else:
+            raise CheckpointError(
+                f"{source}: no model weights found; expected a raw state dict or a dict with an 'ema' or 'model' "
+                f"entry, got keys {sorted(map(str, obj))[:10]}"
+            )
+    out = {}
+    for name, value in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if name.startswith(p):
+                    name, changed = name[len(p) :], True
+        out[name] = value
+    return out
+
+
+def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str | None = None, prefer: str = "ema"):
+    """Load an official DiT state dict (or a path to one) with strict=True semantics and a readable error.
+
+    Raises CheckpointError listing missing, unexpected and shape-mismatched keys (with both shapes) instead of
+    torch's generic message. Returns the model.
+    """
+    if isinstance(sd_or_path, str | os.PathLike):
+        source = source or str(sd_or_path)
+        if not os.path.exists(sd_or_path):
+            raise CheckpointError(f"{source}: checkpoint file not found")
+        try:
+            obj = torch.load(sd_or_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+            raise CheckpointError(f"{source}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    else:
+        obj = sd_or_path
+    source = source or "state dict"
+    sd = extract_state_dict(obj, source, prefer)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        desc = _describe(model)
+        parts = [f"{source} does not match the model{desc}:"]
+        groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for title, items in groups:
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+                parts.append(f"{len(items)} {title}: {shown}")
+        raise CheckpointError("\n  ".join(parts))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _describe(model) -> str:
+    fields = ("input_size", "patch_size", "in_channels", "depth", "num_classes", "learn_sigma")
+    if all(hasattr(model, f) for f in fields):
+        hidden = model.pos_embed.shape[-1] if hasattr(model, "pos_embed") else "?"
+        return (
+            f" (DiT depth {model.depth}, hidden {hidden}, patch {model.patch_size}, input {model.input_size}, "
+            f"in_channels {model.in_channels}, num_classes {model.num_classes}, learn_sigma {model.learn_sigma})"
+        )
+    return ""

@@ -1,0 +1,190 @@
+"""Window specs: the one parser that turns what users write ("local@head", "5x6", "3,5,7,-,...") into one entry per
+DiT block: `None` for global attention or an odd `k` for a border-clipped k x k window.
+
+Grammar (whitespace ignored, case-insensitive):
+
+    spec      := "global" | "none" | ""                     every block global
+               | body [ "@" placement ]
+    body      := "local" | "local*" | items
+    items     := item { "," item } [ "," "..." ]
+    item      := K | K "x" N | "-" | "-x" N                  K odd >= 1, N >= 1; "-" (or "g") = a global block
+    placement := "head" | "mix" | "tail"
+
+Presets (An et al. 2024): `local` = 3,5,7,9,11,13 and `local*` = 3,3,3,5,5,5,7,7,7.
+
+Without a placement the items are read block by block from block 0; blocks after the last item are global
+(a trailing "..." may be written to say so). With a placement the items are the windowed blocks, in order (no "-"),
+and m = len(items) of them are placed in a model of depth D as:
+
+* `head`: blocks 0 .. m-1;
+* `tail`: blocks D-m .. D-1;
+* `mix`:  blocks floor(i * (D-1) / (m-1) + 1/2) for i = 0 .. m-1 (m >= 2): spread evenly from the first block to
+  the last, rounding halves up; with m = 1 the single window goes to block 0.
+  E.g. `local@mix` at depth 12 -> blocks 0, 2, 4, 7, 9, 11.
+
+A bad spec (even or non-positive k, more blocks than the depth, an unknown preset or placement) raises
+WindowSpecError quoting the spec.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ditscale.errors import WindowSpecError
+
+PRESETS: dict[str, list[int]] = {
+    "local": [3, 5, 7, 9, 11, 13],
+    "local*": [3, 3, 3, 5, 5, 5, 7, 7, 7],
+}
+PLACEMENTS = ("head", "mix", "tail")
+_GLOBAL_WORDS = {"-", "g", "global", "none"}
+_ITEM = re.compile(r"^(?P<k>-|g|global|none|\d+)(?:x(?P<n>\d+))?$")
+
+
+def placement_indices(m: int, depth: int, placement: str) -> list[int]:
+    """Block indices of m windowed blocks in a model of `depth` blocks for placement head, mix or tail."""
+    if not 0 <= m <= depth:
+        raise ValueError(f"cannot place {m} windowed blocks in depth {depth}")
+    if placement == "head":
+        return list(range(m))
+    if placement == "tail":
+        return list(range(depth - m, depth))
+    if placement == "mix":
+        if m <= 1:
+            return list(range(m))
+        # exact rational rounding, halves up: floor((2*i*(D-1) + (m-1)) / (2*(m-1)))
+        return [(2 * i * (depth - 1) + (m - 1)) // (2 * (m - 1)) for i in range(m)]
+    raise ValueError(f"unknown placement {placement!r}")
+
+
+def _check_k(k: object, spec: object) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, str):
+        if k.strip().lower() in _GLOBAL_WORDS:
+            return None
+        try:
+            k = int(k.strip())
+        except ValueError:
+            raise WindowSpecError(f"window spec {spec!r}: entry {k!r} is neither an odd window size nor '-'") from None
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise WindowSpecError(f"window spec {spec!r}: entry {k!r} is neither an odd window size nor None")
+    if k < 1 or k % 2 == 0:
+        raise WindowSpecError(f"window spec {spec!r}: window size {k} must be an odd integer >= 1 (a k x k window)")
+    return k
+
+
+def _parse_items(body: str, spec: str) -> list[int | None]:
+    out: list[int | None] = []
+    parts = body.split(",")
+    if parts and parts[-1] == "...":
+        parts = parts[:-1]
+    if not parts:
+        raise WindowSpecError(f"window spec {spec!r}: no window sizes given")
+    for part in parts:
+        m = _ITEM.match(part)
+        if not m:
+            raise WindowSpecError(
+                f"window spec {spec!r}: cannot read {part!r}; expected an odd k, 'KxN' (k repeated N times), "
+                f"'-' (global block), a preset ({', '.join(PRESETS)}) or 'global'"
+            )
+        k = _check_k(m.group("k"), spec)
+        n = int(m.group("n")) if m.group("n") is not None else 1
+        if n < 1:
+            raise WindowSpecError(f"window spec {spec!r}: repeat count in {part!r} must be >= 1")
+        out.extend([k] * n)
+    return out
+
+
+def parse_windows(spec: str | Sequence[int | str | None] | None, depth: int) -> list[int | None]:
+    """Resolve a window spec against a model depth: one entry per block, None (global) or an odd k.
+
+    `spec` is a spec string (see the module docstring), None (all global), or an explicit per-block list whose
+    length must equal `depth` (entries: odd int, None, or "-").
+    """
+    if depth < 1:
+        raise WindowSpecError(f"window spec {spec!r}: model depth must be >= 1, got {depth}")
+    if spec is None:
+        return [None] * depth
+    if not isinstance(spec, str):
+        entries = list(spec)
+        if len(entries) != depth:
+            raise WindowSpecError(
+                f"window list {entries!r} has {len(entries)} entries but the model has depth {depth}; give one entry "
+                f"per block (None for global), or a spec string such as {','.join(str(e) for e in entries)!r} "
+                f"that fills the remaining blocks with global attention"
+            )
+        return [_check_k(e, spec) for e in entries]
+
+    s = "".join(spec.split()).lower()
+    if s in ("", "global", "none"):
+        return [None] * depth
+    body, placement = s, None
+    if "@" in s:
+        body, _, placement = s.partition("@")
+        if placement not in PLACEMENTS:
+            raise WindowSpecError(
+                f"window spec {spec!r}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}"
+            )
+    if body in PRESETS:
+        windows: list[int | None] = list(PRESETS[body])
+    elif body in ("global", "none", ""):
+        raise WindowSpecError(f"window spec {spec!r}: nothing to place; write 'global' alone for global attention")
+    elif re.fullmatch(r"[a-z_*]+", body):
+        raise WindowSpecError(
+            f"window spec {spec!r}: unknown preset {body!r}; expected one of {', '.join(PRESETS)} or 'global'"
+        )
+    else:
+        windows = _parse_items(body, spec)
+
+    if placement is None:
+        if len(windows) > depth:
+            raise WindowSpecError(
+                f"window spec {spec!r} describes {len(windows)} blocks but the model has depth {depth}"
+            )
+        return windows + [None] * (depth - len(windows))
+
+    if any(w is None for w in windows):
+        raise WindowSpecError(
+            f"window spec {spec!r}: with a placement (@{placement}) list only the windowed blocks, without '-'"
+        )
+    if len(windows) > depth:
+        raise WindowSpecError(
+            f"window spec {spec!r} has {len(windows)} windowed blocks but the model has depth {depth}"
+        )
+    out: list[int | None] = [None] * depth
+    for idx, k in zip(placement_indices(len(windows), depth, placement), windows, strict=True):
+        out[idx] = k
+    return out
+
+
+def _runs(windows: Sequence[int | None]) -> str:
+    items = []
+    i = 0
+    while i < len(windows):
+        j = i
+        while j < len(windows) and windows[j] == windows[i]:
+            j += 1
+        tok = "-" if windows[i] is None else str(windows[i])
+        items.append(tok if j - i == 1 else f"{tok}x{j - i}")
+        i = j
+    return ",".join(items)
+
+
+def format_windows(windows: Sequence[int | None]) -> str:
+    """A short spec string for a per-block window list; `parse_windows(format_windows(w), len(w)) == w`.
+
+    Uses a preset with its placement when one matches ("local@mix"), else run-length items ("3x3,5x3,-,7").
+    """
+    windows = [_check_k(w, list(windows)) for w in windows]
+    depth = len(windows)
+    if all(w is None for w in windows):
+        return "global"
+    for name, ks in PRESETS.items():
+        if len(ks) <= depth:
+            for placement in PLACEMENTS:
+                if parse_windows(f"{name}@{placement}", depth) == windows:
+                    return f"{name}@{placement}"
+    last = max(i for i, w in enumerate(windows) if w is not None)
+    return _runs(windows[: last + 1])
