@@ -190,12 +190,12 @@ def test_pixel_features_and_sample_features_single_process():
     assert ext(torch.zeros(3, 1, 8, 8)).shape == (3, 16)
     calls = []
 
-    def draw(model, labels, g):
+    def draw(model, labels, noise, g):
         calls.append(labels.tolist())
-        return torch.rand(len(labels), 1, 4, 4, generator=g) * 2 - 1
+        return noise.tanh()
 
-    f1 = fid.sample_features(None, draw, ext, 10, num_classes=3, batch_size=4, seed=0)
-    f2 = fid.sample_features(None, draw, ext, 10, num_classes=3, batch_size=4, seed=0)
+    f1 = fid.sample_features(None, draw, ext, 10, num_classes=3, shape=(1, 8, 8), batch_size=4, seed=0)
+    f2 = fid.sample_features(None, draw, ext, 10, num_classes=3, shape=(1, 8, 8), batch_size=4, seed=0)
     assert f1.shape == (10, 16) and np.array_equal(f1, f2)
     assert calls[0] == [0, 1, 2, 0]
 

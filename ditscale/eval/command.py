@@ -331,8 +331,10 @@ def run_fid(args) -> dict:
             dist.barrier()
         nc = max(int(getattr(model, "num_classes", 1)), 1)
 
-        def draw(m, labels, g):
-            return generate(m, cfg, labels, steps=args.steps, method=args.method, generator=g, cfg_scale=args.cfg_scale)
+        def draw(m, labels, noise, g):
+            return generate(
+                m, cfg, labels, steps=args.steps, method=args.method, noise=noise, generator=g, cfg_scale=args.cfg_scale
+            )
 
         feats = fid.sample_features(
             model, draw, extractor, args.samples, num_classes=nc, batch_size=args.batch_size, seed=args.seed

@@ -330,24 +330,31 @@ def sample_features(
     num_samples: int,
     *,
     num_classes: int,
+    shape: tuple[int, ...] | None = None,
     batch_size: int = 100,
     seed: int = 0,
 ) -> np.ndarray:
     """Features of `num_samples` generated images, spread over the ranks when torch.distributed is initialised.
 
-    `diffusion_sample(model, labels, generator) -> images in [-1, 1]`. Each global sample index i gets its own
-    label and noise stream (seed, i), so the set of samples does not depend on the world size. Returns the
-    features of ALL samples on every rank (all_gather)."""
+    `diffusion_sample(model, labels, noise, generator) -> images in [-1, 1]`. Global sample i has label
+    i % num_classes and initial noise drawn from its own stream (seed, i), so with a deterministic sampler (DDIM)
+    the set of samples does not depend on the world size; `generator` (seeded per batch) drives any further
+    sampler noise. Returns the features of ALL samples on every rank (all_gather)."""
     import torch.distributed as dist
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if shape is None:
+        shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     start, count = rank_share(num_samples, rank, world)
     feats = []
     for i in range(start, start + count, batch_size):
         idx = list(range(i, min(i + batch_size, start + count)))
-        g = torch.Generator().manual_seed(seed * 1_000_003 + idx[0])
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + j)) for j in idx]
+        )
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + idx[0])
         labels = torch.tensor([j % max(num_classes, 1) for j in idx], dtype=torch.long)
-        images = diffusion_sample(model, labels, g)
+        images = diffusion_sample(model, labels, noise, g)
         feats.append(extract(extractor, images.clamp(-1, 1), batch_size))
     local = np.concatenate(feats) if feats else np.zeros((0, 0))
     if world == 1:
