@@ -24,7 +24,7 @@ from multiprocessing import get_context
 
 from tqdm import tqdm
 
-from ditscale.data import storage
+from ditscale.data import sources, storage
 from ditscale.data.sources import Record, list_source, load_image, prepare
 from ditscale.errors import DataError
 
@@ -106,6 +106,10 @@ def _encode_shard(task: ShardTask) -> dict:
     storage.write_bytes(task.url, data)
     storage.write_bytes(task.sidecar_url, json.dumps(info, sort_keys=True).encode())  # written last: "finished"
     return info
+
+
+def _worker_init() -> None:
+    sources._LMDB_ENVS.clear()  # LMDB environments must not cross fork(): each worker opens its own
 
 
 def _finished(task: ShardTask) -> dict | None:
@@ -209,7 +213,7 @@ def build_shards(
     bar = tqdm(total=total, unit="img", desc=f"build {source}", disable=not progress, dynamic_ncols=True)
     try:
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init) as pool:
                 for t, info in zip(todo, pool.map(_encode_shard, todo), strict=True):
                     results[t.url] = info
                     bar.update(len(t.items))

@@ -58,6 +58,17 @@ def _digits_images() -> np.ndarray:
     return _DIGITS
 
 
+def _lmdb_env(path: str):
+    """One read-only environment per LMDB and process (lmdb refuses to open the same one twice)."""
+    import lmdb
+
+    env = _LMDB_ENVS.get(path)
+    if env is None:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+        _LMDB_ENVS[path] = env
+    return env
+
+
 def load_image(ref: tuple) -> Image.Image:
     """Open the image a record points at (raises on unreadable data; the converter skips and reports it)."""
     kind = ref[0]
@@ -71,13 +82,7 @@ def load_image(ref: tuple) -> Image.Image:
         arr = _digits_images()[ref[1]]
         return Image.fromarray(np.round(arr * (255.0 / 16.0)).astype(np.uint8), mode="L")
     if kind == "lmdb":
-        import lmdb
-
-        env = _LMDB_ENVS.get(ref[1])
-        if env is None:
-            env = lmdb.open(ref[1], readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
-            _LMDB_ENVS[ref[1]] = env
-        with env.begin(write=False) as txn:
+        with _lmdb_env(ref[1]).begin(write=False) as txn:
             data = txn.get(ref[2])
         if data is None:
             raise KeyError(f"key {ref[2]!r} not in {ref[1]}")
@@ -251,16 +256,12 @@ def list_lsun(src: str) -> SourceListing:
             for p in _image_files(d, skipped):
                 records.append(Record(("file", str(p)), f"{d.name}/{p.relative_to(d)}", split, cats.index(cat)))
         return SourceListing("lsun", records, cats, skipped)
-    import lmdb
-
     cats = sorted({_lsun_category(d.name)[0] for d in dbs})
     records = []
     for d in dbs:
         cat, split = _lsun_category(d.name)
-        env = lmdb.open(str(d), readonly=True, lock=False, readahead=False, max_readers=8)
-        with env.begin(write=False) as txn:
-            keys = [bytes(k) for k, _ in txn.cursor()]
-        env.close()
+        with _lmdb_env(str(d)).begin(write=False) as txn:
+            keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         for k in keys:
             records.append(
                 Record(("lmdb", str(d), k), f"{d.name}/{k.decode('ascii', 'replace')}", split, cats.index(cat))
