@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditscale.errors import ConfigError
 
@@ -104,6 +104,12 @@ class Config(_Section):
         if v.global_batch % v.micro_batch:
             raise ValueError(f"global_batch {v.global_batch} is not a multiple of micro_batch {v.micro_batch}")
         return v
+
+    @model_validator(mode="after")
+    def _loss_needs_sigma(self) -> Config:
+        if self.diffusion.loss == "hybrid" and not self.model.learn_sigma:
+            raise ValueError("diffusion.loss 'hybrid' needs model.learn_sigma true (or set diffusion.loss: mse)")
+        return self
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
