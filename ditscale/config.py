@@ -150,6 +150,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
+        elif e["type"] == "value_error":
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid config {origin}: " + "; ".join(lines)
