@@ -95,14 +95,21 @@ def fetch_shard(url: str, sha256: str | None = None, verify: bool = False) -> by
     return data
 
 
+def _ends_cleanly(data: bytes) -> bool:
+    """A complete tar ends with two zero blocks; a cut-off one (almost surely) does not."""
+    return len(data) >= 1024 and len(data) % 512 == 0 and not any(data[-1024:])
+
+
 def iter_shard(url: str, data: bytes) -> Iterator[dict]:
     """Samples ({"__key__", ext: bytes, ...}) in tar order, grouped by key with webdataset's tar iterator.
 
-    A truncated or damaged tar ends the shard with a warning (the samples before the damage are kept).
+    A truncated or damaged tar ends the shard with a warning: the samples before the damage are kept, the
+    half-read one and the rest are skipped (the stream counts them as skipped).
     """
     tariterators = importlib.import_module("webdataset.tariterators")
     current: dict | None = None
     n = 0
+    damage = None if _ends_cleanly(data) else "the tar ends without its end-of-archive blocks"
     try:
         for item in tariterators.tar_file_iterator(io.BytesIO(data)):
             key, _, ext = item["fname"].partition(".")
@@ -113,10 +120,12 @@ def iter_shard(url: str, data: bytes) -> Iterator[dict]:
                 current = {"__key__": key, "__url__": url}
             current[ext.lower()] = item["data"]
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        log.warning("shard %s is truncated or damaged after %d samples (%s): rest of the shard skipped", url, n, e)
-        return  # the half-read sample in `current` is dropped with the rest of the shard
-    if current is not None:
-        yield current
+        damage = f"{type(e).__name__}: {e}"
+    if damage is None:
+        if current is not None:
+            yield current
+        return
+    log.warning("shard %s is truncated or damaged after %d samples (%s): rest of the shard skipped", url, n, damage)
 
 
 def decode_sample(sample: dict, manifest: dict, flip: bool) -> tuple[np.ndarray, int, int]:
