@@ -175,7 +175,8 @@ def _runs(windows: Sequence[int | None]) -> str:
 def format_windows(windows: Sequence[int | None]) -> str:
     """A short spec string for a per-block window list; `parse_windows(format_windows(w), len(w)) == w`.
 
-    Uses a preset with its placement when one matches ("local@mix"), else run-length items ("3x3,5x3,-,7").
+    Uses a preset with its placement when one matches ("local@mix"), then the windowed blocks with @tail or @mix
+    when that placement reproduces the list, else run-length items from block 0 ("3x3,5x3,-,7").
     """
     windows = [_check_k(w, list(windows)) for w in windows]
     depth = len(windows)
@@ -186,5 +187,11 @@ def format_windows(windows: Sequence[int | None]) -> str:
             for placement in PLACEMENTS:
                 if parse_windows(f"{name}@{placement}", depth) == windows:
                     return f"{name}@{placement}"
+    windowed = [w for w in windows if w is not None]
+    if windows[: len(windowed)] == windowed:  # head placement: the default
+        return _runs(windowed)
+    for placement in ("tail", "mix"):
+        if parse_windows(f"{_runs(windowed)}@{placement}", depth) == windows:
+            return f"{_runs(windowed)}@{placement}"
     last = max(i for i, w in enumerate(windows) if w is not None)
     return _runs(windows[: last + 1])

@@ -1,0 +1,149 @@
+"""`python -m ditscale bench attention`: forward+backward time of each attention backend vs dense attention, and of
+a whole small DiT with k=3 windows on every block vs the global model.
+
+Timings are interleaved round-robin (every configuration runs once per round), so that load from other processes
+on a shared machine hits all of them alike; the table shows the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ditscale.model.attention import choose_tile, flex_attention, halo_attention, sdpa_mask_attention
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096], help="square token grids (N)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[3, 5, 7, 13], help="window sizes k (odd)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed rounds (median reported); 4096 uses fewer")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=63, help="63 = DiT-XS (hidden 252, 4 heads)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
+    parser.add_argument("--model-repeat", type=int, default=7)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_round_robin(fns: dict[str, callable], repeat: int, device: torch.device, warmup: int = 2) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _attention_rows(n: int, windows: list[int], args, device: torch.device) -> list[tuple]:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise SystemExit(f"--tokens {n}: expected a square number of tokens")
+    grid = (side, side)
+    shape = (args.batch, args.heads, n, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    g = torch.randn(shape, device=device)
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn(q, k, v)
+            torch.autograd.backward(out, g)
+            q.grad = k.grad = v.grad = None
+
+        return run
+
+    fns = {("global", "sdpa (dense)"): fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c))}
+    for w in windows:
+        fns[(w, "sdpa_mask")] = fwd_bwd(lambda a, b, c, w=w: sdpa_mask_attention(a, b, c, grid, w))
+        fns[(w, "halo")] = fwd_bwd(lambda a, b, c, w=w: halo_attention(a, b, c, grid, w))
+        if device.type == "cuda":
+            fns[(w, "flex")] = fwd_bwd(lambda a, b, c, w=w: flex_attention(a, b, c, grid, w))
+    repeat = args.repeat if n <= 1024 else max(2, args.repeat // 3)
+    med = _time_round_robin(fns, repeat, device, warmup=2 if n <= 1024 else 1)
+    dense = med[("global", "sdpa (dense)")]
+    rows = []
+    for (w, backend), ms in med.items():
+        note = ""
+        if backend == "halo" and w != "global":
+            t = choose_tile(side, side, w)
+            note = f"tile {t}" if t else "dense fallback"
+            if (w - 1) // 2 >= side - 1:
+                note = "window covers grid: global"
+        rows.append((n, w, backend, ms, ms / dense, note))
+    return rows
+
+
+def _model_rows(args, device: torch.device) -> list[tuple]:
+    from ditscale.model.dit import DiT
+
+    torch.manual_seed(0)
+    kw = dict(input_size=32, patch_size=1, in_channels=3, hidden_size=252, depth=4, num_heads=4, num_classes=10)
+    models = {
+        "global": DiT(**kw, windows=None).to(device),
+        "k=3 on every block (halo)": DiT(**kw, windows=[3] * 4, attention_backend="halo").to(device),
+        "k=3 on every block (sdpa_mask)": DiT(**kw, windows=[3] * 4, attention_backend="sdpa_mask").to(device),
+    }
+    if device.type == "cuda":
+        models["k=3 on every block (flex)"] = DiT(**kw, windows=[3] * 4, attention_backend="flex").to(device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            m(x, t, y).square().mean().backward()
+
+        return run
+
+    med = _time_round_robin({name: step(m) for name, m in models.items()}, args.model_repeat, device)
+    base = med["global"]
+    return [(name, ms, ms / base) for name, ms in med.items()]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    for w in args.windows:
+        if w < 1 or w % 2 == 0:
+            raise SystemExit(f"--windows {w}: window sizes must be odd and >= 1")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(
+        f"# bench attention: torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads; "
+        f"batch {args.batch}, heads {args.heads}, head dim {args.head_dim}, fp32, forward+backward, "
+        f"median of {args.repeat} interleaved rounds\n"
+    )
+    print("| tokens | window | backend | fwd+bwd ms | vs dense | note |")
+    print("|---:|---:|---|---:|---:|---|")
+    for n in args.tokens:
+        for n_, w, backend, ms, ratio, note in _attention_rows(n, args.windows, args, device):
+            print(f"| {n_} | {w} | {backend} | {ms:.1f} | {ratio:.2f}x | {note} |", flush=True)
+    if not args.no_model:
+        print(
+            f"\n# whole model: DiT depth 4, hidden 252, 4 heads, 32x32x3 pixels, patch 1 (1024 tokens), batch "
+            f"{args.batch}; forward+backward, median of {args.model_repeat} interleaved rounds\n"
+        )
+        print("| model | fwd+bwd ms | vs global |")
+        print("|---|---:|---:|")
+        for label, ms, ratio in _model_rows(args, device):
+            print(f"| {label} | {ms:.1f} | {ratio:.2f}x |", flush=True)
+    return 0
