@@ -258,3 +258,10 @@ def test_denoiser_jacobian_of_linear_shrinkage(diffusion):
     assert summ["dim"] == 9 and abs(summ["effective_dim"] - 9) < 1e-4
     with pytest.raises(Exception, match="too large"):
         jacobian.denoiser_jacobian(model, diffusion, torch.zeros(3, 40, 40), 0, t)
+
+
+def test_shared_samples_needs_same_index_and_pixels():
+    imgs = torch.rand(4, 1, 3, 3) * 2 - 1
+    other = torch.rand(4, 1, 3, 3) * 2 - 1
+    assert pair.shared_samples([0, 1, 2, 3], imgs, [0, 1, 2, 3], other) == set()  # same indices, other source
+    assert pair.shared_samples([0, 1, 2, 3], imgs, [2, 3, 4, 5], torch.cat([imgs[2:], other[:2]])) == {2, 3}

@@ -211,12 +211,10 @@ def run_pair(args) -> dict:
     ids_a, ids_b = pair.subset_ids(man_a), pair.subset_ids(man_b)
     if ids_a is not None and ids_b is not None:
         how = "manifest indices"
-    elif man_a.get("source") and man_a.get("source") == man_b.get("source"):
-        how = "source indices of the samples"  # every sample carries its index in the source dataset
-        ids_a, ids_b = set(train_a[2]), set(train_b[2])
-    else:  # nothing to compare indices by: identical images are the evidence
-        how = "image contents"
-        ids_a, ids_b = pair.image_hashes(train_a[0]), pair.image_hashes(train_b[0])
+    else:  # every sample carries its source index: shared indices with identical pixels are the same image
+        how = "source indices and pixels of the samples"
+        ids_a = pair.shared_samples(train_a[2], train_a[0], train_b[2], train_b[0])
+        ids_b = ids_a
     pair.check_disjoint(ids_a, ids_b, cfg_a.data.train, cfg_b.data.train)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.samples, model_a.in_channels, model_a.input_size, model_a.input_size)

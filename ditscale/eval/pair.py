@@ -56,6 +56,13 @@ def check_disjoint(ids_a, ids_b, what_a: str, what_b: str) -> None:
         )
 
 
+def shared_samples(ids_a, images_a, ids_b, images_b) -> set:
+    """Source indices present in both sets WITH identical pixels (indices alone may come from different sources)."""
+    ha = dict(zip(ids_a, image_hashes(images_a), strict=True))
+    hb = dict(zip(ids_b, image_hashes(images_b), strict=True))
+    return {i for i in ha.keys() & hb.keys() if ha[i] == hb[i]}
+
+
 def image_hashes(images: torch.Tensor) -> list[bytes]:
     import hashlib
 

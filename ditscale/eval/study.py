@@ -27,21 +27,25 @@ log = logging.getLogger("ditscale.eval.study")
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/study", help="directory for data, runs and the report")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per run")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--variant", default="DiT-T/1")
     p.add_argument("--small", type=int, default=10, help="the memorising training-set size")
     p.add_argument("--large", type=int, default=750, help="size of each disjoint subset of the generalising pair")
     p.add_argument("--mid", type=int, default=100, help="the intermediate N of the window comparison")
-    p.add_argument("--local", default="3,3,-,-", help="window spec of the local model (one entry per block)")
+    p.add_argument("--local", default="3x2@head", help="window spec of the local model (one entry per block)")
     p.add_argument("--shuffles", type=int, default=2, help="data shuffles per configuration at --mid")
     p.add_argument(
         "--full", action=argparse.BooleanOptionalAction, default=True, help="also train on all 1,500 training images"
     )
     p.add_argument("--k", type=int, default=300, help="images per split for the PSNR gap")
+    p.add_argument("--points", type=int, default=50, help="timesteps for the PSNR gap")
     p.add_argument("--samples", type=int, default=200, help="samples for the pair test and pixel FID")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--only", default=None, help="comma-separated run ids: train (and evaluate) only these")
+    p.add_argument("--train-only", action="store_true", help="train, do not evaluate")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
 
 
@@ -58,7 +62,7 @@ def _config(args, name: str, run_dir: Path, train: str, test: str, windows: str,
         },
         "diffusion": {"loss": "hybrid", "num_timesteps": 1000, "sample_steps": 50},
         "data": {"train": train, "test": test, "flip": False, "shuffle_buffer": 100},
-        "optim": {"lr": args.lr, "warmup_steps": 100},
+        "optim": {"lr": args.lr, "warmup_steps": 50},
         "train": {
             "steps": args.steps,
             "global_batch": args.batch,
@@ -107,13 +111,16 @@ def plan(args) -> tuple[list[dict], list[tuple[str, str]], dict]:
     return runs, pairs, {"root": str(data / "digits8"), "subsets": subsets, "full": full}
 
 
-def _build_data(d: dict) -> None:
+def _build_data(d: dict, runs: list[dict]) -> None:
     from ditscale.data import build_shards, make_subset
 
     if not Path(d["full"]).is_file():
         build_shards("digits", None, d["root"], resolution=8, channels=1, progress=False)
+    needed = {r["config"]["data"]["train"] for r in runs}
     for url, (n, seed, pair) in d["subsets"].items():
         marker = Path(url) / ("s1" if pair else "") / "manifest.json"
+        if not any(x.startswith(url + "/") for x in needed):
+            continue
         if not marker.is_file():
             make_subset(d["full"], n, url, seed=seed, pair=pair)
 
@@ -161,16 +168,26 @@ def run_study(args) -> int:
         print("pairs:", pairs)
         return 0
     out = Path(args.out)
-    timings = {}
-    _build_data(data)
+    all_runs = runs
+    if args.only:
+        keep = set(args.only.split(","))
+        runs = [r for r in runs if r["id"] in keep]
+        pairs = [p for p in pairs if set(p) <= keep]
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    _build_data(data, runs)
     for r in runs:
-        timings[r["id"]] = {"train_s": round(_train(r, args.threads), 1)}
-        log.info("trained %s in %.0fs", r["id"], timings[r["id"]]["train_s"])
+        took = _train(r, args.threads)
+        if took:
+            timings[r["id"]] = {"train_s": round(took, 1)}
+            (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        log.info("trained %s in %.0fs", r["id"], took)
+    if args.train_only:
+        return 0
     for r in runs:
         ev = Path(r["dir"]) / "eval"
         t0 = time.perf_counter()
         todo = [
-            ("psnr_gap", ["psnr-gap", "--run", r["dir"], "--k", str(args.k)]),
+            ("psnr_gap", ["psnr-gap", "--run", r["dir"], "--k", str(args.k), "--points", str(args.points)]),
             ("locality", ["locality", "--run", r["dir"], "--images", "64"]),
             ("jacobian", ["jacobian", "--run", r["dir"], "--sigma", "0.3"]),
             (
@@ -193,9 +210,9 @@ def run_study(args) -> int:
         for name, argv in todo:
             if not (ev / f"{name}.json").is_file():
                 _eval(argv)
-        timings[r["id"]]["eval_s"] = round(time.perf_counter() - t0, 1)
+        timings.setdefault(r["id"], {})["eval_s"] = round(time.perf_counter() - t0, 1)
     for a, b in pairs:
-        da, db = (next(r["dir"] for r in runs if r["id"] == x) for x in (a, b))
+        da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
             _eval(["pair", "--runs", da, db, "--samples", str(args.samples)])
     from ditscale.eval import report
