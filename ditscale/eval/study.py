@@ -39,9 +39,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--full", action=argparse.BooleanOptionalAction, default=True, help="also train on all 1,500 training images"
     )
-    p.add_argument("--k", type=int, default=300, help="images per split for the PSNR gap")
-    p.add_argument("--points", type=int, default=50, help="timesteps for the PSNR gap")
-    p.add_argument("--samples", type=int, default=200, help="samples for the pair test and pixel FID")
+    p.add_argument("--k", type=int, default=150, help="images per split for the PSNR gap")
+    p.add_argument("--points", type=int, default=25, help="timesteps for the PSNR gap")
+    p.add_argument("--samples", type=int, default=100, help="samples for the pair test and pixel FID")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for the pair test and FID samples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--only", default=None, help="comma-separated run ids: train (and evaluate) only these")
@@ -200,6 +201,8 @@ def run_study(args) -> int:
                     "pixels",
                     "--samples",
                     str(args.samples),
+                    "--steps",
+                    str(args.sample_steps),
                     "--ref",
                     data["full"],
                     "--cache",
@@ -214,7 +217,7 @@ def run_study(args) -> int:
     for a, b in pairs:
         da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
-            _eval(["pair", "--runs", da, db, "--samples", str(args.samples)])
+            _eval(["pair", "--runs", da, db, "--samples", str(args.samples), "--steps", str(args.sample_steps)])
     from ditscale.eval import report
 
     found, _ = report.discover(str(out / "runs"))
