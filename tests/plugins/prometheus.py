@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-SCRAPE_INTERVAL = "1s"
+SCRAPE_INTERVAL = "500ms"
 
 
 def find_prometheus() -> str | None:
@@ -280,8 +280,8 @@ def _tiny_config(repo: Path, shards: str, run_dir: Path, run_name: str, metrics_
     tree = tree or {}
     tree.setdefault("run", {}).update(name=run_name, dir=str(run_dir), seed=0)
     model = tree.setdefault("model", {})
-    model.update(variant="DiT-T/2", input_size=8, in_channels=1, num_classes=10)
-    model.setdefault("windows", "local@head")
+    # DiT-T/2 on 8x8 digits: 4x4 tokens, depth 4; 3x3 local windows in the first two blocks
+    model.update(variant="DiT-T/2", input_size=8, in_channels=1, num_classes=10, windows="3,3,-,-")
     tree.setdefault("data", {}).update(train=shards, num_workers=0)
     tree["data"].pop("test", None)
     tree.setdefault("diffusion", {}).update(num_timesteps=100, sample_steps=5)
@@ -293,8 +293,8 @@ def _tiny_config(repo: Path, shards: str, run_dir: Path, run_name: str, metrics_
     return tree
 
 
-TRAIN_STEPS = 60
-TRAIN_TIMEOUT_S = 240
+TRAIN_STEPS = 100
+TRAIN_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="session")
