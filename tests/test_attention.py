@@ -4,11 +4,12 @@ import torch.nn.functional as F
 
 from ditscale.model.attention import (
     _fold,
-    _halo,
+    _halos,
     attention,
     choose_tile,
     flex_attention,
     halo_attention,
+    qkv_attention,
     resolve_backend,
     sdpa_mask_attention,
     window_mask,
@@ -65,13 +66,13 @@ def test_halo_float64_exact_and_gradcheck(h, w, k):
     assert torch.autograd.gradcheck(lambda a, b, c: halo_attention(a, b, c, (h, w), k, tile=4), (q, kk, v))
 
 
-def test_fold_is_the_adjoint_of_halo():
-    x = torch.randn(1, 2, 7, 10, 3, dtype=torch.float64)
+def test_fold_is_the_adjoint_of_halos():
+    x = torch.randn(1, 7, 10, 2, 2, 3, dtype=torch.float64)  # (B, H, W, k|v, heads, d)
     for t, r in [(4, 1), (3, 2), (4, 3), (2, 3)]:
         n_h, n_w = -(-7 // t), -(-10 // t)
-        y = torch.randn(1, 2, n_h * n_w, (t + 2 * r) ** 2, 3, dtype=torch.float64)
-        lhs = (_halo(x, t, r, n_h, n_w) * y).sum()
-        rhs = (x * _fold(y, t, r, n_h, n_w, 7, 10)).sum()
+        y = torch.randn(2, 1, 2, n_h * n_w, (t + 2 * r) ** 2, 3, dtype=torch.float64)
+        lhs = (_halos(x, t, r, n_h, n_w) * y).sum()
+        rhs = (x * _fold(y, t, r, n_h, n_w, torch.empty_like(x))).sum()
         torch.testing.assert_close(lhs, rhs)
 
 
@@ -83,6 +84,8 @@ def test_halo_non_contiguous_qkv_like_the_model():
     ref = sdpa_mask_attention(q, kk, v, (h, w), k)
     out = halo_attention(q, kk, v, (h, w), k, tile=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    packed = qkv_attention(qkv.permute(1, 3, 0, 2, 4), (h, w), k, "halo")  # (B, N, heads * d)
+    torch.testing.assert_close(packed, ref.transpose(1, 2).reshape(2, h * w, 8), atol=1e-5, rtol=0)
     (ga,) = _grads(out, (qkv,))
     (gb,) = _grads(ref, (qkv,))
     torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)

@@ -114,12 +114,13 @@ def _halo_bias(h: int, w: int, k: int, t: int, device: torch.device, dtype: torc
 
 
 def _tile(x: torch.Tensor, t: int, n_h: int, n_w: int, scale: float | None = None) -> torch.Tensor:
-    """(B, h, H, W, d) (any strides) -> contiguous (B, h, nT, t*t, d), zero-padded, optionally scaled (one pass)."""
-    b, nh, hh, ww, d = x.shape
+    """Grid layout (B, H, W, h, d) (any strides) -> contiguous tiles (B, h, nT, t*t, d), zero-padded, optionally
+    scaled, in one pass when the grid is a multiple of t."""
+    b, hh, ww, nh, d = x.shape
     if n_h * t != hh or n_w * t != ww:
-        x = F.pad(x, (0, 0, 0, n_w * t - ww, 0, n_h * t - hh))
+        x = F.pad(x, (0, 0, 0, 0, 0, n_w * t - ww, 0, n_h * t - hh))
     out = x.new_empty(b, nh, n_h, n_w, t, t, d)
-    src = x.view(b, nh, n_h, t, n_w, t, d).permute(0, 1, 2, 4, 3, 5, 6)
+    src = x.unflatten(2, (n_w, t)).unflatten(1, (n_h, t)).permute(0, 5, 1, 3, 2, 4, 6)
     if scale is None:
         out.copy_(src)
     else:
@@ -127,64 +128,78 @@ def _tile(x: torch.Tensor, t: int, n_h: int, n_w: int, scale: float | None = Non
     return out.view(b, nh, n_h * n_w, t * t, d)
 
 
-def _untile(xt: torch.Tensor, t: int, n_h: int, n_w: int, hh: int, ww: int) -> torch.Tensor:
-    """(B, h, nT, t*t, d) -> (B, h, H*W, d) as a view of a contiguous (B, H, W, h, d) buffer (so that the caller's
-    transpose(1, 2).reshape(B, N, h*d) costs nothing)."""
+def _untile(xt: torch.Tensor, t: int, n_h: int, n_w: int, out: torch.Tensor) -> torch.Tensor:
+    """Tiles (B, h, nT, t*t, d) -> grid layout `out` (B, H, W, h, d) (any strides), dropping the padding."""
     b, nh, _, _, d = xt.shape
-    out = xt.new_empty(b, n_h, t, n_w, t, nh, d)
-    out.copy_(xt.view(b, nh, n_h, n_w, t, t, d).permute(0, 2, 4, 3, 5, 1, 6))
-    out = out.view(b, n_h * t, n_w * t, nh, d)
-    if n_h * t != hh or n_w * t != ww:
-        out = out[:, :hh, :ww].contiguous()
-    return out.view(b, hh * ww, nh, d).transpose(1, 2)
+    hh, ww = out.shape[1], out.shape[2]
+    src = xt.view(b, nh, n_h, n_w, t, t, d).permute(0, 2, 4, 3, 5, 1, 6)  # (B, n_h, t, n_w, t, h, d)
+    if n_h * t == hh and n_w * t == ww:
+        out.unflatten(2, (n_w, t)).unflatten(1, (n_h, t)).copy_(src)
+    else:
+        out.copy_(src.reshape(b, n_h * t, n_w * t, nh, d)[:, :hh, :ww])
+    return out
 
 
-def _halo(x: torch.Tensor, t: int, r: int, n_h: int, n_w: int) -> torch.Tensor:
-    """(B, h, H, W, d) -> contiguous (B, h, nT, th*th, d): the (t+2r)^2 neighbourhood of every tile, zero outside."""
-    b, nh, hh, ww, d = x.shape
+def _halos(kv: torch.Tensor, t: int, r: int, n_h: int, n_w: int) -> torch.Tensor:
+    """k and v in grid layout (B, H, W, 2, h, d) -> contiguous halos (2, B, h, nT, th*th, d), th = t + 2r: the
+    neighbourhood of every tile, zero outside the grid. One pad and one copy for both."""
+    b, hh, ww, two, nh, d = kv.shape
     th = t + 2 * r
-    xp = F.pad(x, (0, 0, r, n_w * t - ww + r, r, n_h * t - hh + r))
-    halos = xp.unfold(2, th, t).unfold(3, th, t)  # (B, h, n_h, n_w, d, th, th): a view
-    out = x.new_empty(b, nh, n_h, n_w, th, th, d)
-    out.copy_(halos.permute(0, 1, 2, 3, 5, 6, 4))
-    return out.view(b, nh, n_h * n_w, th * th, d)
+    xp = F.pad(kv, (0, 0, 0, 0, 0, 0, r, n_w * t - ww + r, r, n_h * t - hh + r))
+    view = xp.unfold(1, th, t).unfold(2, th, t)  # (B, n_h, n_w, 2, h, d, th, th)
+    out = kv.new_empty(2, b, nh, n_h, n_w, th, th, d)
+    out.copy_(view.permute(3, 0, 4, 1, 2, 6, 7, 5))
+    return out.view(2, b, nh, n_h * n_w, th * th, d)
 
 
-def _fold(g: torch.Tensor, t: int, r: int, n_h: int, n_w: int, hh: int, ww: int) -> torch.Tensor:
-    """Adjoint of _halo: (B, h, nT, th*th, d) -> (B, h, H, W, d), summing overlapping halos.
+def _fold(g: torch.Tensor, t: int, r: int, n_h: int, n_w: int, out: torch.Tensor) -> torch.Tensor:
+    """Adjoint of _halos: halo gradients (2, B, h, nT, th*th, d) -> summed into grid layout `out` (B, H, W, 2, h, d).
 
-    Separable: first columns, then rows. Along an axis the halo offsets c in [0, th) are cut into chunks of t; within
-    a chunk, tiles land on disjoint positions, so each chunk is one strided add.
+    Separable: columns, then rows. Along an axis the halo offsets [0, th) are cut into chunks of t; within a chunk
+    the tiles land on disjoint positions, so each chunk is one strided copy (the first) or add (the others).
     """
-    b, nh, _, _, d = g.shape
+    two, b, nh, _, _, d = g.shape
+    hh, ww = out.shape[1], out.shape[2]
     th = t + 2 * r
     nc = -(-th // t)
-    g = g.view(b, nh, n_h, n_w, th, th, d)
-    cols = g.new_zeros(b, nh, n_h, th, n_w + nc, t, d)
+    g = g.view(two, b, nh, n_h, n_w, th, th, d)
+    cols = g.new_empty(two, b, nh, n_h, th, n_w + nc, t, d)
+    cols[:, :, :, :, :, n_w:].zero_()
     for j in range(nc):
         span = min(t, th - j * t)
-        cols[:, :, :, :, j : j + n_w, :span] += g[:, :, :, :, :, j * t : j * t + span].permute(0, 1, 2, 4, 3, 5, 6)
-    cols = cols.view(b, nh, n_h, th, (n_w + nc) * t, d)
-    rows = g.new_zeros(b, nh, n_h + nc, t, (n_w + nc) * t, d)
+        src = g[:, :, :, :, :, :, j * t : j * t + span].permute(0, 1, 2, 3, 5, 4, 6, 7)
+        if j == 0:
+            cols[:, :, :, :, :, :n_w] = src
+        else:
+            cols[:, :, :, :, :, j : j + n_w, :span] += src
+    cols = cols.view(two, b, nh, n_h, th, (n_w + nc) * t, d)
+    rows = g.new_empty(two, b, nh, n_h + nc, t, (n_w + nc) * t, d)
+    rows[:, :, :, n_h:].zero_()
     for j in range(nc):
         span = min(t, th - j * t)
-        rows[:, :, j : j + n_h, :span] += cols[:, :, :, j * t : j * t + span]
-    rows = rows.view(b, nh, (n_h + nc) * t, (n_w + nc) * t, d)
-    return rows[:, :, r : r + hh, r : r + ww]
+        if j == 0:
+            rows[:, :, :, :n_h] = cols[:, :, :, :, :t]
+        else:
+            rows[:, :, :, j : j + n_h, :span] += cols[:, :, :, :, j * t : j * t + span]
+    rows = rows.view(two, b, nh, (n_h + nc) * t, (n_w + nc) * t, d)
+    out.copy_(rows[:, :, :, r : r + hh, r : r + ww].permute(1, 3, 4, 0, 2, 5))
+    return out
 
 
 class _HaloAttention(torch.autograd.Function):
+    """qkv (B, N, 3, heads, d) -> attention output (B, N, heads, d); N = H*W tokens, row-major."""
+
     @staticmethod
-    def forward(ctx, q, k, v, grid, window, t):
-        b, nh, n, d = q.shape
+    def forward(ctx, qkv, grid, window, t):
+        b, n, _, nh, d = qkv.shape
         hh, ww = grid
         r = (window - 1) // 2
         n_h, n_w = -(-hh // t), -(-ww // t)
         scale = d**-0.5
-        bias = _halo_bias(hh, ww, window, t, q.device, q.dtype)
-        qt = _tile(q.unflatten(2, (hh, ww)), t, n_h, n_w, scale)
-        kt = _halo(k.unflatten(2, (hh, ww)), t, r, n_h, n_w)
-        vt = _halo(v.unflatten(2, (hh, ww)), t, r, n_h, n_w)
+        bias = _halo_bias(hh, ww, window, t, qkv.device, qkv.dtype)
+        x = qkv.view(b, hh, ww, 3, nh, d)
+        qt = _tile(x[:, :, :, 0], t, n_h, n_w, scale)
+        kt, vt = _halos(x[:, :, :, 1:], t, r, n_h, n_w).unbind(0)
         s = torch.matmul(qt, kt.transpose(-1, -2))
         s.add_(bias)
         p = torch.softmax(s, dim=-1)
@@ -192,35 +207,48 @@ class _HaloAttention(torch.autograd.Function):
         ot = torch.matmul(p, vt)
         ctx.save_for_backward(qt, kt, vt, p, ot)
         ctx.meta = (hh, ww, r, t, n_h, n_w, scale)
-        return _untile(ot, t, n_h, n_w, hh, ww)
+        return _untile(ot, t, n_h, n_w, qkv.new_empty(b, hh, ww, nh, d)).view(b, n, nh, d)
 
     @staticmethod
     def backward(ctx, grad_out):
         qt, kt, vt, p, ot = ctx.saved_tensors
         hh, ww, r, t, n_h, n_w, scale = ctx.meta
-        b, nh, n, d = grad_out.shape
-        got = _tile(grad_out.unflatten(2, (hh, ww)), t, n_h, n_w)
-        dvt = torch.matmul(p.transpose(-1, -2), got)
+        b, n, nh, d = grad_out.shape
+        got = _tile(grad_out.reshape(b, hh, ww, nh, d), t, n_h, n_w)
+        dkv = kt.new_empty((2,) + kt.shape)
+        torch.matmul(p.transpose(-1, -2), got, out=dkv[1])
         ds = torch.matmul(got, vt.transpose(-1, -2))
         ds.sub_((got * ot).sum(-1, keepdim=True)).mul_(p)  # softmax backward: P * (dP - rowsum(dO * O))
+        torch.matmul(ds.transpose(-1, -2), qt, out=dkv[0])  # qt carries the scale already
         dqt = torch.matmul(ds, kt).mul_(scale)
-        dkt = torch.matmul(ds.transpose(-1, -2), qt)  # qt carries the scale already
-        dq = _untile(dqt, t, n_h, n_w, hh, ww)
-        dk = _fold(dkt, t, r, n_h, n_w, hh, ww).reshape(b, nh, n, d)
-        dv = _fold(dvt, t, r, n_h, n_w, hh, ww).reshape(b, nh, n, d)
-        return dq, dk, dv, None, None, None
+        dqkv = grad_out.new_empty(b, hh, ww, 3, nh, d)
+        _untile(dqt, t, n_h, n_w, dqkv[:, :, :, 0])
+        _fold(dkv, t, r, n_h, n_w, dqkv[:, :, :, 1:])
+        return dqkv.view(b, n, 3, nh, d), None, None, None
+
+
+def halo_qkv_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int, tile: int | None = None):
+    """Windowed attention by halo tiles from the packed projection qkv (B, N, 3, heads, d) -> (B, N, heads, d).
+
+    `tile` overrides the automatic tile size; a window covering the grid runs global SDPA, a grid too small for
+    tiles runs the masked dense path."""
+    hh, ww = grid
+    r = (window - 1) // 2
+    t = choose_tile(hh, ww, window) if tile is None else tile
+    if r >= max(hh, ww) - 1 or t == 0:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if r >= max(hh, ww) - 1:  # the window covers the whole grid from every position: global attention
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = sdpa_mask_attention(q, k, v, grid, window)
+        return out.transpose(1, 2)
+    return _HaloAttention.apply(qkv.contiguous(), (hh, ww), window, t)
 
 
 def halo_attention(q, k, v, grid: tuple[int, int], window: int, tile: int | None = None) -> torch.Tensor:
-    """Windowed attention by halo tiles; q, k, v (B, heads, H*W, d). `tile` overrides the automatic choice."""
-    hh, ww = grid
-    r = (window - 1) // 2
-    if r >= max(hh, ww) - 1:  # the window covers the whole grid from every position: global attention
-        return F.scaled_dot_product_attention(q, k, v)
-    t = choose_tile(hh, ww, window) if tile is None else tile
-    if t == 0:
-        return sdpa_mask_attention(q, k, v, grid, window)
-    return _HaloAttention.apply(q, k, v, (hh, ww), window, t)
+    """Windowed attention by halo tiles; q, k, v (B, heads, H*W, d) -> (B, heads, H*W, d)."""
+    qkv = torch.stack([q, k, v], dim=0).permute(1, 3, 0, 2, 4)  # (B, N, 3, heads, d)
+    return halo_qkv_attention(qkv, grid, window, tile).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,6 +293,15 @@ def flex_attention(q, k, v, grid: tuple[int, int], window: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def qkv_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int | None, backend: str = "auto") -> torch.Tensor:
+    """Attention from the packed projection qkv (B, N, 3, heads, d) -> (B, N, heads * d) (what the DiT block uses)."""
+    b, n, _, nh, d = qkv.shape
+    if window is not None and resolve_backend(backend, qkv.device) == "halo":
+        return halo_qkv_attention(qkv, grid, window).reshape(b, n, nh * d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, grid, window, backend).transpose(1, 2).reshape(b, n, nh * d)
 
 
 def attention(q, k, v, grid: tuple[int, int], window: int | None, backend: str = "auto") -> torch.Tensor:

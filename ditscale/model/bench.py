@@ -14,9 +14,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from ditscale.model.attention import choose_tile, flex_attention, halo_attention, sdpa_mask_attention
+from ditscale.model.attention import choose_tile, qkv_attention
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=63, help="63 = DiT-XS (hidden 252, 4 heads)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: perf_counter; cpu: process CPU time (with --threads 1, robust to other load on a shared machine)",
+    )
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
     parser.add_argument("--model-repeat", type=int, default=7)
 
@@ -35,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_CLOCK = time.perf_counter
 
 
 def _time_round_robin(fns: dict[str, callable], repeat: int, device: torch.device, warmup: int = 2) -> dict:
@@ -46,10 +54,10 @@ def _time_round_robin(fns: dict[str, callable], repeat: int, device: torch.devic
     for _ in range(repeat):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = _CLOCK()
             fn()
             _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((_CLOCK() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -58,24 +66,23 @@ def _attention_rows(n: int, windows: list[int], args, device: torch.device) -> l
     if side * side != n:
         raise SystemExit(f"--tokens {n}: expected a square number of tokens")
     grid = (side, side)
-    shape = (args.batch, args.heads, n, args.head_dim)
-    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
-    g = torch.randn(shape, device=device)
+    # every backend starts from the packed projection (B, N, 3, heads, d) and returns (B, N, heads * d), as in a block
+    qkv = torch.randn(args.batch, n, 3, args.heads, args.head_dim, device=device, requires_grad=True)
+    g = torch.randn(args.batch, n, args.heads * args.head_dim, device=device)
 
-    def fwd_bwd(fn):
+    def fwd_bwd(window, backend):
         def run():
-            out = fn(q, k, v)
-            torch.autograd.backward(out, g)
-            q.grad = k.grad = v.grad = None
+            torch.autograd.backward(qkv_attention(qkv, grid, window, backend), g)
+            qkv.grad = None
 
         return run
 
-    fns = {("global", "sdpa (dense)"): fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c))}
+    fns = {("global", "sdpa (dense)"): fwd_bwd(None, "auto")}
     for w in windows:
-        fns[(w, "sdpa_mask")] = fwd_bwd(lambda a, b, c, w=w: sdpa_mask_attention(a, b, c, grid, w))
-        fns[(w, "halo")] = fwd_bwd(lambda a, b, c, w=w: halo_attention(a, b, c, grid, w))
+        fns[(w, "sdpa_mask")] = fwd_bwd(w, "sdpa_mask")
+        fns[(w, "halo")] = fwd_bwd(w, "halo")
         if device.type == "cuda":
-            fns[(w, "flex")] = fwd_bwd(lambda a, b, c, w=w: flex_attention(a, b, c, grid, w))
+            fns[(w, "flex")] = fwd_bwd(w, "flex")
     repeat = args.repeat if n <= 1024 else max(2, args.repeat // 3)
     med = _time_round_robin(fns, repeat, device, warmup=2 if n <= 1024 else 1)
     dense = med[("global", "sdpa (dense)")]
@@ -120,6 +127,8 @@ def _model_rows(args, device: torch.device) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
+    global _CLOCK
+    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -130,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"# bench attention: torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads; "
         f"batch {args.batch}, heads {args.heads}, head dim {args.head_dim}, fp32, forward+backward, "
-        f"median of {args.repeat} interleaved rounds\n"
+        f"median of {args.repeat} interleaved rounds, {args.clock} clock\n"
     )
     print("| tokens | window | backend | fwd+bwd ms | vs dense | note |")
     print("|---:|---:|---|---:|---:|---|")
@@ -140,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_model:
         print(
             f"\n# whole model: DiT depth 4, hidden 252, 4 heads, 32x32x3 pixels, patch 1 (1024 tokens), batch "
-            f"{args.batch}; forward+backward, median of {args.model_repeat} interleaved rounds\n"
+            f"{args.batch}; forward+backward, median of {args.model_repeat} interleaved rounds, {args.clock} clock\n"
         )
         print("| model | fwd+bwd ms | vs global |")
         print("|---|---:|---:|")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ditscale.errors import ConfigError, ModelInputError
-from ditscale.model.attention import BACKENDS, attention, attention_probs
+from ditscale.model.attention import BACKENDS, attention_probs, qkv_attention
 from ditscale.model.windows import format_windows, parse_windows
 
 
@@ -61,15 +61,14 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         if self._capture is None:
-            x = attention(q, k, v, self.grid, self.window, self.backend)
+            x = qkv_attention(qkv, self.grid, self.window, self.backend)  # (B, N, C)
         else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             probs = attention_probs(q, k, self.grid, self.window)
             self._capture.append(probs.detach())
-            x = probs @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
+            x = (probs @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 
 
