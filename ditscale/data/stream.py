@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from ditscale.data import storage
+from ditscale.data.codec import PngRows, UnsupportedTar, decode_png, inflate_png, tar_index, unfilter_batch
 from ditscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -95,37 +96,56 @@ def fetch_shard(url: str, sha256: str | None = None, verify: bool = False) -> by
     return data
 
 
-def _ends_cleanly(data: bytes) -> bool:
-    """A complete tar ends with two zero blocks; a cut-off one (almost surely) does not."""
-    return len(data) >= 1024 and len(data) % 512 == 0 and not any(data[-1024:])
+def _iter_tar_members(url: str, data: bytes) -> tuple[Iterator[tuple[str, bytes]], list]:
+    """(name, bytes) of the shard's files, and a one-item list that receives why the tar ended early (or None).
+
+    Our own USTAR shards are indexed in one pass (codec.tar_index); other tars go through webdataset's tar
+    iterator (a tar cut off inside a header counts as damaged only if it lacks the end-of-archive blocks).
+    """
+    damage: list = [None]
+    try:
+        index, why = tar_index(data)
+    except UnsupportedTar:
+        tariterators = importlib.import_module("webdataset.tariterators")
+
+        def slow():
+            if not (len(data) >= 1024 and len(data) % 512 == 0 and not any(data[-1024:])):
+                damage[0] = "the tar ends without its end-of-archive blocks"
+            try:
+                for item in tariterators.tar_file_iterator(io.BytesIO(data)):
+                    yield item["fname"], item["data"]
+            except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+                damage[0] = f"{type(e).__name__}: {e}"
+
+        return slow(), damage
+    damage[0] = why
+    return ((name, data[lo:hi]) for name, lo, hi in index), damage
 
 
 def iter_shard(url: str, data: bytes) -> Iterator[dict]:
-    """Samples ({"__key__", ext: bytes, ...}) in tar order, grouped by key with webdataset's tar iterator.
+    """Samples ({"__key__", ext: bytes, ...}) in tar order, grouped by key (webdataset's sample convention).
 
     A truncated or damaged tar ends the shard with a warning: the samples before the damage are kept, the
     half-read one and the rest are skipped (the stream counts them as skipped).
     """
-    tariterators = importlib.import_module("webdataset.tariterators")
+    members, damage = _iter_tar_members(url, data)
     current: dict | None = None
     n = 0
-    damage = None if _ends_cleanly(data) else "the tar ends without its end-of-archive blocks"
-    try:
-        for item in tariterators.tar_file_iterator(io.BytesIO(data)):
-            key, _, ext = item["fname"].partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                    n += 1
-                current = {"__key__": key, "__url__": url}
-            current[ext.lower()] = item["data"]
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        damage = f"{type(e).__name__}: {e}"
-    if damage is None:
+    for fname, value in members:
+        base = fname.rsplit("/", 1)[-1]
+        key, _, ext = base.partition(".")
+        key = fname[: len(fname) - len(base)] + key
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+                n += 1
+            current = {"__key__": key, "__url__": url}
+        current[ext.lower()] = value
+    if damage[0] is None:
         if current is not None:
             yield current
         return
-    log.warning("shard %s is truncated or damaged after %d samples (%s): rest of the shard skipped", url, n, damage)
+    log.warning("shard %s is truncated or damaged after %d samples (%s): rest of the shard skipped", url, n, damage[0])
 
 
 def decode_sample(sample: dict, manifest: dict, flip: bool) -> tuple[np.ndarray, int, int]:
@@ -139,9 +159,18 @@ def decode_sample(sample: dict, manifest: dict, flip: bool) -> tuple[np.ndarray,
             raise ValueError(f"latent shape {arr.shape}")
         return np.ascontiguousarray(arr, dtype=np.float32), label, index
     key = manifest.get("image_key") or ("png" if "png" in sample else "jpg")
-    img = Image.open(io.BytesIO(sample[key]))
-    arr = np.asarray(img)
+    data = sample[key]
     res, ch = manifest["resolution"], manifest["channels"]
+    if key == "png":
+        rows = inflate_png(data)  # our own PNGs: unfiltered later, for the whole batch at once
+        if rows is not None:
+            if rows.shape != (res, res, ch):
+                raise ValueError(f"image shape {rows.shape}, manifest says {(res, res, ch)}")
+            rows.flip = flip
+            return rows, label, index
+    arr = decode_png(data) if key == "png" else None
+    if arr is None:
+        arr = np.asarray(Image.open(io.BytesIO(data)))
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape != (res, res, ch):
@@ -151,8 +180,12 @@ def decode_sample(sample: dict, manifest: dict, flip: bool) -> tuple[np.ndarray,
     return arr, label, index
 
 
-def to_tensor(arrays: list[np.ndarray], kind: str) -> torch.Tensor:
-    x = np.stack(arrays)
+def to_tensor(arrays: list, kind: str) -> torch.Tensor:
+    """Batch of decoded samples (arrays, or PngRows still to unfilter) -> float tensor."""
+    if arrays and isinstance(arrays[0], PngRows) and all(isinstance(a, PngRows) for a in arrays):
+        x = unfilter_batch(arrays)
+    else:
+        x = np.stack([a.array() if isinstance(a, PngRows) else a for a in arrays])
     if kind == "latents":
         return torch.from_numpy(x)
     t = torch.from_numpy(x).permute(0, 3, 1, 2)  # B,H,W,C uint8 -> B,C,H,W
