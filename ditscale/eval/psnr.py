@@ -56,7 +56,7 @@ def psnr_curve(
             x_t = diffusion.q_sample(x0, tt, noise=noise[i : i + batch_size])
             x0_hat = diffusion.predict_xstart(model, x_t, tt, model_kwargs={"y": y}, clip=True)
             vals.append(psnr(x0, x0_hat))
-        out.append(torch.cat(vals).mean())
+        out.append(torch.cat(vals).double().mean())
     return torch.stack(out)
 
 

@@ -336,6 +336,35 @@ def plot_gap_vs_n(gap: dict, path: str) -> str | None:
     return common.save_figure(fig, path)
 
 
+def plot_curves(runs: list[RunInfo], path: str) -> str | None:
+    """Train (solid) and test (dashed) PSNR against t, one colour per (windows, N); first run of each group."""
+    seen, items = set(), []
+    for r in sorted(runs, key=lambda r: (r.windows != "global", r.windows, r.n or 0)):
+        ev = r.evals.get("psnr_gap")
+        key = (r.variant, r.windows, r.n)
+        if isinstance(ev, dict) and ev.get("timesteps") and key not in seen:
+            seen.add(key)
+            items.append((key, ev))
+    if not items:
+        return None
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, ((_v, w, n), ev) in enumerate(items):
+        label = f"{w} {_n_label(n)}"
+        a.plot(ev["timesteps"], ev["train_psnr"], color=f"C{i % 10}", label=f"{label} train")
+        a.plot(ev["timesteps"], ev["test_psnr"], color=f"C{i % 10}", ls="--", label=f"{label} test")
+        b.plot(ev["timesteps"], ev["gap"], color=f"C{i % 10}", label=label)
+    a.set_xlabel("input diffusion step t")
+    a.set_ylabel("PSNR of one-step x0 estimate (dB)")
+    a.legend(fontsize=6, ncol=2)
+    b.set_xlabel("input diffusion step t")
+    b.set_ylabel("PSNR gap (dB)")
+    b.axhline(0, color="gray", lw=0.5)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
 def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
     if not table:
         return None
@@ -391,6 +420,8 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
         if plot_gap_vs_n(gap, common.join(out, "psnr_gap_vs_n.png")):
             md += ["![PSNR gap against N](psnr_gap_vs_n.png)", ""]
             figs.append("psnr_gap_vs_n.png")
+        if plot_curves(runs, common.join(out, "psnr_curves.png")):
+            md += ["![train and test PSNR against t](psnr_curves.png)", ""]
         if plot_bars(gap, "average PSNR gap (dB)", common.join(out, "psnr_gap_bars.png")):
             md += ["![PSNR gap per window configuration](psnr_gap_bars.png)", ""]
     if fid_md:

@@ -35,7 +35,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large", type=int, default=750, help="size of each disjoint subset of the generalising pair")
     p.add_argument("--mid", type=int, default=100, help="the intermediate N of the window comparison")
     p.add_argument("--local", default="3x2@head", help="window spec of the local model (one entry per block)")
-    p.add_argument("--shuffles", type=int, default=2, help="data shuffles per configuration at --mid")
+    p.add_argument("--shuffles", type=int, default=1, help="data shuffles per configuration at --mid")
     p.add_argument(
         "--full", action=argparse.BooleanOptionalAction, default=True, help="also train on all 1,500 training images"
     )
