@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ def _handler(signum, frame) -> None:
 def install() -> None:
     global _requested
     _requested = None
+    if threading.current_thread() is not threading.main_thread():  # e.g. a Ray Train worker runs us in a thread
+        log.info("not in the main thread: SIGTERM/SIGUSR1 handlers not installed (the caller stops the run)")
+        return
     for sig in STOP_SIGNALS:
         _previous[sig] = signal.signal(sig, _handler)
 
