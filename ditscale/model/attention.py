@@ -62,11 +62,12 @@ def sdpa_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
 # Halo tiles (CPU)
 # --------------------------------------------------------------------------------------------------------------------
 
-_TILE_CANDIDATES = (4, 5, 6, 7, 8, 10, 12, 16)
-# relative per-FLOP cost of the batched matmuls by tile size (small tiles make small, less efficient matmuls);
-# measured on a 2-core Xeon with torch 2.13 (see docs/benchmarks-model.md)
-_TILE_EFFICIENCY = {4: 2.0, 5: 1.7, 6: 1.35, 7: 1.15, 8: 1.0, 10: 1.0, 12: 1.0, 16: 1.05}
-_DENSE_EFFICIENCY = 0.6  # dense SDPA runs fused kernels: cheaper per FLOP than our tiles
+_TILE_CANDIDATES = (4, 6, 8, 12, 16)
+# relative per-(query, key) cost of the tiled matmuls by tile side (small tiles make small, less efficient matmuls;
+# large ones make big efficient ones) and of dense masked SDPA; fitted to fwd+bwd timings on a 2-core Xeon with
+# torch 2.13 at 256, 1024 and 4096 tokens (see docs/benchmarks-model.md)
+_TILE_EFFICIENCY = {4: 2.8, 6: 1.65, 8: 1.0, 12: 0.85, 16: 0.7}
+_DENSE_EFFICIENCY = 0.42
 
 
 def choose_tile(h: int, w: int, k: int) -> int:
