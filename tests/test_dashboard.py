@@ -202,27 +202,38 @@ def test_every_dashboard_metric_is_exported_by_the_trainer(monitored_training):
 
 @pytest.mark.slow
 @pytest.mark.prometheus
-def test_every_dashboard_query_evaluates_in_real_prometheus(monitored_training):
-    prom = monitored_training.prometheus
-    # wait until the run's samples are in the TSDB, then evaluate every panel query and variable
-    prom.wait_for(f'last_over_time(ditscale_train_loss{{run="{monitored_training.run_name}"}}[10m])')
+def test_every_dashboard_query_returns_data_from_real_prometheus(monitored_training):
+    """Every panel query and variable, evaluated by the real Prometheus at the last moment the run was scraped
+    alive, returns series (the run's series go stale once it exits, so 'now' would be too late)."""
+    run, prom = monitored_training, monitored_training.prometheus
+    assert run.alive_at is not None, f"the run never answered on /metrics:\n{run.output[-4000:]}"
+    prom.wait_for(f'last_over_time(ditscale_train_loss{{run="{run.run_name}"}}[10m])')
+    at = run.alive_at
     d = dashboard()
-    results = {}
+    empty = []
     for p in d["panels"]:
         for t in p["targets"]:
-            expr = to_prometheus(t["expr"])
-            results[(p["title"], t["refId"])] = prom.query(expr)  # raises on a PromQL error
+            result = prom.query(to_prometheus(t["expr"]), time_s=at)  # raises on a PromQL error
+            if not result:
+                empty.append((p["title"], t["refId"], t["expr"]))
+    assert not empty, f"panel queries without data at t={at}: {empty}"
     for v in d["templating"]["list"]:
         if v["type"] == "query":
             m = re.match(r"label_values\((.*),\s*(\w+)\)$", v["query"]["query"])
             series, label = to_prometheus(m.group(1)), m.group(2)
-            values = prom.api("series", **{"match[]": series, "start": "0"})
-            assert {s.get(label) for s in values} - {None}, f"variable {v['name']}: no {label} values"
-    # A finished run's series are stale, so instant queries over short windows may be empty now; the
-    # time-windowed panels were checked to parse. The throughput and step-time panels over a 5m window have data:
-    thr = prom.query(to_prometheus(d["panels"][1]["targets"][0]["expr"]).replace("[1m]", "[5m]"))
-    assert thr and float(thr[0]["value"][1]) > 0, thr
-    assert len(results) == sum(len(p["targets"]) for p in d["panels"])
+            found = prom.api("series", **{"match[]": series, "start": f"{at - 600:.3f}", "end": f"{at:.3f}"})
+            assert {s.get(label) for s in found} - {None, ""}, f"variable {v['name']}: no {label} values"
+
+    def values(expr: str) -> dict[str, float]:
+        return {s["metric"].get("run", ""): float(s["value"][1]) for s in prom.query(expr, time_s=at)}
+
+    by_title = {p["title"]: p for p in d["panels"]}
+    loss = values(to_prometheus(by_title["Loss per run"]["targets"][0]["expr"]))
+    assert 0 < loss[run.run_name] < 10, loss
+    thr = values(to_prometheus(by_title["Throughput (images/s)"]["targets"][0]["expr"]))
+    assert thr[run.run_name] > 0, thr
+    step = values(to_prometheus(by_title["Step"]["targets"][0]["expr"]))
+    assert step[run.run_name] >= 1, step
 
 
 if __name__ == "__main__":  # regenerate k8s/50-grafana-dashboard.yaml from the JSON

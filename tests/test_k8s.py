@@ -235,6 +235,14 @@ def test_configmap_holds_a_valid_run_config_on_object_storage():
     (cm,) = [d for _, d in all_docs() if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
     cfg = config_from_dict(yaml.safe_load(cm["data"]["config.yaml"]), origin="k8s/10-config.yaml")
     assert cfg.run.dir.startswith("s3://") and cfg.data.train.startswith("s3://")
+    # the model and its window spec build (the trainer would stop at start-up otherwise)
+    from ditscale.model import create_model
+
+    m = cfg.model
+    model = create_model(
+        m.variant, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes, windows=m.windows
+    )
+    assert any(w is not None for w in model.windows), "the k8s run config should train with local windows"
     c, pod = container(), job()["spec"]["template"]["spec"]
     env = env_values(c)
     config_path = Path(env["DITSCALE_CONFIG"])
@@ -368,6 +376,9 @@ def test_overlay_renders_offline_and_validates(overlay):
     env = env_values(c)
     assert j["spec"]["completions"] == j["spec"]["parallelism"] == int(env["NNODES"])
     assert c["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
+    train = yaml.safe_load(cm["data"]["config.yaml"])["train"]
+    assert train["global_batch"] % (train["micro_batch"] * int(env["NNODES"]) * int(env["GPUS_PER_NODE"])) == 0
     assert env["MASTER_ADDR"] == f"{j['metadata']['name']}-0.{j['spec']['template']['spec']['subdomain']}"
 
 

@@ -272,6 +272,7 @@ class TrainingRun:
     output: str
     metrics_ports: list[int]
     scrapes: dict[int, str]  # local rank -> last /metrics body seen while the run was alive
+    alive_at: float | None  # wall-clock time (s since the epoch) of the last /metrics scrape that answered
 
 
 def _tiny_config(repo: Path, shards: str, run_dir: Path, run_name: str, metrics_port: int) -> dict:
@@ -335,6 +336,7 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> Traini
     env.setdefault("DS_ACCELERATOR", "cpu")
     log_path = root / "train.log"
     scrapes: dict[int, str] = {}
+    alive_at = None
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             argv,
@@ -353,6 +355,7 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> Traini
                         status, body = _http(f"http://127.0.0.1:{p}/metrics", timeout=1)
                         if status == 200 and b"ditscale_train_loss{" in body:
                             scrapes[i] = body.decode()
+                            alive_at = time.time()
                     except OSError:
                         pass
                 time.sleep(0.3)
@@ -375,4 +378,5 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> Traini
         output=output,
         metrics_ports=ports,
         scrapes=scrapes,
+        alive_at=alive_at,
     )
