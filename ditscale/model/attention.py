@@ -68,6 +68,7 @@ _TILE_CANDIDATES = (4, 6, 8, 12, 16)
 # torch 2.13 at 256, 1024 and 4096 tokens (see docs/benchmarks-model.md)
 _TILE_EFFICIENCY = {4: 2.8, 6: 1.65, 8: 1.0, 12: 0.85, 16: 0.7}
 _DENSE_EFFICIENCY = 0.42
+_TILE_OVERHEAD = 6000  # fixed cost of the tiled path (layout copies, more kernel launches), same units
 
 
 def choose_tile(h: int, w: int, k: int) -> int:
@@ -83,7 +84,7 @@ def choose_tile(h: int, w: int, k: int) -> int:
         n_tiles = math.ceil(h / t) * math.ceil(w / t)
         if n_tiles < 2:
             continue
-        cost = n_tiles * t * t * min(t + 2 * r, h + 2 * r) * min(t + 2 * r, w + 2 * r) * _TILE_EFFICIENCY[t]
+        cost = n_tiles * t * t * (t + 2 * r) ** 2 * _TILE_EFFICIENCY[t] + _TILE_OVERHEAD
         if cost < best_cost:
             best_t, best_cost = t, cost
     return best_t
@@ -285,6 +286,11 @@ def flex_attention(q, k, v, grid: tuple[int, int], window: int) -> torch.Tensor:
     if q.device.type == "cuda":
         if _COMPILED_FLEX is None:
             _COMPILED_FLEX = torch.compile(_flex, dynamic=False)
+        d = q.shape[-1]
+        if d < 16 or d & (d - 1):  # the Triton kernels want a power-of-two head dim (DiT-XS has 63): zero-pad
+            dp = max(16, 1 << (d - 1).bit_length())
+            q, k, v = (F.pad(x, (0, dp - d)) for x in (q, k, v))
+            return _COMPILED_FLEX(q, k, v, block_mask=bm, scale=d**-0.5)[..., :d]
         return _COMPILED_FLEX(q, k, v, block_mask=bm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

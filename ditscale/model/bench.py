@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall: perf_counter; cpu: process CPU time (with --threads 1, robust to other load on a shared machine)",
     )
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention table")
     parser.add_argument("--model-repeat", type=int, default=7)
 
 
@@ -141,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         f"batch {args.batch}, heads {args.heads}, head dim {args.head_dim}, fp32, forward+backward, "
         f"median of {args.repeat} interleaved rounds, {args.clock} clock\n"
     )
-    print("| tokens | window | backend | fwd+bwd ms | vs dense | note |")
-    print("|---:|---:|---|---:|---:|---|")
-    for n in args.tokens:
+    if not args.no_attention:
+        print("| tokens | window | backend | fwd+bwd ms | vs dense | note |")
+        print("|---:|---:|---|---:|---:|---|")
+    for n in [] if args.no_attention else args.tokens:
         for n_, w, backend, ms, ratio, note in _attention_rows(n, args.windows, args, device):
             print(f"| {n_} | {w} | {backend} | {ms:.1f} | {ratio:.2f}x | {note} |", flush=True)
     if not args.no_model:
