@@ -154,58 +154,64 @@ def run(args: argparse.Namespace) -> int:
             src = work / f"src{res}"
             if not src.exists():
                 synthetic_images(src, n, max(res, 48) + res // 4)
-            local = work / f"shards{res}"
-            build_shards("folder", str(src), str(local), res, workers=2, progress=False)
-            files = work / f"files{res}"  # the very same stored images, one PNG per image
-            files.mkdir(exist_ok=True)
-            urls, labels = [], []
-            m = read_manifest(str(local))
-            for shard in m["shards"]:  # the same PNG bytes as in the shards, one file each
-                url = shard_url(m, shard)
-                for sample in iter_shard(url, fetch_shard(url)):
-                    p = files / f"{sample['__key__']}.png"
-                    p.write_bytes(sample["png"])
-                    urls.append(str(p))
-                    labels.append(int(sample["cls"]))
-            batches = max(5, n // bs - 2)
-            targets = [("local disk", str(local), urls)]
-            if moto is not None:
-                import fsspec
+            variants = [("", None)] + ([(", PNG deflate 6", 6)] if res <= 64 else [])
+            for label, level in variants:
+                local = work / f"shards{res}-{level}"
+                build_shards("folder", str(src), str(local), res, workers=2, progress=False, png_level=level)
+                files = work / f"files{res}-{level}"  # the very same stored images, one PNG per image
+                files.mkdir(exist_ok=True)
+                urls, labels = [], []
+                m = read_manifest(str(local))
+                for shard in m["shards"]:  # the same PNG bytes as in the shards, one file each
+                    url = shard_url(m, shard)
+                    for sample in iter_shard(url, fetch_shard(url)):
+                        p = files / f"{sample['__key__']}.png"
+                        p.write_bytes(sample["png"])
+                        urls.append(str(p))
+                        labels.append(int(sample["cls"]))
+                batches = max(5, n // bs - 2)
+                targets = [("local disk" + label, str(local), urls)]
+                if moto is not None and level is None:
+                    import fsspec
 
-                fs = fsspec.filesystem("s3")
-                fs.mkdir(f"bench{res}")
-                s3root = f"s3://bench{res}"
-                build_shards("folder", str(src), f"{s3root}/shards", res, workers=1, progress=False)
-                fs.put(str(files) + "/", f"bench{res}/files/", recursive=True)
-                targets.append(("loopback S3", f"{s3root}/shards", [f"{s3root}/files/{Path(u).name}" for u in urls]))
-            for where, shards_at, file_urls in targets:
-                sb = min(batches, 40) if where != "local disk" else batches
-                fb = min(sb, 10) if where != "local disk" else sb
-                shard_rates, file_rates = [], []
-                for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
-                    stream = make_loader(shards_at, batch_size=bs, seed=0, num_workers=W)
-                    shard_rates.append(_time(stream, sb, bs) / max(1, W))
-                    stream.close()
-                    file_rates.append(_per_file_rate(file_urls, labels, fb, bs, W) / max(1, W))
-                shard_rate, file_rate = max(shard_rates), max(file_rates)
-                rows.append(
-                    {
-                        "resolution": res,
-                        "storage": where,
-                        "shards": shard_rate,
-                        "per_file": file_rate,
-                        "speedup": shard_rate / file_rate,
-                        "images": n,
-                        "batch_size": bs,
-                        "workers": W,
-                    }
-                )
-                print(
-                    f"{res}x{res} {where}: shards {shard_rate:,.0f}/s, per-file {file_rate:,.0f}/s "
-                    f"({shard_rate / file_rate:.1f}x)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                    fs = fsspec.filesystem("s3")
+                    fs.mkdir(f"bench{res}")
+                    s3root = f"s3://bench{res}"
+                    build_shards("folder", str(src), f"{s3root}/shards", res, workers=1, progress=False)
+                    fs.put(str(files) + "/", f"bench{res}/files/", recursive=True)
+                    s3_files = [f"{s3root}/files/{Path(u).name}" for u in urls]
+                    targets.append(("loopback S3" + label, f"{s3root}/shards", s3_files))
+                for where, shards_at, file_urls in targets:
+                    remote = where.startswith("loopback")
+                    sb = min(batches, 40) if remote else batches
+                    fb = min(sb, 10) if remote else sb
+                    shard_rates, file_rates = [], []
+                    for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
+                        stream = make_loader(shards_at, batch_size=bs, seed=0, num_workers=W)
+                        shard_rates.append(_time(stream, sb, bs) / max(1, W))
+                        stream.close()
+                        file_rates.append(_per_file_rate(file_urls, labels, fb, bs, W) / max(1, W))
+                    shard_rate, file_rate = max(shard_rates), max(file_rates)
+                    rows.append(
+                        {
+                            "resolution": res,
+                            "storage": where,
+                            "shards": shard_rate,
+                            "per_file": file_rate,
+                            "speedup": shard_rate / file_rate,
+                            "images": n,
+                            "batch_size": bs,
+                            "workers": W,
+                            "shard_bytes": sum(s["bytes"] for s in m["shards"]),
+                            "png_level": m.get("png_level"),
+                        }
+                    )
+                    print(
+                        f"{res}x{res} {where}: shards {shard_rate:,.0f}/s, per-file {file_rate:,.0f}/s "
+                        f"({shard_rate / file_rate:.1f}x)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         if moto is not None:
             moto[0].terminate()  # by PID
@@ -221,12 +227,13 @@ def run(args: argparse.Namespace) -> int:
         f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}; workers={args.workers}, batch {args.batch_size}; samples/s per worker\n"
     )
-    print("| resolution | storage | shards (samples/s) | one file per image (samples/s) | speed-up |")
-    print("|---|---|---:|---:|---:|")
+    print("| resolution | storage | shards (samples/s) | one file per image (samples/s) | speed-up | shard MB |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
+        res = f"{r['resolution']}x{r['resolution']}"
         print(
-            f"| {r['resolution']}x{r['resolution']} | {r['storage']} | {r['shards']:,.0f} | {r['per_file']:,.0f} "
-            f"| {r['speedup']:.1f}x |"
+            f"| {res} | {r['storage']} | {r['shards']:,.0f} | {r['per_file']:,.0f} | {r['speedup']:.1f}x "
+            f"| {r['shard_bytes'] / 1e6:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -28,6 +28,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: ~64 MB, >= 8 shards)")
     p.add_argument("--class-folders", action="store_true", help="folder source: one class per top-level subfolder")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
+    p.add_argument(
+        "--png-level", type=int, default=None, help="PNG deflate level 0..9 (default: 0 = stored up to 64x64, else 6)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -75,6 +78,7 @@ def run_build(args: argparse.Namespace) -> int:
         class_folders=args.class_folders,
         limit=args.limit,
         progress=not args.no_progress,
+        png_level=args.png_level,
     )
     s = m["summary"]
     for split, info in s["splits"].items():
