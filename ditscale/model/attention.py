@@ -207,22 +207,25 @@ class _HaloAttention(torch.autograd.Function):
         p = torch.softmax(s, dim=-1)
         del s
         ot = torch.matmul(p, vt)
-        ctx.save_for_backward(qt, kt, vt, p, ot)
+        ctx.save_for_backward(qt, kt, vt, p)
         ctx.meta = (hh, ww, r, t, n_h, n_w, scale)
         return _untile(ot, t, n_h, n_w, qkv.new_empty(b, hh, ww, nh, d)).view(b, n, nh, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qt, kt, vt, p, ot = ctx.saved_tensors
+        qt, kt, vt, p = ctx.saved_tensors
         hh, ww, r, t, n_h, n_w, scale = ctx.meta
         b, n, nh, d = grad_out.shape
         got = _tile(grad_out.reshape(b, hh, ww, nh, d), t, n_h, n_w)
         dkv = kt.new_empty((2,) + kt.shape)
         torch.matmul(p.transpose(-1, -2), got, out=dkv[1])
-        ds = torch.matmul(got, vt.transpose(-1, -2))
-        ds.sub_((got * ot).sum(-1, keepdim=True)).mul_(p)  # softmax backward: P * (dP - rowsum(dO * O))
+        dp = torch.matmul(got, vt.transpose(-1, -2))
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # P * (dP - rowsum(dP * P)), one fused pass
+        del dp
         torch.matmul(ds.transpose(-1, -2), qt, out=dkv[0])  # qt carries the scale already
-        dqt = torch.matmul(ds, kt).mul_(scale)
+        z = ds.shape[0] * ds.shape[1] * ds.shape[2]
+        dqt = torch.baddbmm(ds.new_empty(()), ds.view(z, *ds.shape[-2:]), kt.reshape(z, *kt.shape[-2:]), beta=0,
+                            alpha=scale).view(qt.shape)  # fmt: skip
         dqkv = grad_out.new_empty(b, hh, ww, 3, nh, d)
         _untile(dqt, t, n_h, n_w, dqkv[:, :, :, 0])
         _fold(dkv, t, r, n_h, n_w, dqkv[:, :, :, 1:])
