@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
 from collections.abc import Iterator
 
@@ -39,7 +40,7 @@ from PIL import Image
 
 from ditscale.data import storage
 from ditscale.data.codec import PngRows, UnsupportedTar, decode_png, inflate_png, tar_index, unfilter_batch
-from ditscale.errors import DataError
+from ditscale.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,9 @@ def manifest_url_of(url: str) -> str:
 def read_manifest(url: str) -> dict:
     """Read a manifest.json (URL of the file, or of the folder holding it); adds "url" (where it was read)."""
     murl = manifest_url_of(url)
-    try:
-        raw = storage.read_bytes(murl)
-    except DataError:
-        raise
+    if storage.is_local(murl) and not os.path.exists(storage.local_path(murl)):  # a typo: no point retrying
+        raise StorageError(f"manifest {murl} does not exist (expected a manifest.json written by shards/build.py)")
+    raw = storage.read_bytes(murl)
     try:
         m = json.loads(raw)
     except ValueError as e:
