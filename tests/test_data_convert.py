@@ -239,3 +239,15 @@ def test_manifest_schema(tmp_path):
     assert m["kind"] == "pixels" and m["source"] == "digits"
     assert set(m["shards"][0]) >= {"path", "samples", "bytes", "sha256"}
     assert sum(s["samples"] for s in m["shards"]) == m["num_samples"]
+
+
+def test_shards_read_by_plain_webdataset(tmp_path):
+    import webdataset as wds
+
+    m = build_shards("digits", None, str(tmp_path / "d"), resolution=8, progress=False)
+    urls = [str(tmp_path / "d" / s["path"]) for s in m["shards"]]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("png", "cls", "json")
+    items = list(ds)
+    assert len(items) == 1500
+    img, cls, meta = items[0]
+    assert img.size == (8, 8) and meta["class"] == cls and meta["split"] == "train" and meta["index"] == 0

@@ -59,6 +59,18 @@ def test_stream_from_s3_equals_local(s3_digits):
     assert len(list(iter_dataset(url))) == 1500
 
 
+def test_plain_webdataset_reads_s3_through_registered_gopen(s3_digits):
+    import webdataset as wds
+
+    import ditscale.data  # noqa: F401 - registers the fsspec opener for s3:// in webdataset's gopen_schemes
+
+    m, _ = s3_digits
+    base = m["summary"]["manifest"].rsplit("/", 1)[0]
+    url = base + "/train-{000000..000007}.tar"
+    ds = wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil").to_tuple("png", "cls")
+    assert sum(1 for _ in ds) == 1500
+
+
 def test_subset_s3_to_s3(s3_server, s3_digits):
     m, _ = s3_digits
     out = s3_server.bucket() + "/n50"
