@@ -180,16 +180,20 @@ def decode_sample(sample: dict, manifest: dict, flip: bool) -> tuple[np.ndarray,
     return arr, label, index
 
 
-def to_tensor(arrays: list, kind: str) -> torch.Tensor:
-    """Batch of decoded samples (arrays, or PngRows still to unfilter) -> float tensor."""
+def to_tensor(arrays: list, kind: str, as_float: bool = True) -> torch.Tensor:
+    """Batch of decoded samples (arrays, or PngRows still to unfilter) -> float tensor (or uint8 B,H,W,C)."""
     if arrays and isinstance(arrays[0], PngRows) and all(isinstance(a, PngRows) for a in arrays):
         x = unfilter_batch(arrays)
     else:
         x = np.stack([a.array() if isinstance(a, PngRows) else a for a in arrays])
-    if kind == "latents":
+    if kind == "latents" or not as_float:
         return torch.from_numpy(x)
-    t = torch.from_numpy(x).permute(0, 3, 1, 2)  # B,H,W,C uint8 -> B,C,H,W
-    return t.float().div_(127.5).sub_(1.0).contiguous()
+    return to_float(torch.from_numpy(x))
+
+
+def to_float(t: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]."""
+    return t.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -339,9 +343,9 @@ class LogicalStream:
                 if len(arrs) == batch_size:
                     break
             yield {
-                "images": to_tensor(arrs, self.kind),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-                "indices": torch.tensor(idx, dtype=torch.int64),
+                "images": to_tensor(arrs, self.kind, as_float=False),  # 4x less to move from a worker
+                "labels": labels,  # plain lists: one shared-memory tensor per batch crosses from a worker
+                "indices": idx,
                 "stream": self.g,
                 "position": pos,
                 "skipped": self.skipped - skipped0,
@@ -487,8 +491,9 @@ class TrainStream:
         self.positions[s] = tuple(b["position"])
         self.batches += 1
         self.skipped += int(b["skipped"])
-        self.last_indices = b["indices"]
-        return b["images"], b["labels"]
+        self.last_indices = torch.tensor(b["indices"], dtype=torch.int64)
+        x = b["images"] if self.manifest["kind"] == "latents" else to_float(b["images"])
+        return x, torch.tensor(b["labels"], dtype=torch.int64)
 
     def close(self) -> None:
         self._it = None
