@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ def setup_process_env(denv: DistEnv) -> None:
     # DeepSpeed JIT-builds its CPU shm_comm op once per extensions dir (~50 s): keep one shared, persistent dir.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    # The JIT build needs ninja on PATH: use the venv's (a deepspeed dependency), also where a system ninja of
+    # another version exists (they disagree on .ninja_log, which would rebuild the shared op on every switch).
+    venv_bin = str(Path(sys.executable).parent)
+    if os.path.exists(os.path.join(venv_bin, "ninja")) and not os.environ.get("PATH", "").startswith(venv_bin):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; the deepspeed launcher and srun do not
         try:
             cores = len(os.sched_getaffinity(0))

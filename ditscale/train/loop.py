@@ -52,7 +52,7 @@ def validate(cfg: Config, world_size: int) -> dict:
         raise ConfigError(f"data.kind={cfg.data.kind!r} but {cfg.data.train} holds {kind!r}")
     if manifest.get("channels") not in (None, m.in_channels):
         raise ConfigError(f"model.in_channels={m.in_channels} but {cfg.data.train} has {manifest['channels']} channels")
-    size = manifest.get("latent_size" if kind == "latents" else "resolution")
+    size = manifest.get("resolution")  # pixels: image side; latents: latent side
     if size is not None and size != m.input_size:
         raise ConfigError(f"model.input_size={m.input_size} but {cfg.data.train} has size {size}")
     if manifest.get("num_classes", 0) > m.num_classes:
