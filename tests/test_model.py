@@ -312,3 +312,19 @@ def test_capture_attention():
     with pytest.raises(ModelInputError):
         with model.capture_attention(blocks=[5]):
             pass
+
+
+@pytest.mark.parametrize("backend", ["halo", "sdpa_mask"])
+def test_low_precision(backend):
+    # DeepSpeed bf16 converts the whole model; CPU autocast keeps fp32 weights
+    model = _randomize(_tiny(input_size=32, patch_size=2, windows="3,-,5", attention_backend=backend))
+    x, t, y = _inputs(model, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    out.float().square().mean().backward()
+    assert torch.isfinite(model.blocks[0].attn.qkv.weight.grad).all()
+    bf16 = model.to(torch.bfloat16)
+    out16 = bf16(x.bfloat16(), t, y)
+    assert out16.dtype == torch.bfloat16
+    out16.float().square().mean().backward()
+    assert torch.isfinite(bf16.blocks[0].attn.qkv.weight.grad.float()).all()

@@ -1,6 +1,12 @@
 """The DiT family with per-block local-attention windows (ditscale.model)."""
 
-from ditscale.model.attention import attention, halo_attention, sdpa_mask_attention, window_mask
+from ditscale.model.attention import (
+    attention,
+    halo_attention,
+    qkv_attention,
+    sdpa_mask_attention,
+    window_mask,
+)
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
 from ditscale.model.dit import DiT, DiT_models, create_model
 from ditscale.model.windows import PRESETS, format_windows, parse_windows, placement_indices
@@ -17,6 +23,7 @@ __all__ = [
     "load_reference_state_dict",
     "parse_windows",
     "placement_indices",
+    "qkv_attention",
     "sdpa_mask_attention",
     "window_mask",
 ]

@@ -193,6 +193,11 @@ class _HaloAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, grid, window, t):
+        with torch.autocast(qkv.device.type, enabled=False):  # compute in qkv's dtype, as the backward does
+            return _HaloAttention._forward(ctx, qkv, grid, window, t)
+
+    @staticmethod
+    def _forward(ctx, qkv, grid, window, t):
         b, n, _, nh, d = qkv.shape
         hh, ww = grid
         r = (window - 1) // 2

@@ -115,7 +115,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (a bf16/fp16 model, e.g. under DeepSpeed)
 
 
 class LabelEmbedder(nn.Module):
