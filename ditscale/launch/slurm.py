@@ -174,7 +174,7 @@ def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
         if not rec:
             continue
         state = live.get(rec["job_id"])
-        view[r.id] = f"{state} job {rec['job_id']}" if state else f"gone job {rec['job_id']}"
+        view[r.id] = f"{state} job {rec['job_id']}" if state else f"ended job {rec['job_id']}"
     return view
 
 
@@ -252,7 +252,15 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
 
 
 def status(plan: Plan, opts: SlurmOptions) -> str:
+    """Each run's state from its run dir joined with squeue; a run whose job ended without final.json is
+    'failed' (no checkpoint: look at the submitit log) or 'resumable' (rerun the launcher to resume it)."""
     rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir))
+    jobs = load_jobs(opts.log_dir)
+    for row in rows:
+        if row["scheduler"].startswith("ended") and row["state"] in (results.PENDING, results.STARTED):
+            row["state"] = "failed"
+            jid = jobs[row["run"]]["job_id"]
+            row["checkpoint"] = f"see {opts.log_dir}/{jid}/{jid}_0_log.err"
     return results.format_status(rows)
 
 

@@ -78,6 +78,10 @@ def export_dist_env(use_gpus: bool) -> dict[str, str]:
     dist = submitit.helpers.TorchDistributedEnvironment()
     dist.export(set_cuda_visible_devices=use_gpus, overwrite=True)
     job = submitit.JobEnvironment()
+    if dist.world_size == 1:  # a group of one: the trainer picks a free port (job-id-seeded ports can collide)
+        os.environ.pop("MASTER_PORT", None)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        return {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     os.environ["MASTER_ADDR"] = resolve_master_addr(dist.master_addr, job.num_nodes)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return {k: os.environ[k] for k in keys}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -73,9 +74,43 @@ class SlurmCluster:
             out.append(f"==> {f.name} <==\n" + "\n".join(f.read_text(errors="replace").splitlines()[-40:]))
         return "\n".join(out)
 
+    def job_pids(self) -> set[int]:
+        """Processes started for this cluster (slurmstepd, srun, job tasks): their environment names our conf."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        own = {os.getpid()} | {p.pid for p in self.procs}
+        pids = set()
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) in own:
+                continue
+            try:
+                if marker in (d / "environ").read_bytes().split(b"\0"):
+                    pids.add(int(d.name))
+            except OSError:
+                continue
+        return pids
+
     def stop(self) -> None:
+        """Cancel every job, stop the daemons, then stop any job process left behind (SIGTERM, then SIGKILL)."""
+        if any(p.poll() is None for p in self.procs):
+            self.run("scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name, check=False)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                r = self.run("squeue", "-h", "-o", "%i", check=False)
+                if r.returncode != 0 or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         _stop(list(reversed(self.procs)))
         self.procs.clear()
+        left = self.job_pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGTERM and left:
+                time.sleep(3)
+                left = self.job_pids()
 
 
 def _write_conf(root: Path, munge_socket: Path) -> Path:
@@ -112,6 +147,8 @@ def _write_conf(root: Path, munge_socket: Path) -> Path:
         "MinJobAge=600",
         "SchedulerParameters=sched_interval=2",
         "GresTypes=gpu",
+        # job ids differ between sessions, so job-id-seeded MASTER_PORTs (submitit) do not repeat on one machine
+        f"FirstJobId={random.randint(1000, 60000)}",
     ]
     for name, port in zip(NODES, node_ports, strict=True):
         lines.append(
@@ -213,7 +250,6 @@ def slurm_cluster():
     try:
         yield cluster
     finally:
-        cluster.run("scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name, check=False)
         cluster.stop()
         if old is None:
             os.environ.pop("SLURM_CONF", None)
