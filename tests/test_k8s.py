@@ -376,6 +376,8 @@ def test_overlay_renders_offline_and_validates(overlay):
     env = env_values(c)
     assert j["spec"]["completions"] == j["spec"]["parallelism"] == int(env["NNODES"])
     assert c["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert len(pm["spec"]["podMetricsEndpoints"]) == int(env["GPUS_PER_NODE"])  # one scrape per local rank
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
     train = yaml.safe_load(cm["data"]["config.yaml"])["train"]
     assert train["global_batch"] % (train["micro_batch"] * int(env["NNODES"]) * int(env["GPUS_PER_NODE"])) == 0
