@@ -178,8 +178,19 @@ def unfilter_batch(items: list[PngRows]) -> np.ndarray:
     b = len(items)
     rows = np.frombuffer(b"".join(it.raw for it in items), dtype=np.uint8).reshape(b, h, w * c + 1)[:, :, 1:]
     kinds = [it.filter for it in items]
-    out = np.empty((b, h, w, c), dtype=np.uint8)
-    for f in set(kinds):
+    groups = set(kinds)
+    if len(groups) == 1:  # the usual case: no scatter into a fresh array
+        f = kinds[0]
+        if f == 0:
+            out = rows.reshape(b, h, w, c).copy()
+        elif f == 2:
+            out = rows.cumsum(axis=1, dtype=np.uint8).reshape(b, h, w, c)
+        else:
+            out = rows.reshape(b, h, w, c).cumsum(axis=2, dtype=np.uint8)
+        groups = set()
+    else:
+        out = np.empty((b, h, w, c), dtype=np.uint8)
+    for f in groups:
         idx = [i for i, k in enumerate(kinds) if k == f]
         sel = rows if len(idx) == b else rows[idx]
         if f == 0:
