@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ditscale.errors import ConfigError
 from ditscale.model.attention import (
     _fold,
     _halos,
@@ -98,6 +99,12 @@ def test_flex_forward_matches_sdpa_mask_on_cpu(h, w, k):
         ref = sdpa_mask_attention(q, kk, v, (h, w), k)
         out = flex_attention(q, kk, v, (h, w), k)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_flex_on_cpu_refuses_training():
+    q, kk, v = _qkv(4, 4)
+    with pytest.raises(ConfigError, match="no backward"):
+        flex_attention(q, kk, v, (4, 4), 3)
 
 
 def test_global_window_and_dispatch():

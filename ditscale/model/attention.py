@@ -25,6 +25,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ditscale.errors import ConfigError
+
 BACKENDS = ("auto", "sdpa_mask", "flex", "halo")
 
 
@@ -290,6 +292,11 @@ def flex_attention(q, k, v, grid: tuple[int, int], window: int) -> torch.Tensor:
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
+    if q.device.type != "cuda" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ConfigError(
+            f"attention_backend 'flex' on {q.device.type}: FlexAttention has no backward there (torch "
+            f"{torch.__version__}); use 'halo' (or 'auto') for training, 'flex' on CPU only under torch.no_grad()"
+        )
     bm = _block_mask(grid[0], grid[1], window, q.device)
     if q.device.type == "cuda":
         if _COMPILED_FLEX is None:
