@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     for w in args.windows:
         if w < 1 or w % 2 == 0:
             raise SystemExit(f"--windows {w}: window sizes must be odd and >= 1")
+    for n in args.tokens:
+        if n < 1 or math.isqrt(n) ** 2 != n:
+            raise SystemExit(f"--tokens {n}: expected a square number of tokens (a square grid)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(
         f"# bench attention: torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads; "
