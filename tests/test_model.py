@@ -328,3 +328,15 @@ def test_low_precision(backend):
     assert out16.dtype == torch.bfloat16
     out16.float().square().mean().backward()
     assert torch.isfinite(bf16.blocks[0].attn.qkv.weight.grad.float()).all()
+
+
+def test_forward_with_cfg_grey_images_guides_eps_only():
+    model = _randomize(_tiny(in_channels=1)).eval()
+    x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
+    t = torch.tensor([10, 10])
+    y = torch.tensor([2, 10])
+    with torch.no_grad():
+        out = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
+        raw = model(x, t, y)
+    torch.testing.assert_close(out[0, :1], raw[1, :1] + 3.0 * (raw[0, :1] - raw[1, :1]))
+    torch.testing.assert_close(out[:, 1:], raw[:, 1:])  # the variance channel is not guided

@@ -363,7 +363,10 @@ class DiT(nn.Module):
         # three channels by default. The standard approach to cfg applies it to all channels.
         # This can be done by uncommenting the following line and commenting-out the line following that.
         # eps, rest = model_out[:, :self.in_channels], model_out[:, self.in_channels:]
-        eps, rest = model_out[:, :3], model_out[:, 3:]
+        # ditscale: min(3, in_channels), identical to the reference for in_channels >= 3; for grey images
+        # (in_channels 1, 2) the reference's 3 would also guide the learned-variance channels.
+        g = min(3, self.in_channels)
+        eps, rest = model_out[:, :g], model_out[:, g:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
