@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ditscale.errors import DitscaleError
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher inserts --local_rank=N before the command (`deepspeed --module ditscale train ...`).
+    while argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        os.environ.setdefault("LOCAL_RANK", argv[0].split("=", 1)[1])
+        argv = argv[1:]
     sys.argv[1:] = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
