@@ -84,3 +84,22 @@ def test_tar_index_and_webdataset_fallback():
     cut = plain[:1100]
     assert tar_index(cut)[1] is not None
     assert [s["__key__"] for s in iter_shard("cut.tar", cut)] == []  # the half sample is dropped
+
+
+def test_sub_filtered_png_from_elsewhere_decodes():
+    import struct
+    import zlib
+
+    from ditscale.data.codec import PNG_SIGNATURE, _chunk
+
+    arr = images()[1]
+    h, w, c = arr.shape
+    flat = arr.reshape(h, w * c)
+    sub = flat.copy()
+    sub[:, c:] = flat[:, c:] - flat[:, :-c]
+    raw = np.concatenate([np.ones((h, 1), np.uint8), sub], axis=1).tobytes()
+    png = (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), arr)
+    rows = inflate_png(png)
+    assert rows.filter == 1 and np.array_equal(rows.array(), arr)

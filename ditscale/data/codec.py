@@ -1,7 +1,7 @@
 """Fast paths for the two formats every sample goes through: PNG images and tar shards.
 
-* PNG: the converter writes standard 8-bit, non-interlaced PNGs whose rows all use one filter (None, Sub or Up:
-  the smallest of the three), so that decoding is zlib + one vectorised cumulative sum -- several times faster
+* PNG: the converter writes standard 8-bit, non-interlaced PNGs whose rows all use one filter (None or Up, the
+  smaller), so that decoding is zlib + one vectorised cumulative sum -- several times faster
   than PIL's per-image overhead at 32x32. Any PNG decodes: other files (adaptive filters, palettes, 16-bit)
   return None here and the caller falls back to PIL.
 * Tar: an index of the regular files of an in-memory USTAR/GNU tar (what our writers produce); anything else
@@ -35,12 +35,11 @@ def encode_png(arr: np.ndarray, level: int = 6) -> bytes:
     h, w = arr.shape[:2]
     c = 1 if arr.ndim == 2 else arr.shape[2]
     a = np.ascontiguousarray(arr).reshape(h, w * c)
-    sub = a.copy()
-    sub[:, c:] = a[:, c:] - a[:, :-c]
     up = a.copy()
     up[1:] = a[1:] - a[:-1]
     best = None
-    candidates = ((0, a),) if level == 0 else ((0, a), (1, sub), (2, up))  # stored: filters cannot help
+    # None or Up (Sub decodes ~5x slower in numpy: it runs along the pixels); stored: filters cannot help
+    candidates = ((0, a),) if level == 0 else ((0, a), (2, up))
     for ftype, data in candidates:
         raw = np.empty((h, w * c + 1), dtype=np.uint8)
         raw[:, 0] = ftype
@@ -172,6 +171,14 @@ def inflate_png(data: bytes) -> PngRows | None:
     return None
 
 
+def _undo_up(rows: np.ndarray) -> np.ndarray:
+    """Up filter: each row adds the row above (mod 256); row by row is ~5x faster than cumsum(axis=1)."""
+    out = np.ascontiguousarray(rows).copy() if not rows.flags.c_contiguous or not rows.flags.writeable else rows
+    for i in range(1, out.shape[1]):
+        np.add(out[:, i], out[:, i - 1], out=out[:, i])
+    return out
+
+
 def unfilter_batch(items: list[PngRows]) -> np.ndarray:
     """(B, H, W, C) uint8 from same-shaped PngRows: one vectorised unfilter per filter type, flips applied."""
     h, w, c = items[0].shape
@@ -184,7 +191,7 @@ def unfilter_batch(items: list[PngRows]) -> np.ndarray:
         if f == 0:
             out = rows.reshape(b, h, w, c).copy()
         elif f == 2:
-            out = rows.cumsum(axis=1, dtype=np.uint8).reshape(b, h, w, c)
+            out = _undo_up(rows).reshape(b, h, w, c)
         else:
             out = rows.reshape(b, h, w, c).cumsum(axis=2, dtype=np.uint8)
         groups = set()
@@ -196,7 +203,7 @@ def unfilter_batch(items: list[PngRows]) -> np.ndarray:
         if f == 0:
             res = sel.reshape(-1, h, w, c)
         elif f == 2:
-            res = sel.cumsum(axis=1, dtype=np.uint8).reshape(-1, h, w, c)
+            res = _undo_up(sel).reshape(-1, h, w, c)
         else:
             res = sel.reshape(-1, h, w, c).cumsum(axis=2, dtype=np.uint8)
         if len(idx) == b:

@@ -193,10 +193,7 @@ def to_tensor(arrays: list, kind: str, as_float: bool = True) -> torch.Tensor:
 
 def to_float(t: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]."""
-    b, h, w, c = t.shape
-    out = torch.empty((b, c, h, w), dtype=torch.float32)
-    torch.mul(t.permute(0, 3, 1, 2), 2.0 / 255.0, out=out)  # converts and transposes in one pass
-    return out.sub_(1.0)
+    return t.permute(0, 3, 1, 2).contiguous().float().mul_(2.0 / 255.0).sub_(1.0)  # transpose the uint8s
 
 
 # ------------------------------------------------------------------------------------------------------- plan
