@@ -77,7 +77,7 @@ def config_file(tmp_path_factory, digits) -> Path:
     return path
 
 
-def torchrun(config: Path, run_dir: Path, *overrides: str, delay: float = 0.0) -> subprocess.Popen:
+def torchrun(config: Path, run_dir: Path | str, *overrides: str, delay: float = 0.0) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -94,7 +94,7 @@ def torchrun(config: Path, run_dir: Path, *overrides: str, delay: float = 0.0) -
         str(run_dir),
         *overrides,
     ]
-    env = {**os.environ, "DITSCALE_TEST_STEP_DELAY": str(delay)}
+    env = {**os.environ, "DITSCALE_TEST_STEP_DELAY": str(delay), "MKL_CBWR": "AUTO"}
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -110,7 +110,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def run_ok(config: Path, run_dir: Path, *overrides: str) -> str:
+def run_ok(config: Path, run_dir: Path | str, *overrides: str) -> str:
     rc, out = finish(torchrun(config, run_dir, *overrides))
     assert rc == 0, out[-6000:]
     return out
@@ -254,3 +254,21 @@ def test_kill9_of_one_rank_then_resume(tmp_path, config_file, reference):
     assert tag is not None and int(tag[5:]) >= 2
     run_ok(config_file, run_dir)
     assert losses(run_dir) == losses(reference)
+
+
+def test_run_dir_on_object_storage(s3_server, tmp_path, config_file, reference):
+    """run.dir = s3://...: checkpoints uploaded (meta.json, then `latest`), resume downloads them."""
+    from ditscale.train.checkpoint import latest_tag, load_for_eval
+    from ditscale.train.rundir import RunDir
+
+    url = s3_server.bucket() + "/runs/tiny"
+    run_ok(config_file, url, "train.steps=4", "log.sample_every=4")
+    rd = RunDir(url)
+    assert latest_tag(rd) == "step_00000004" and rd.exists("samples/step_00000004.png")
+    assert rd.exists("config.yaml") and rd.exists("checkpoints/step_00000004/rank_00001.pt")
+    run_ok(config_file, url, "train.steps=6")
+    rows = [json.loads(x) for x in rd.read_text("metrics.jsonl").splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == losses(reference)[:6]
+    assert json.loads(rd.read_text("final.json"))["step"] == 6
+    cfg, model = load_for_eval(url)
+    assert cfg.run.dir == url and not model.training

@@ -40,6 +40,9 @@ def setup_process_env(denv: DistEnv) -> None:
     venv_bin = str(Path(sys.executable).parent)
     if os.path.exists(os.path.join(venv_bin, "ninja")) and not os.environ.get("PATH", "").startswith(venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    # MKL's conditional numerical reproducibility: the same floats whatever the memory alignment of the inputs
+    # (which varies from run to run); exact resume on CPU depends on it. Read at MKL's first call.
+    os.environ.setdefault("MKL_CBWR", "AUTO")
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; the deepspeed launcher and srun do not
         try:
             cores = len(os.sched_getaffinity(0))

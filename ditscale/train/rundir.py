@@ -94,6 +94,7 @@ class RunDir:
     def exists(self, rel: str) -> bool:
         if not self.remote:
             return (self.local / rel).exists()
+        self.fs.invalidate_cache(self._remote(rel))  # other processes write here: never trust a cached listing
         return bool(self._wrap("lookup of", rel, self.fs.exists, self._remote(rel)))
 
     def upload(self, rel: str) -> None:
@@ -106,6 +107,7 @@ class RunDir:
         if not self.remote:
             p = self.local / rel
             return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
+        self.fs.invalidate_cache(self._remote(rel))
         try:
             entries = self._wrap("listing of", rel, self.fs.ls, self._remote(rel), False)
         except FileNotFoundError:
@@ -120,6 +122,7 @@ class RunDir:
 
     def download_tree(self, rel: str, local_dir: Path) -> None:
         base = self._remote(rel)
+        self.fs.invalidate_cache(base)
         files = self._wrap("listing of", rel, self.fs.find, base)
         if not files:
             raise FileNotFoundError(f"{self.url}/{rel}")

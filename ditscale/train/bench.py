@@ -1,0 +1,195 @@
+"""`python -m ditscale bench train --config FILE [--steps N] [--rounds R] [key=value ...]`
+
+One process, the config's model and per-process micro-batch:
+  * DeepSpeed (the config's ZeRO stage, precision, clipping, EMA) vs a plain PyTorch loop (AdamW, clip_grad_norm_,
+    the same EMA, bf16 autocast on GPUs) on the same in-memory batches, alternating rounds of `--steps` steps:
+    images/s, step time and DeepSpeed's overhead;
+  * the DeepSpeed loop fed by the real loader (make_loader on data.train): the share of the step spent waiting for
+    data;
+  * on CUDA, model FLOPs utilisation (MFU) from an analytic FLOP count (DiT's "Gflops" x 2 x 3 for training).
+Figures go to docs/benchmarks-train.md with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and loop (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating plain/DeepSpeed rounds (default 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each loop's first round")
+    parser.add_argument("--data-steps", type=int, default=40, help="steps of the real-loader run (data-wait share)")
+    parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the GPU for MFU (default: by name)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def train_flops_per_image(model) -> float:
+    """Analytic training FLOPs per image (forward x 3): linear layers per token + attention scores/values."""
+    n = (model.input_size // model.patch_size) ** 2
+    d = model.pos_embed.shape[-1]  # hidden size
+    per_block = 2 * 12 * d * d * n + 4 * n * n * d  # qkv+proj (4d^2) + mlp (8d^2); QK^T and AV
+    embed = 2 * n * d * model.patch_size**2 * (model.in_channels + model.out_channels)
+    return 3.0 * (model.depth * per_block + embed)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ditscale import distenv
+    from ditscale.config import load_config
+    from ditscale.data import make_loader
+    from ditscale.diffusion import create_diffusion
+    from ditscale.train import engine as eng
+    from ditscale.train.checkpoint import build_model
+    from ditscale.train.ema import EMA
+    from ditscale.train.loop import _model_fn, validate
+
+    cfg = load_config(args.config, list(args.overrides))
+    # One process, no accumulation: the per-process micro-batch of the config is the batch of every step.
+    cfg = load_config(args.config, [*args.overrides, f"train.global_batch={cfg.train.micro_batch}"])
+    denv = distenv.DistEnv()
+    eng.setup_process_env(denv)
+    validate(cfg, 1)
+    device = eng.init_distributed(denv)
+    eng.set_tf32(cfg.train.tf32)
+    precision = eng.resolve_precision(cfg)
+    diffusion = create_diffusion(
+        "", noise_schedule=cfg.diffusion.schedule, learn_sigma=cfg.model.learn_sigma, loss=cfg.diffusion.loss,
+        diffusion_steps=cfg.diffusion.num_timesteps,
+    )  # fmt: skip
+    b = cfg.train.micro_batch
+    loader = make_loader(
+        cfg.data.train, batch_size=b, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
+    )  # fmt: skip
+    it = iter(loader)
+    nb = args.warmup + args.steps
+    batches = [tuple(t.to(device) for t in next(it)) for _ in range(nb)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    noise = [torch.randn(x.shape, device=device, generator=gen) for x, _ in batches]
+    ts = [torch.randint(0, diffusion.num_timesteps, (b,), device=device, generator=gen) for _ in batches]
+
+    # -- plain PyTorch ------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.run.seed)
+    plain = build_model(cfg).to(device).train()
+    plain_ema = EMA(plain, cfg.train.ema_decay, device=device)
+    if cfg.train.activation_checkpointing:
+        eng.apply_activation_checkpointing(plain)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(
+        [p for p in plain.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay, **fused,
+    )  # fmt: skip
+    if cfg.train.compile:
+        plain.compile()
+
+    def plain_step(i: int) -> None:
+        x, y = batches[i]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = diffusion.training_losses(plain, x, ts[i], {"y": y}, noise=noise[i])["loss"].mean()
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        plain_ema.update(plain)
+
+    # -- DeepSpeed ----------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg).to(device)
+    ds_ema = EMA(model, cfg.train.ema_decay, device=device)
+    if cfg.train.activation_checkpointing:
+        eng.apply_activation_checkpointing(model)
+    engine, _, _ = eng.build_engine(cfg, model, 1)
+    model_fn = _model_fn(engine, precision, device)
+    zero3 = cfg.train.zero_stage == 3
+
+    def ds_step(i: int, batch=None) -> None:
+        x, y = batches[i] if batch is None else batch
+        loss = diffusion.training_losses(model_fn, x, ts[i % nb], {"y": y}, noise=noise[i % nb])["loss"].mean()
+        engine.backward(loss)
+        engine.step()
+        ds_ema.update(engine.module, zero3=zero3)
+
+    def timed(step_fn, first: int) -> list[float]:
+        out = []
+        for i in range(first, first + args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step_fn(i)
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    for i in range(args.warmup):
+        plain_step(i)
+        ds_step(i)
+    plain_times, ds_times = [], []
+    for _ in range(args.rounds):
+        plain_times += timed(plain_step, args.warmup)
+        ds_times += timed(ds_step, args.warmup)
+
+    # -- DeepSpeed fed by the real loader: data-wait share ------------------------------------------------------
+    wait = total = 0.0
+    for i in range(args.data_steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        x, y = next(it)
+        batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        t1 = time.perf_counter()
+        ds_step(i, batch)
+        _sync(device)
+        wait += t1 - t0
+        total += time.perf_counter() - t0
+
+    t_plain, t_ds = statistics.median(plain_times), statistics.median(ds_times)
+    res = {
+        "config": args.config, "variant": cfg.model.variant, "windows": cfg.model.windows,
+        "input_size": cfg.model.input_size, "batch": b, "zero_stage": cfg.train.zero_stage, "precision": precision,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "plain_step_s": t_plain, "deepspeed_step_s": t_ds,
+        "plain_images_per_s": b / t_plain, "deepspeed_images_per_s": b / t_ds,
+        "deepspeed_overhead": t_ds / t_plain - 1.0,
+        "loader_step_s": total / args.data_steps, "loader_images_per_s": b * args.data_steps / total,
+        "data_wait_share": wait / total, "steps": args.steps, "rounds": args.rounds,
+    }  # fmt: skip
+    if device.type == "cuda":
+        name = res["device"]
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        flops = train_flops_per_image(model) * (4 / 3 if cfg.train.activation_checkpointing else 1)
+        res["train_tflops_per_image"] = flops / 1e12
+        res["achieved_tflops"] = flops * res["deepspeed_images_per_s"] / 1e12
+        res["mfu"] = res["achieved_tflops"] / peak if peak else None
+        res["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    eng.shutdown(True)
+
+    print(f"bench train: {res['variant']} ({res['windows']}), {res['input_size']}px, batch {b}, "
+          f"ZeRO-{res['zero_stage']}, {precision}, {res['device']}")  # fmt: skip
+    print(f"  plain PyTorch : {t_plain * 1e3:8.1f} ms/step  {res['plain_images_per_s']:9.1f} images/s")
+    print(f"  DeepSpeed     : {t_ds * 1e3:8.1f} ms/step  {res['deepspeed_images_per_s']:9.1f} images/s  "
+          f"(overhead {100 * res['deepspeed_overhead']:+.1f}%)")  # fmt: skip
+    print(f"  with loader   : {res['loader_step_s'] * 1e3:8.1f} ms/step  {res['loader_images_per_s']:9.1f} images/s  "
+          f"(data wait {100 * res['data_wait_share']:.1f}% of the step)")  # fmt: skip
+    if "mfu" in res:
+        mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a (pass --peak-tflops)"
+        print(f"  MFU           : {mfu} ({res['achieved_tflops']:.1f} TFLOP/s, "
+              f"{res['train_tflops_per_image'] * 1e3:.0f} GFLOP/image)")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
