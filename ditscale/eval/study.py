@@ -28,7 +28,7 @@ log = logging.getLogger("ditscale.eval.study")
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/study", help="directory for data, runs and the report")
     p.add_argument("--steps", type=int, default=1000, help="training steps per run")
-    p.add_argument("--small-steps", type=int, default=3000, help="training steps of the two N=--small runs")
+    p.add_argument("--small-steps", type=int, default=0, help="training steps of the two N=--small runs (0: --steps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--variant", default="DiT-T/1")
@@ -81,7 +81,7 @@ def _config(args, name: str, run_dir: Path, train: str, test: str, windows: str,
             "precision": "fp32",
             "ema_decay": args.ema_decay,
         },
-        "checkpoint": {"every": args.steps, "keep": 3},
+        "checkpoint": {"every": steps, "keep": 1},
         "log": {"every": 100, "sample_every": 0, "metrics_port": 0, "progress": False},
     }
 
@@ -107,7 +107,7 @@ def plan(args) -> tuple[list[dict], list[tuple[str, str]], dict]:
     for n in (args.small, args.large):
         base = data / f"pair-n{n}"
         subsets[str(base)] = (n, 0, True)
-        steps = args.small_steps if n == args.small else args.steps
+        steps = (args.small_steps or args.steps) if n == args.small else args.steps
         add(f"global-n{n}-a", str(base / "s1" / "manifest.json"), "global", 0, steps)
         add(f"global-n{n}-b", str(base / "s2" / "manifest.json"), "global", 0, steps)
         pairs.append((f"global-n{n}-a", f"global-n{n}-b"))
