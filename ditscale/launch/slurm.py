@@ -51,7 +51,8 @@ def _slurm_cmd(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def partitions() -> list[str]:
     r = _slurm_cmd("sinfo", "-h", "-o", "%R")
     if r.returncode != 0:
-        raise LaunchError(f"sinfo failed (is slurmctld reachable?): {r.stderr.strip()}")
+        detail = (r.stderr.strip().splitlines() or [""])[-1]
+        raise LaunchError(f"sinfo failed (is slurmctld reachable? is SLURM_CONF right?): {detail}")
     return sorted({p.strip() for p in r.stdout.split() if p.strip()})
 
 
@@ -213,10 +214,16 @@ def queued_runs(plan: Plan, opts: SlurmOptions) -> dict[str, str]:
 def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str, str]:
     """Submit the plan's unfinished runs; return run id -> job id. With dry_run, print the plan only."""
     gpus = max((int(r.resources.get("gpus_per_node") or 0) for r in plan.runs), default=0)
-    if dry_run and not shutil.which("sinfo"):
-        print("(no Slurm client on this machine: partition not checked)")
-        queued: dict[str, str] = {}
-    else:
+    queued: dict[str, str] = {}
+    try:
+        partitions()
+        reachable = True
+    except LaunchError as e:
+        if not dry_run:
+            raise
+        print(f"(partition not checked: {e})")
+        reachable = False
+    if reachable:
         check_partition(opts.partition, gpus)
         queued = queued_runs(plan, opts)
     if dry_run:
