@@ -272,3 +272,31 @@ def test_run_dir_on_object_storage(s3_server, tmp_path, config_file, reference):
     assert json.loads(rd.read_text("final.json"))["step"] == 6
     cfg, model = load_for_eval(url)
     assert cfg.run.dir == url and not model.training
+
+
+def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deepspeed):
+    """`python -m ditscale train` alone (no launcher), then `export` and `sample` from the run directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ditscale.train.checkpoint import build_model, load_for_eval
+
+    run_dir = tmp_path / "alone"
+    env = {**os.environ, "MKL_CBWR": "AUTO"}
+    base = [sys.executable, "-m", "ditscale"]
+    train = [*base, "train", "--config", str(config_file), "--run-dir", str(run_dir), "train.steps=2",
+             "train.global_batch=8", "log.sample_every=0"]  # fmt: skip
+    out = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads((run_dir / "final.json").read_text())["world_size"] == 1
+    export = [*base, "export", "--run", str(run_dir), "--out", str(tmp_path / "w" / "ema.pt")]
+    assert subprocess.run(export, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    cfg, ema_model = load_for_eval(str(run_dir))
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "w" / "ema.pt", weights_only=True))  # strict: reference names
+    st = load_file(str(tmp_path / "w" / "ema.safetensors"))
+    for k, v in ema_model.state_dict().items():
+        assert torch.equal(st[k], v) and torch.equal(model.state_dict()[k], v)
+    sample = [*base, "sample", "--run", str(run_dir), "--out", str(tmp_path / "grid.png"), "--n", "4", "--steps", "3"]
+    assert subprocess.run(sample, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
