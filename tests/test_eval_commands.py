@@ -200,3 +200,49 @@ def test_bad_inputs(runs, tmp_path, capsys):
     missing = tmp_path / "no-such-weights.pth"
     assert main(["eval", "fid", "--run", str(runs["a"]), "--inception-weights", str(missing), "--samples", "2"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_eval_reads_and_writes_object_storage(runs, s3_server):
+    bucket = s3_server.bucket()
+    s3_server.fs.put(str(runs["a"]), f"{bucket[5:]}/a", recursive=True)
+    url = f"{bucket}/a"
+    assert main(["eval", "psnr-gap", "--run", url, "--k", "4", "--points", "2"]) == 0
+    assert main(["eval", "locality", "--run", url, "--images", "2", "--timesteps", "500"]) == 0
+    fs = s3_server.fs
+    for name in ("psnr_gap.json", "psnr_gap.png", "locality.json", "attention_t500.png"):
+        assert fs.exists(f"{bucket[5:]}/a/eval/{name}"), name
+    r = json.loads(fs.cat(f"{bucket[5:]}/a/eval/psnr_gap.json"))
+    assert r["run"] == url and len(r["gap"]) == 2
+
+
+def test_fid_inception_path_with_a_local_weights_file(runs, tmp_path, monkeypatch):
+    """The real pipeline with a randomly initialised FID Inception saved as a state dict (the real weights cannot
+    be downloaded in tests): loads, extracts 2048-d features, caches the reference statistics."""
+    import torch
+
+    from ditscale.eval.fid import FIDInceptionV3
+
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    monkeypatch.setenv("DITSCALE_INCEPTION_WEIGHTS", str(weights))
+    argv = [
+        "eval",
+        "fid",
+        "--run",
+        str(runs["a"]),
+        "--samples",
+        "3",
+        "--steps",
+        "2",
+        "--ref",
+        runs["full"],
+        "--ref-limit",
+        "6",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
+    assert main(argv) == 0
+    r = _json(runs["a"], "fid")
+    assert r["features"] == "inception" and r["samples"] == 3 and r["reference_images"] == 6 and r["fid"] >= 0
+    assert len(list((tmp_path / "cache" / "fid_stats").glob("inception-*.npz"))) == 1

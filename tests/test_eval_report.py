@@ -62,3 +62,26 @@ def test_report_errors(tmp_path):
     report.add_arguments(p)
     with pytest.raises(ConfigError, match="no runs"):
         report.run(p.parse_args(["--grid", str(tmp_path)]))
+
+
+def test_study_plan_is_disjoint_and_consistent():
+    import argparse
+
+    from ditscale.eval.study import add_study_arguments, plan
+
+    p = argparse.ArgumentParser()
+    add_study_arguments(p)
+    runs, pairs, data = plan(p.parse_args(["--out", "x"]))
+    ids = [r["id"] for r in runs]
+    assert len(ids) == len(set(ids)) == 7
+    assert pairs == [("global-n10-a", "global-n10-b"), ("global-n750-a", "global-n750-b")]
+    by = {r["id"]: r["config"] for r in runs}
+    assert by["global-n10-a"]["data"]["train"] != by["global-n10-b"]["data"]["train"]
+    assert by["local-n100-s0"]["model"]["windows"] == "3x2@head"
+    assert by["local-n100-s0"]["data"]["train"] == by["global-n100-s0"]["data"]["train"]
+    assert {c["train"]["steps"] for c in by.values()} == {1000}
+    assert all(c["data"]["flip"] is False and c["train"]["zero_stage"] == 0 for c in by.values())
+    from ditscale.config import config_from_dict
+
+    for c in by.values():
+        config_from_dict(c)  # every generated config validates
