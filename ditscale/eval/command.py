@@ -26,6 +26,7 @@ def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: this rank's GPU if any, else CPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,15 +133,17 @@ def generate(
     if cfg_scale > 1.0:
         from ditscale.diffusion import sample
 
-        return sample(model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise)
+        out = sample(model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise)
+        return out.float().cpu().clamp(-1, 1)
+    device = common.device_of(model)
     diffusion = common.make_diffusion(cfg, steps)
-    kw = {"noise": noise, "model_kwargs": {"y": labels}, "device": torch.device("cpu"), "progress": False}
+    kw = {"noise": noise.to(device), "model_kwargs": {"y": labels.to(device)}, "device": device, "progress": False}
     with torch.no_grad():
         if method == "ddim":
             out = diffusion.ddim_sample_loop(model, shape, eta=0.0, **kw)
         else:
             out = diffusion.p_sample_loop(model, shape, generator=generator, **kw)
-    return out.clamp(-1, 1)
+    return out.float().cpu().clamp(-1, 1)
 
 
 def _timed(fn):
@@ -157,7 +160,7 @@ def _timed(fn):
 def run_psnr_gap(args) -> dict:
     from ditscale.eval.psnr import plot_psnr, psnr_gap
 
-    cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag)
+    cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag, device=common.resolve_device(args.device))
     train_url = args.train or cfg.data.train
     test_url = args.test or cfg.data.test
     if not test_url:
@@ -192,8 +195,9 @@ def run_pair(args) -> dict:
     from ditscale.eval import pair
 
     run_a, run_b = args.runs
-    cfg_a, model_a = common.load_run(run_a, ema=args.ema, tag=args.tag)
-    cfg_b, model_b = common.load_run(run_b, ema=args.ema, tag=args.tag)
+    device = common.resolve_device(args.device)
+    cfg_a, model_a = common.load_run(run_a, ema=args.ema, tag=args.tag, device=device)
+    cfg_b, model_b = common.load_run(run_b, ema=args.ema, tag=args.tag, device=device)
     for attr in ("input_size", "in_channels"):
         if getattr(model_a, attr) != getattr(model_b, attr):
             raise DataError(
@@ -266,7 +270,7 @@ def _ints(spec: str, what: str) -> list[int]:
 def run_locality(args) -> dict:
     from ditscale.eval.locality import locality, plot_locality, plot_maps
 
-    cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag)
+    cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag, device=common.resolve_device(args.device))
     url = args.data or (cfg.data.test if args.split == "test" else cfg.data.train) or cfg.data.train
     images, labels, _ = common.load_images(url, args.images, model=model)
     diffusion = common.make_diffusion(cfg)
@@ -314,7 +318,8 @@ def run_fid(args) -> dict:
 
     started = _init_distributed()
     try:
-        cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag)
+        device = common.resolve_device(args.device)
+        cfg, model = common.load_run(args.run, ema=args.ema, tag=args.tag, device=device)
         ref_url = args.ref or cfg.data.train
         if not ref_url:
             raise DataError(f"run {args.run!r} has no data.train: pass --ref MANIFEST")
@@ -323,7 +328,12 @@ def run_fid(args) -> dict:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:  # compute (or read) the cached reference statistics once
             mu_r, sig_r, info = fid.reference_stats(
-                ref_url, args.features, extractor, limit=args.ref_limit, cache=Path(args.cache) if args.cache else None
+                ref_url,
+                args.features,
+                extractor,
+                limit=args.ref_limit,
+                cache=Path(args.cache) if args.cache else None,
+                device=device,
             )
         if dist.is_initialized():
             dist.barrier()
@@ -335,7 +345,14 @@ def run_fid(args) -> dict:
             )
 
         feats = fid.sample_features(
-            model, draw, extractor, args.samples, num_classes=nc, batch_size=args.batch_size, seed=args.seed
+            model,
+            draw,
+            extractor,
+            args.samples,
+            num_classes=nc,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=device,
         )
         if rank != 0:
             return {}

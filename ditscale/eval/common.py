@@ -92,8 +92,26 @@ def write_result(run_dir: str, metric: str, result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- runs and data
-def load_run(run_dir: str, ema: bool = True, tag: str | None = None):
-    """(cfg, model) of a run's checkpoint, CPU and eval mode. CheckpointError when the run has none."""
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """ "auto": this rank's GPU when CUDA is available (LOCAL_RANK under torchrun), else the CPU."""
+    if name and name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        from ditscale.distenv import detect
+
+        return torch.device("cuda", detect().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def device_of(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str | torch.device | None = None):
+    """(cfg, model) of a run's checkpoint in eval mode, on `device` (default CPU). CheckpointError when the run
+    has no complete checkpoint."""
     if not exists(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
     try:
@@ -102,6 +120,8 @@ def load_run(run_dir: str, ema: bool = True, tag: str | None = None):
         raise CheckpointError(f"cannot load run {run_dir!r}: the trainer (ditscale.train) is unavailable: {e}") from e
     cfg, model = load_for_eval(run_dir, ema=ema, tag=tag)
     model.eval()
+    if device is not None:
+        model.to(device)
     return cfg, model
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ditscale.errors import CheckpointError, ConfigError
+from ditscale.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger("ditscale.eval.fid")
 
@@ -283,9 +283,11 @@ def reference_stats(
     cache: Path | None = None,
     limit: int | None = None,
     batch_size: int = 100,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma, info) of the reference shards' features; cached by manifest contents, features and limit."""
-    from ditscale.eval.common import load_images, manifest_of
+    from ditscale.data import iter_dataset
+    from ditscale.eval.common import manifest_of
 
     manifest = manifest_of(manifest_url)
     key_src = json.dumps(
@@ -304,8 +306,20 @@ def reference_stats(
     if path.is_file():
         z = np.load(path)
         return z["mu"], z["sigma"], {"path": str(path), "cached": True, "num_images": int(z["n"])}
-    images, _, _ = load_images(manifest_url, limit=limit)
-    feats = extract(extractor, images, batch_size)
+    # streamed in batches: the reference set never has to fit in memory as images
+    chunks, batch = [], []
+    for count, (img, _label, _index) in enumerate(iter_dataset(manifest_url), start=1):
+        batch.append(torch.as_tensor(img, dtype=torch.float32))
+        if len(batch) == batch_size:
+            chunks.append(extract(extractor, torch.stack(batch), batch_size, device))
+            batch = []
+        if limit is not None and count >= limit:
+            break
+    if batch:
+        chunks.append(extract(extractor, torch.stack(batch), batch_size, device))
+    if not chunks:
+        raise DataError(f"reference shards {manifest_url!r} hold no samples")
+    feats = np.concatenate(chunks)
     mu, sigma = feature_stats(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -333,6 +347,7 @@ def sample_features(
     shape: tuple[int, ...] | None = None,
     batch_size: int = 100,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Features of `num_samples` generated images, spread over the ranks when torch.distributed is initialised.
 
@@ -355,7 +370,7 @@ def sample_features(
         g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + idx[0])
         labels = torch.tensor([j % max(num_classes, 1) for j in idx], dtype=torch.long)
         images = diffusion_sample(model, labels, noise, g)
-        feats.append(extract(extractor, images.clamp(-1, 1), batch_size))
+        feats.append(extract(extractor, images.float().clamp(-1, 1), batch_size, device))
     local = np.concatenate(feats) if feats else np.zeros((0, 0))
     if world == 1:
         return local

@@ -66,8 +66,9 @@ def attention_entropy(probs: torch.Tensor) -> float:
 def collect_attention(model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None):
     """Run the model once under `capture_attention`; {block: probabilities (B, heads, N, N)}."""
     blocks = list(range(model.depth)) if blocks is None else list(blocks)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     with model.capture_attention(blocks=blocks) as probs:
-        model(x_t, t, y)
+        model(x_t.to(dev), t.to(dev), y.to(dev))
     return {b: probs[b].detach().float().cpu() for b in blocks}
 
 

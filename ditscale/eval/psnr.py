@@ -44,18 +44,19 @@ def psnr_curve(
     seed: int = 0,
 ) -> torch.Tensor:
     """Mean one-step denoising PSNR per timestep: tensor (len(timesteps),)."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []
     for t in timesteps:
-        # noise per image is fixed by (seed, t, position), whatever the batch size
+        # noise per image is fixed by (seed, t, position), whatever the batch size and device
         noise = noise_for(tuple(images.shape), seed, t)
         vals = []
         for i in range(0, len(images), batch_size):
-            x0 = images[i : i + batch_size]
-            y = labels[i : i + batch_size]
-            tt = torch.full((len(x0),), int(t), dtype=torch.long)
-            x_t = diffusion.q_sample(x0, tt, noise=noise[i : i + batch_size])
+            x0 = images[i : i + batch_size].to(dev)
+            y = labels[i : i + batch_size].to(dev)
+            tt = torch.full((len(x0),), int(t), dtype=torch.long, device=dev)
+            x_t = diffusion.q_sample(x0, tt, noise=noise[i : i + batch_size].to(dev))
             x0_hat = diffusion.predict_xstart(model, x_t, tt, model_kwargs={"y": y}, clip=True)
-            vals.append(psnr(x0, x0_hat))
+            vals.append(psnr(x0, x0_hat).cpu())
         out.append(torch.cat(vals).double().mean())
     return torch.stack(out)
 
