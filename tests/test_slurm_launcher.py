@@ -2,7 +2,8 @@
 
 The end-to-end test trains the two-run digits grid (DiT-T/2, CPU, gloo, ZeRO-2): one single-node run and one
 2-node run (one task per fake node), requeues the 2-node run with `scontrol requeue` once it has a checkpoint,
-checks that it resumed from that checkpoint, then runs --status and --collect.
+sends the single-node run a preemption notice (USR2: checkpoint, submitit requeues), checks that both resumed
+from their checkpoints, then runs --status and --collect.
 """
 
 import json
@@ -67,6 +68,10 @@ def test_submitit_two_node_torch_env(slurm_cluster, tmp_path):
     assert [s for _, _, s in out] == [3.0, 3.0]
 
 
+def _job_state(slurm_cluster, job: str) -> str:
+    return slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T", check=False).stdout.strip()
+
+
 def _queue(slurm_cluster) -> str:
     return slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip()
 
@@ -120,26 +125,34 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     assert "submitted job array" in r.stdout
     jobs = json.loads((runs_root / "_slurm" / "jobs.json").read_text())
     one, two = runs_root / "digits-t2-3x2@head-nodes1", runs_root / "digits-t2-3x2@head-nodes2"
-    job2 = jobs["digits-t2-3x2@head-nodes2"]["job_id"]
+    job1, job2 = jobs["digits-t2-3x2@head-nodes1"]["job_id"], jobs["digits-t2-3x2@head-nodes2"]["job_id"]
 
-    # requeue the 2-node run once it has a checkpoint
+    # preemption notice (USR2, what submitit also gets before the time limit) to the 1-node run, and
+    # `scontrol requeue` to the 2-node run, each once it has a checkpoint
+    _wait_for("a checkpoint of the 1-node run", lambda: (one / "checkpoints" / "latest").exists(), 300, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR2", job1)
     _wait_for("a checkpoint of the 2-node run", lambda: (two / "checkpoints" / "latest").exists(), 300, slurm_cluster)
     slurm_cluster.run("scontrol", "requeue", job2)
-    assert not (two / "final.json").exists(), "the run finished before it could be requeued"
-    st = launcher(*common, "--status")
-    assert st.returncode == 0 and f"job {job2}" in st.stdout
+    assert not (one / "final.json").exists() and not (two / "final.json").exists(), "finished before the requeue"
+    st = launcher(*common, *overrides, "--status")
+    assert st.returncode == 0 and f"job {job2}" in st.stdout and "digits-t2-3x2@head-nodes1" in st.stdout
+    for job in (job1, job2):  # Slurm holds a requeued job ~2 minutes (BeginTime); let it start now
+        _wait_for(f"job {job} requeued", lambda j=job: _job_state(slurm_cluster, j) == "PENDING", 120, slurm_cluster)
+        slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")
 
     _wait_for("both runs to finish", lambda: (one / "final.json").exists() and (two / "final.json").exists(), 420,
               slurm_cluster)  # fmt: skip
-    final = json.loads((two / "final.json").read_text())
-    assert final["step"] == 24 and final["world_size"] == 2 and final["finished"] is True
-    show = slurm_cluster.run("scontrol", "show", "job", job2).stdout
-    assert "Restarts=1" in show
-    log = (runs_root / "_slurm" / job2 / f"{job2}_0_log.err").read_text()
-    assert "digits-t2-3x2@head-nodes2: starting" in log
-    assert "digits-t2-3x2@head-nodes2: resuming from checkpoint step_" in log
-    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert steps[-1] == 24
+    for run_dir, job, world in ((one, job1, 1), (two, job2, 2)):
+        final = json.loads((run_dir / "final.json").read_text())
+        assert final["step"] == 24 and final["world_size"] == world and final["finished"] is True
+        assert "Restarts=1" in slurm_cluster.run("scontrol", "show", "job", job).stdout
+        log = (runs_root / "_slurm" / job / f"{job}_0_log.err").read_text()
+        assert f"{run_dir.name}: starting" in log
+        assert f"{run_dir.name}: resuming from checkpoint step_" in log
+        steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        assert steps[-1] == 24
+    log1 = (runs_root / "_slurm" / job1 / f"{job1}_0_log.err").read_text()
+    assert "checkpointed after the time-limit signal; requeueing" in log1
 
     # re-running the command submits nothing: both runs are finished
     _wait_for("the queue to drain", lambda: _queue(slurm_cluster) == "", 60, slurm_cluster)
