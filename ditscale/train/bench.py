@@ -4,8 +4,8 @@ One process, the config's model and per-process micro-batch:
   * DeepSpeed (the config's ZeRO stage, precision, clipping, EMA) vs a plain PyTorch loop (AdamW, clip_grad_norm_,
     the same EMA, bf16 autocast on GPUs) on the same in-memory batches, alternating rounds of `--steps` steps:
     images/s, step time and DeepSpeed's overhead;
-  * the DeepSpeed loop fed by the real loader (make_loader on data.train): the share of the step spent waiting for
-    data;
+  * the DeepSpeed loop fed by the real loader (make_loader on data.train), in the same alternating rounds: the
+    share of the step spent waiting for data;
   * on CUDA, model FLOPs utilisation (MFU) from an analytic FLOP count (DiT's "Gflops" x 2 x 3 for training).
 Figures go to docs/benchmarks-train.md with the machine named.
 """
@@ -22,10 +22,9 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and loop (default 20)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating plain/DeepSpeed rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop (default 5)")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating plain/DeepSpeed rounds (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each loop's first round")
-    parser.add_argument("--data-steps", type=int, default=40, help="steps of the real-loader run (data-wait share)")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the GPU for MFU (default: by name)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -136,26 +135,27 @@ def run(args: argparse.Namespace) -> int:
             out.append(time.perf_counter() - t0)
         return out
 
-    for i in range(args.warmup):
-        plain_step(i)
-        ds_step(i)
-    plain_times, ds_times = [], []
-    for _ in range(args.rounds):
-        plain_times += timed(plain_step, args.warmup)
-        ds_times += timed(ds_step, args.warmup)
+    waits: list[float] = []
 
-    # -- DeepSpeed fed by the real loader: data-wait share ------------------------------------------------------
-    wait = total = 0.0
-    for i in range(args.data_steps):
-        _sync(device)
+    def loader_step(i: int) -> None:  # DeepSpeed fed by the real loader: the data-wait share
         t0 = time.perf_counter()
         x, y = next(it)
         batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        t1 = time.perf_counter()
+        waits.append(time.perf_counter() - t0)
         ds_step(i, batch)
-        _sync(device)
-        wait += t1 - t0
-        total += time.perf_counter() - t0
+
+    for i in range(args.warmup):
+        plain_step(i)
+        ds_step(i)
+        loader_step(i)
+    waits.clear()
+    # Alternating rounds, so that the three loops share the machine's noise (shared CPUs, clocks).
+    plain_times, ds_times, loader_times = [], [], []
+    for _ in range(args.rounds):
+        plain_times += timed(plain_step, args.warmup)
+        ds_times += timed(ds_step, args.warmup)
+        loader_times += timed(loader_step, args.warmup)
+    wait, total = sum(waits), sum(loader_times)  # data-wait share over all timed loader steps
 
     t_plain, t_ds = statistics.median(plain_times), statistics.median(ds_times)
     res = {
@@ -165,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
         "plain_step_s": t_plain, "deepspeed_step_s": t_ds,
         "plain_images_per_s": b / t_plain, "deepspeed_images_per_s": b / t_ds,
         "deepspeed_overhead": t_ds / t_plain - 1.0,
-        "loader_step_s": total / args.data_steps, "loader_images_per_s": b * args.data_steps / total,
+        "plain_step_min_s": min(plain_times), "deepspeed_step_min_s": min(ds_times),
+        "deepspeed_overhead_min": min(ds_times) / min(plain_times) - 1.0,
+        "loader_step_s": statistics.median(loader_times),
+        "loader_images_per_s": b / statistics.median(loader_times),
         "data_wait_share": wait / total, "steps": args.steps, "rounds": args.rounds,
     }  # fmt: skip
     if device.type == "cuda":
@@ -182,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
           f"ZeRO-{res['zero_stage']}, {precision}, {res['device']}")  # fmt: skip
     print(f"  plain PyTorch : {t_plain * 1e3:8.1f} ms/step  {res['plain_images_per_s']:9.1f} images/s")
     print(f"  DeepSpeed     : {t_ds * 1e3:8.1f} ms/step  {res['deepspeed_images_per_s']:9.1f} images/s  "
-          f"(overhead {100 * res['deepspeed_overhead']:+.1f}%)")  # fmt: skip
+          f"(overhead {100 * res['deepspeed_overhead']:+.1f}% on medians, "
+          f"{100 * res['deepspeed_overhead_min']:+.1f}% on the fastest steps)")  # fmt: skip
     print(f"  with loader   : {res['loader_step_s'] * 1e3:8.1f} ms/step  {res['loader_images_per_s']:9.1f} images/s  "
           f"(data wait {100 * res['data_wait_share']:.1f}% of the step)")  # fmt: skip
     if "mfu" in res:
