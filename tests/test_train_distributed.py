@@ -300,3 +300,14 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     sample = [*base, "sample", "--run", str(run_dir), "--out", str(tmp_path / "grid.png"), "--n", "4", "--steps", "3"]
     assert subprocess.run(sample, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_bench_train(tmp_path, config_file, warm_deepspeed):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "ditscale", "bench", "train", "--config", str(config_file), "--steps", "2",
+           "--rounds", "1", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["plain_images_per_s"] > 0 and res["deepspeed_images_per_s"] > 0 and 0 <= res["data_wait_share"] < 1
+    assert "DeepSpeed" in proc.stdout and "data wait" in proc.stdout

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop (default 5)")
     parser.add_argument("--rounds", type=int, default=8, help="alternating plain/DeepSpeed rounds (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each loop's first round")
+    parser.add_argument("--synthetic", action="store_true", help="random batches instead of data.train (no loader)")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the GPU for MFU (default: by name)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, f"train.global_batch={cfg.train.micro_batch}"])
     denv = distenv.DistEnv()
     eng.setup_process_env(denv)
-    validate(cfg, 1)
+    if not args.synthetic:
+        validate(cfg, 1)
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
     precision = eng.resolve_precision(cfg)
@@ -72,13 +74,23 @@ def run(args: argparse.Namespace) -> int:
         diffusion_steps=cfg.diffusion.num_timesteps,
     )  # fmt: skip
     b = cfg.train.micro_batch
-    loader = make_loader(
-        cfg.data.train, batch_size=b, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
-    )  # fmt: skip
-    it = iter(loader)
     nb = args.warmup + args.steps
-    batches = [tuple(t.to(device) for t in next(it)) for _ in range(nb)]
+    m = cfg.model
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        shape = (b, m.in_channels, m.input_size, m.input_size)
+        batches = [
+            (torch.randn(shape, generator=g), torch.randint(0, m.num_classes, (b,), generator=g)) for _ in range(nb)
+        ]
+        it = None
+    else:
+        loader = make_loader(
+            cfg.data.train, batch_size=b, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
+        )  # fmt: skip
+        it = iter(loader)
+        batches = [next(it) for _ in range(nb)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     gen = torch.Generator(device=device).manual_seed(0)
     noise = [torch.randn(x.shape, device=device, generator=gen) for x, _ in batches]
     ts = [torch.randint(0, diffusion.num_timesteps, (b,), device=device, generator=gen) for _ in batches]
@@ -147,14 +159,18 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.warmup):
         plain_step(i)
         ds_step(i)
-        loader_step(i)
+        if it is not None:
+            loader_step(i)
     waits.clear()
     # Alternating rounds, so that the three loops share the machine's noise (shared CPUs, clocks).
     plain_times, ds_times, loader_times = [], [], []
     for _ in range(args.rounds):
         plain_times += timed(plain_step, args.warmup)
         ds_times += timed(ds_step, args.warmup)
-        loader_times += timed(loader_step, args.warmup)
+        if it is not None:
+            loader_times += timed(loader_step, args.warmup)
+    if not loader_times:  # --synthetic: no loader, no data wait
+        loader_times, waits = [float("nan")], [float("nan")]
     wait, total = sum(waits), sum(loader_times)  # data-wait share over all timed loader steps
 
     t_plain, t_ds = statistics.median(plain_times), statistics.median(ds_times)
