@@ -284,11 +284,15 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     run_dir = tmp_path / "alone"
     env = {**os.environ, "MKL_CBWR": "AUTO"}
     base = [sys.executable, "-m", "ditscale"]
+    # One process, gradient accumulation 2 (16 = 8 x 2 x 1), activation checkpointing, LR warm-up.
     train = [*base, "train", "--config", str(config_file), "--run-dir", str(run_dir), "train.steps=2",
-             "train.global_batch=8", "log.sample_every=0"]  # fmt: skip
+             "train.activation_checkpointing=true", "optim.warmup_steps=4", "log.sample_every=0"]  # fmt: skip
     out = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert json.loads((run_dir / "final.json").read_text())["world_size"] == 1
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"], r["lr"]) for r in rows] == [(1, 16, 2.5e-5), (2, 32, 5e-5)]
+    assert "accum 2" in out.stderr
     export = [*base, "export", "--run", str(run_dir), "--out", str(tmp_path / "w" / "ema.pt")]
     assert subprocess.run(export, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     cfg, ema_model = load_for_eval(str(run_dir))

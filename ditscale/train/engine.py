@@ -75,15 +75,17 @@ def init_distributed(denv: DistEnv) -> torch.device:
     return device
 
 
-def shutdown(ok: bool) -> None:
-    """Leave the process group cleanly (avoids 'terminate called without an active exception' at exit)."""
+def shutdown(ok: bool, destroy: bool = True) -> None:
+    """Leave the process group cleanly (avoids 'terminate called without an active exception' at exit). A group
+    that existed before training (e.g. Ray Train's) is left to its owner: `destroy=False`."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     if ok:
         dist.barrier()
-    dist.destroy_process_group()
+    if destroy:
+        dist.destroy_process_group()
 
 
 def resolve_precision(cfg: Config) -> str:

@@ -82,6 +82,9 @@ def run_training(cfg: Config) -> dict:
             log.info("run %s already finished at step %d (final.json); nothing to do", rundir, done["step"])
         return done
     manifest = validate(cfg, denv.world_size)
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()  # a launcher (Ray Train) may have joined the process group already
     device = eng.init_distributed(denv)
     ok = False
     try:
@@ -89,7 +92,7 @@ def run_training(cfg: Config) -> dict:
         ok = True
         return result
     finally:
-        eng.shutdown(ok)
+        eng.shutdown(ok, destroy=owned)
 
 
 def _labels(cfg: Config, manifest: dict, rank: int) -> dict[str, str]:
@@ -235,6 +238,7 @@ def train(cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunD
         while step < t_cfg.steps:
             # ---- one optimizer step: `accum` micro-batches, DeepSpeed steps the optimizer at the boundary ----
             t_start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps inside)
             wait, loss_sum = 0.0, torch.zeros((), device=device)
             for _ in range(accum):
                 t0 = time.perf_counter()
@@ -267,7 +271,6 @@ def train(cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunD
             metrics.data_wait.inc(wait)
             if step % cfg.log.every == 0 or step == t_cfg.steps or stop_now:
                 gn = engine.get_global_grad_norm()
-                lr = optimizer.param_groups[0]["lr"]
                 n = win["steps"]
                 last_loss = win["loss"] / n
                 last_ips = n * t_cfg.global_batch / max(win["time"], 1e-9)

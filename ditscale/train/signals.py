@@ -31,7 +31,11 @@ def install() -> None:
         log.info("not in the main thread: SIGTERM/SIGUSR1 handlers not installed (the caller stops the run)")
         return
     for sig in STOP_SIGNALS:
-        _previous[sig] = signal.signal(sig, _handler)
+        try:
+            _previous[sig] = signal.signal(sig, _handler)
+        except ValueError:  # not the main thread (e.g. a Ray Train worker): the launcher handles signals
+            log.info("SIGTERM/SIGUSR1 handlers not installed: training is not running in the main thread")
+            return
 
 
 def uninstall() -> None:
