@@ -56,7 +56,7 @@ def test_study_grids(name, tmp_path):
     assert {r.config.model.windows for r in runs} == set(WINDOWS)
     r = next(r for r in runs if r.id == f"{name}-xs1-local@mix-n1e3-s1")
     assert r.config.data.train == f"data/{name}/n1000-s1/manifest.json"
-    assert r.config.data.test == f"data/{name}/test/manifest.json"
+    assert r.config.data.test == f"data/{name}/n1000-s1/test/manifest.json"
     assert r.config.run.seed == 1 and r.config.run.name == r.id
     assert r.config.model.variant == "DiT-XS/1"
     assert r.run_dir == str(tmp_path / r.id) and r.config.run.dir == r.run_dir
