@@ -215,3 +215,36 @@ def test_sampling_leaves_the_training_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     b = draw(model, cfg, grid_labels(10, 4), seed=5)
     assert torch.equal(a, b) and a.shape == (4, 1, 8, 8) and a.abs().max() <= 1
+
+
+def test_stop_signals_are_recorded_not_fatal():
+    import os
+    import signal
+
+    from ditscale.train import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    signals.install()
+    try:
+        assert signals.requested() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.requested() == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)  # the first request wins; the process keeps running
+        assert signals.requested() == "SIGUSR1"
+    finally:
+        signals.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    import os
+    import time
+
+    fresh, stale = tmp_path / "a" / "lock", tmp_path / "b" / "lock"
+    for p in (fresh, stale):
+        p.parent.mkdir()
+        p.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    eng._remove_stale_build_locks(tmp_path)
+    assert fresh.exists() and not stale.exists()

@@ -40,6 +40,7 @@ def setup_process_env(denv: DistEnv) -> None:
     venv_bin = str(Path(sys.executable).parent)
     if os.path.exists(os.path.join(venv_bin, "ninja")) and not os.environ.get("PATH", "").startswith(venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    _remove_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     # MKL's conditional numerical reproducibility: the same floats whatever the memory alignment of the inputs
     # (which varies from run to run); exact resume on CPU depends on it. Read at MKL's first call.
     os.environ.setdefault("MKL_CBWR", "AUTO")
@@ -51,6 +52,20 @@ def setup_process_env(denv: DistEnv) -> None:
         n = max(1, cores // max(denv.local_world_size, 1))
         os.environ["OMP_NUM_THREADS"] = str(n)
         torch.set_num_threads(n)
+
+
+def _remove_stale_build_locks(ext_dir: Path, max_age_s: float = 900.0) -> None:
+    """A JIT build killed half-way leaves `<op>/lock` behind, and every later build then waits for it forever.
+    A build takes 1-3 minutes; a lock older than `max_age_s` is stale."""
+    import time
+
+    for lock in ext_dir.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                log.warning("removed a stale build lock %s (a build was interrupted)", lock)
+        except OSError:
+            pass
 
 
 def _free_port() -> int:
