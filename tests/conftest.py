@@ -15,7 +15,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # One ninja for every process (the venv's, a deepspeed dependency): ninja 1.11 and 1.13 disagree on .ninja_log and
 # would rebuild the shared shm_comm op each time the other one ran it.
 _venv_bin = str(Path(sys.executable).parent)
-if os.path.exists(os.path.join(_venv_bin, "ninja")) and not os.environ.get("PATH", "").startswith(_venv_bin + os.pathsep):
+_path = os.environ.get("PATH", "")
+if os.path.exists(os.path.join(_venv_bin, "ninja")) and not _path.startswith(_venv_bin + os.pathsep):
     os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
 
 pytest_plugins = ["tests.plugins.s3", "tests.plugins.slurm", "tests.plugins.ray", "tests.plugins.prometheus"]
