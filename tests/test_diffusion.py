@@ -457,6 +457,6 @@ def test_diffusion_from_config():
     d = diffusion_from_config(cfg)
     assert d.num_timesteps == 100 and d.loss_type == "mse" and d.var_type == "fixed_large"
     assert diffusion_from_config(cfg, "ddim10").timestep_map[:2] == [0, 10]
-    bad = config_from_dict({"model": {"learn_sigma": False}})
-    with pytest.raises(ConfigError, match="learn_sigma"):
-        diffusion_from_config(bad)
+    # hybrid loss without learned sigma: rejected when the config is loaded, naming both keys
+    with pytest.raises(ConfigError, match="diffusion.loss 'hybrid' needs model.learn_sigma"):
+        config_from_dict({"model": {"learn_sigma": False}})
