@@ -21,8 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ditscale.errors import DitscaleError  # noqa: E402
-
-DEFAULT_GRID = "configs/grids/celeba32.yaml"
+from ditscale.launch.common import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,22 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="auto",
         help="Ray cluster: auto (RAY_ADDRESS or the local head), HOST:PORT, or ray://HOST:10001 (default: auto)",
     )  # fmt: skip
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"grid file (default: {DEFAULT_GRID})")
     p.add_argument("--workers-per-run", type=int, help="Ray Train workers per run (default: the grid's tasks)")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: the grid's)")
     p.add_argument("--max-concurrent", type=int, default=1, help="runs trained at the same time (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per run (default: 3)")
     p.add_argument("--storage", help="Ray Train bookkeeping dir (default: <runs parent>/_ray)")
-    p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
-    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a grid template var")
-    p.add_argument("--skip-data-check", action="store_true", help="do not check that data URLs can be read")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan; start nothing")
-    mode.add_argument("--status", action="store_true", help="show each run's state (from the run dirs)")
-    mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
-    p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
+    add_grid_arguments(
+        p, dry_run_help="print the plan; start nothing", status_help="show each run's state (from the run dirs)"
+    )
     return p
 
 
@@ -59,25 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ditscale import results
-    from ditscale.grid_command import parse_vars
-    from ditscale.launch import plan_grid, results_dir
     from ditscale.launch import ray as R
+    from ditscale.launch import results_dir
 
     try:
-        check_data = not (args.skip_data_check or args.status or args.collect)
-        plan = plan_grid(
-            args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
-            check_data=check_data,
-        )  # fmt: skip
+        plan = plan_from_args(args)
         base = results_dir(plan.runs, plan.name)
         if args.status:
             print(results.format_status(results.run_states(plan.runs)))
             return 0
         if args.collect:
-            table = results.collect(plan.runs)
-            paths = results.write_table(table, args.results_dir or base)
-            print(results.to_markdown(table))
-            print("\nwrote " + ", ".join(str(p) for p in paths))
+            collect_and_print(plan, args.results_dir)
             return 0
         opts = R.RayOptions(
             address=None if args.address in ("", "local") else args.address,

@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ditscale.errors import DitscaleError  # noqa: E402
-
-DEFAULT_GRID = "configs/grids/celeba32.yaml"
+from ditscale.launch.common import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--partition", required=True, help="Slurm partition (checked with sinfo before submitting)")
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"grid file (default: {DEFAULT_GRID})")
     p.add_argument("--nodes", type=int, help="nodes per run (default: the grid's resources.nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node (default: the grid's)")
     p.add_argument("--time", help="time limit per job: minutes or H:MM:SS (default: the grid's timeout_min)")
@@ -43,17 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array-parallelism", type=int, default=64, help="max array tasks running at once (64)")
     p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time-limit hit per run (3)")
     p.add_argument("--log-dir", help="submitit logs and jobs.json (default: <runs parent>/_slurm)")
-    p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
-    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a grid template var")
     p.add_argument("--setup", action="append", help="shell line run in the job before srun (repeatable)")
-    p.add_argument("--skip-data-check", action="store_true", help="do not check that data URLs can be read")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan and sbatch parameters; submit nothing")
-    mode.add_argument("--status", action="store_true", help="show each run's state (run dir + squeue)")
-    mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
+    add_grid_arguments(
+        p, dry_run_help="print the plan and sbatch parameters; submit nothing",
+        status_help="show each run's state (run dir + squeue)",
+    )  # fmt: skip
     p.add_argument("--wait", action="store_true", help="after submitting, wait until every run ends")
-    p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     return p
 
 
@@ -72,18 +65,12 @@ def parse_time(text: str | None) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ditscale import results
-    from ditscale.grid_command import parse_vars
-    from ditscale.launch import plan_grid, results_dir
+    from ditscale.launch import results_dir
     from ditscale.launch import slurm as S
 
     try:
         resources = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": parse_time(args.time)}
-        check_data = not (args.skip_data_check or args.status or args.collect)
-        plan = plan_grid(
-            args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
-            resources=resources, check_data=check_data,
-        )  # fmt: skip
+        plan = plan_from_args(args, resources)
         base = results_dir(plan.runs, plan.name)
         opts = S.SlurmOptions(
             partition=args.partition, log_dir=Path(args.log_dir or base / "_slurm").absolute(),
@@ -94,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(S.status(plan, opts))
             return 0
         if args.collect:
-            table = results.collect(plan.runs)
-            paths = results.write_table(table, args.results_dir or base)
-            print(results.to_markdown(table))
-            print("\nwrote " + ", ".join(str(p) for p in paths))
+            collect_and_print(plan, args.results_dir)
             return 0
         S.submit(plan, opts, dry_run=args.dry_run)
         if args.wait and not args.dry_run:

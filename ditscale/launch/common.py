@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from ditscale import results
 from ditscale.grid import RunSpec
 
 log = logging.getLogger("ditscale.launch")
+
+DEFAULT_GRID = "configs/grids/celeba32.yaml"
 
 
 @dataclass
@@ -57,3 +60,36 @@ def results_dir(runs: list[RunSpec], default_name: str) -> Path:
     if local:
         return Path(os.path.commonpath([str(Path(d).parent) for d in local]))
     return Path("results") / default_name
+
+
+def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_help: str) -> None:
+    """The options both launchers share: which grid, where its runs go, and the plan/status/collect modes."""
+    p.add_argument("--grid", default=DEFAULT_GRID, help=f"grid file (default: {DEFAULT_GRID})")
+    p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a grid template var")
+    p.add_argument("--skip-data-check", action="store_true", help="do not check that data URLs can be read")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    mode.add_argument("--status", action="store_true", help=status_help)
+    mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
+    p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
+
+
+def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> Plan:
+    """Expand and validate the grid the shared options name (data URLs are not read for --status/--collect)."""
+    from ditscale.grid_command import parse_vars
+
+    check_data = not (args.skip_data_check or args.status or args.collect)
+    return plan_grid(
+        args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
+        resources=resources, check_data=check_data,
+    )  # fmt: skip
+
+
+def collect_and_print(plan: Plan, results_dir_arg: str | None) -> None:
+    """--collect: the results table as CSV, JSON and markdown next to the runs; the markdown is printed."""
+    table = results.collect(plan.runs)
+    paths = results.write_table(table, results_dir_arg or results_dir(plan.runs, plan.name))
+    print(results.to_markdown(table))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
