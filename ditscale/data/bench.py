@@ -6,7 +6,7 @@ the real converter, writes the very same stored images as one PNG file per image
   * shards: `make_loader` (tar shards through webdataset + fsspec, shuffle buffer, flips, batches);
   * per-file: a map-style Dataset that opens each PNG with PIL (flip, to tensor, normalise) under a DataLoader;
 from local disk and from a loopback S3 server (moto_server, started and stopped by PID) unless --no-s3.
-Prints a markdown table (docs/benchmarks-data.md holds the figures with the machine they came from).
+Prints a markdown table (docs/benchmarks.md holds the figures with the machine they came from).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def sdpa_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
 _TILE_CANDIDATES = (4, 6, 8, 12, 16)
 # relative per-(query, key) cost of the tiled matmuls by tile side (small tiles make small, less efficient matmuls;
 # large ones make big efficient ones) and of dense masked SDPA; fitted to fwd+bwd timings on a 2-core Xeon with
-# torch 2.13 at 256, 1024 and 4096 tokens (see docs/benchmarks-model.md)
+# torch 2.13 at 256, 1024 and 4096 tokens (see docs/benchmarks.md)
 _TILE_EFFICIENCY = {4: 2.8, 6: 1.65, 8: 1.0, 12: 0.85, 16: 0.7}
 _DENSE_EFFICIENCY = 0.42
 _TILE_OVERHEAD = 6000  # fixed cost of the tiled path (layout copies, more kernel launches), same units

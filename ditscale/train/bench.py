@@ -7,7 +7,7 @@ One process, the config's model and per-process micro-batch:
   * the DeepSpeed loop fed by the real loader (make_loader on data.train), in the same alternating rounds: the
     share of the step spent waiting for data;
   * on CUDA, model FLOPs utilisation (MFU) from an analytic FLOP count (DiT's "Gflops" x 2 x 3 for training).
-Figures go to docs/benchmarks-train.md with the machine named.
+Figures go to docs/benchmarks.md with the machine named.
 """
 
 from __future__ import annotations
