@@ -133,7 +133,10 @@ def generate(
     if cfg_scale > 1.0:
         from ditscale.diffusion import sample
 
-        out = sample(model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise)
+        out = sample(
+            model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise,
+            loss=cfg.diffusion.loss, diffusion_steps=cfg.diffusion.num_timesteps, noise_schedule=cfg.diffusion.schedule,
+        )  # fmt: skip
         return out.float().cpu().clamp(-1, 1)
     device = common.device_of(model)
     diffusion = common.make_diffusion(cfg, steps)
