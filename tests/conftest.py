@@ -25,3 +25,14 @@ pytest_plugins = ["tests.plugins.s3", "tests.plugins.slurm", "tests.plugins.ray"
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def digits8_dir(tmp_path_factory) -> Path:
+    """Grey 8x8 shards of the embedded sklearn digits (train + test/), built once per session. Read-only: tests
+    that damage shards build their own."""
+    from ditscale.data import build_shards
+
+    out = tmp_path_factory.mktemp("shared") / "digits8"
+    build_shards("digits", None, str(out), resolution=8, channels=1, progress=False)
+    return out

@@ -100,12 +100,8 @@ def test_demo_and_xl_configs():
 
 
 @pytest.fixture(scope="module")
-def digits8(tmp_path_factory) -> str:
-    from ditscale.data import build_shards
-
-    out = tmp_path_factory.mktemp("digits8")
-    build_shards("digits", None, str(out), resolution=8, channels=1, progress=False)
-    return str(out / "manifest.json")
+def digits8(digits8_dir) -> str:
+    return str(digits8_dir / "manifest.json")
 
 
 def _tiny(digits8: str, *overrides: str) -> Config:

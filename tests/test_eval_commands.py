@@ -54,13 +54,12 @@ def _train(tmp: Path, name: str, train: str, test: str, steps: int = 4) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from ditscale.data import build_shards, make_subset
+def runs(tmp_path_factory, digits8_dir):
+    from ditscale.data import make_subset
 
     tmp = tmp_path_factory.mktemp("evalcmd")
-    build_shards("digits", None, str(tmp / "digits8"), resolution=8, channels=1, progress=False)
-    full = str(tmp / "digits8" / "manifest.json")
-    test = str(tmp / "digits8" / "test" / "manifest.json")
+    full = str(digits8_dir / "manifest.json")
+    test = str(digits8_dir / "test" / "manifest.json")
     try:
         make_subset(full, 10, str(tmp / "pair"), seed=0, pair=True)
     except NotImplementedError:

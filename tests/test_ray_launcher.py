@@ -19,12 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def digits_data(tmp_path_factory):
-    from ditscale.data import build_shards
-
-    out = tmp_path_factory.mktemp("digits") / "digits8"
-    build_shards("digits", None, str(out), resolution=8, channels=1, progress=False)
-    return out
+def digits_data(digits8_dir):
+    return digits8_dir
 
 
 def launcher(*args, timeout=420):

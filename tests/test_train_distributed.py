@@ -34,12 +34,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    from ditscale.data import build_shards
-
-    out = tmp_path_factory.mktemp("digits8")
-    build_shards("digits", None, str(out), resolution=8, channels=1, progress=False)
-    return str(out / "manifest.json")
+def digits(digits8_dir) -> str:
+    return str(digits8_dir / "manifest.json")
 
 
 @pytest.fixture(scope="module")

@@ -299,20 +299,17 @@ TRAIN_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="session")
-def monitored_training(prometheus_server, tmp_path_factory, repo_root) -> TrainingRun:
+def monitored_training(prometheus_server, tmp_path_factory, repo_root, digits8_dir) -> TrainingRun:
     """The Job's command (read out of k8s/30-job.yaml, env substituted, 1 node x 2 processes, master 127.0.0.1)
     runs a tiny 2-rank training on digits shards while the real Prometheus scrapes both ranks' /metrics."""
     try:
         import ditscale.train.command  # noqa: F401
-        from ditscale.data import build_shards
         from ditscale.model import DiT_models  # noqa: F401
     except ImportError as e:
         pytest.skip(f"the trainer or the data package is not importable yet: {e}")
     root = tmp_path_factory.mktemp("k8s-run")
-    shards_dir = root / "shards"
-    build_shards("digits", None, str(shards_dir), resolution=8, channels=1)
-    manifest = shards_dir / "manifest.json"
-    assert manifest.is_file(), f"build_shards wrote no {manifest}"
+    manifest = digits8_dir / "manifest.json"
+    assert manifest.is_file(), f"no digits shards at {manifest}"
     run_name = "k8s-e2e"
     metrics_port = free_port(consecutive=2)
     config_path = root / "config.yaml"
