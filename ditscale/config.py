@@ -25,9 +25,14 @@ class RunSection(_Section):
     seed: int = 0
     # Local directory or object-storage URL (s3://bucket/prefix) for config, checkpoints, logs and samples.
     dir: str = "runs/run"
+    # The writer's lock on run.dir: a trainer that stops heartbeating for this long is dead and its run can be
+    # taken over (ditscale.io.lock). On the same host a holder whose process is gone is dead at once.
+    lease_seconds: float = Field(120.0, gt=0)
 
 
 class ModelSection(_Section):
+    """The DiT: `build()` makes the module (on the current default device)."""
+
     variant: str = "DiT-XS/1"
     windows: str = "global"  # a window spec: global, local@head, local*@mix, 5x6@tail, 3,5,7,...
     input_size: int = Field(32, gt=0)  # image (pixel space) or latent side
@@ -37,16 +42,37 @@ class ModelSection(_Section):
     class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0)
     attention_backend: Literal["auto", "sdpa_mask", "flex", "halo"] = "auto"
 
+    def build(self):
+        from ditscale.model import create_model
+
+        return create_model(
+            self.variant, input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+            learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, windows=self.windows,
+            attention_backend=self.attention_backend,
+        )  # fmt: skip
+
 
 class DiffusionSection(_Section):
+    """The Gaussian diffusion: `build(learn_sigma)` for training, `build(learn_sigma, steps)` respaced."""
+
     loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT)
     num_timesteps: int = Field(1000, gt=1)
     schedule: Literal["linear"] = "linear"
     sample_steps: int = Field(250, gt=0)  # respaced ancestral sampling for sample grids
     cfg_scale: float = Field(1.0, ge=1.0)
 
+    def build(self, learn_sigma: bool, respacing: str | int = ""):
+        from ditscale.diffusion import create_diffusion
+
+        return create_diffusion(
+            str(respacing) if respacing else "", noise_schedule=self.schedule, learn_sigma=learn_sigma,
+            loss=self.loss, diffusion_steps=self.num_timesteps,
+        )  # fmt: skip
+
 
 class DataSection(_Section):
+    """The training shards: `loader(batch_size, rank, world_size, seed)` is the resumable TrainStream."""
+
     train: str = ""  # manifest.json URL of the training shards (local path or s3://)
     test: str = ""  # manifest.json URL of the held-out test shards (optional; eval uses it)
     kind: Literal["pixels", "latents"] = "pixels"
@@ -54,6 +80,15 @@ class DataSection(_Section):
     shuffle_buffer: int = Field(1000, ge=0)
     flip: bool = True
     verify_sha256: bool = False
+
+    def loader(self, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        from ditscale.data import make_loader
+
+        return make_loader(
+            self.train, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+            num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer, flip=self.flip,
+            verify_sha256=self.verify_sha256,
+        )  # fmt: skip
 
 
 class OptimSection(_Section):
@@ -85,6 +120,8 @@ class LogSection(_Section):
     every: int = Field(10, gt=0)
     sample_every: int = Field(1000, ge=0)  # 0: no sample grids
     metrics_port: int = Field(9400, ge=0, le=65535)  # base port; rank r listens on base + local rank; 0 = off
+    # Where each record goes besides the console (a progress bar on a terminal, else a plain line per record).
+    loggers: list[Literal["prometheus", "jsonl"]] = ["prometheus", "jsonl"]
     progress: bool = True
 
 
@@ -185,3 +222,50 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys that do not change what is trained: they may differ when a run resumes. Every other key (model.*,
+# diffusion.*, data.*, optim.*, train.global_batch, run.seed, ...) changes the weights a run produces, so a resume
+# that changes one is refused unless the user allows it (and it is recorded in the run's config history).
+FREE_KEYS = (
+    "run.dir", "run.lease_seconds", "train.steps", "train.activation_checkpointing", "train.compile",
+    "model.attention_backend", "data.test", "data.num_workers", "data.verify_sha256", "diffusion.sample_steps",
+    "diffusion.cfg_scale", "checkpoint.", "log.",
+)  # fmt: skip
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """(trained, free): the keys whose values differ between two config trees, as key -> [old, new], split into
+    those that change what is trained and those that do not (FREE_KEYS). Old trees are completed with today's
+    defaults, so a key added to the schema later is not a change."""
+    try:
+        old_flat = flatten(Config.model_validate(old).model_dump(mode="json"))
+    except ValidationError:
+        old_flat = flatten(old)
+    new_flat = flatten(new)
+    trained: dict[str, list] = {}
+    free: dict[str, list] = {}
+    for key in sorted(set(old_flat) | set(new_flat)):
+        a, b = old_flat.get(key), new_flat.get(key)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a == b:
+            continue
+        is_free = any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS)
+        (free if is_free else trained)[key] = [a, b]
+    return trained, free
+
+
+def format_changes(changes: dict[str, list]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())

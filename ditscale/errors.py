@@ -31,3 +31,7 @@ class StorageError(DataError):
 
 class LaunchError(DitscaleError):
     """A grid or a submission cannot be planned (bad partition, invalid run config, ...)."""
+
+
+class RunLockedError(DitscaleError):
+    """Another live trainer holds the run dir (or took it over while this one was paused)."""

@@ -351,3 +351,14 @@ def summarize(runs: list[RunSpec]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def parse_vars(items: list[str]) -> dict:
+    """--var NAME=VALUE items -> {NAME: value} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise LaunchError(f"--var {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v else ""
+    return out

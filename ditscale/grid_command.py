@@ -20,25 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
 
 
-def parse_vars(items: list[str]) -> dict:
-    import yaml
-
-    from ditscale.errors import LaunchError
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise LaunchError(f"--var {item!r}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v else ""
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from ditscale import grid as G
     from ditscale import results
 
-    runs = G.expand(args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides)
+    runs = G.expand(args.grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides)
     if args.check_data:
         G.check_data(runs)
     if args.json:

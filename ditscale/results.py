@@ -1,9 +1,8 @@
 """The results table of a grid, read from the run dirs (shared by every launcher).
 
-Per run: its state (from the run dir: final.json -> done; checkpoints/latest -> interrupted/resumable;
-metrics.jsonl -> running or failed; nothing -> pending), the final metrics (final.json, else the last
-metrics.jsonl line), and evaluation numbers from `{run.dir}/eval/*.json` when present (flattened as
-`<file stem>.<key>`). Written as CSV, JSON and markdown.
+Per run: its state (ditscale.io.rundir.RunDir.status: done, running, resumable, started, pending), the final
+metrics (final.json, else the last metrics.jsonl line), and evaluation numbers from `{run.dir}/eval/*.json` when
+present (flattened as `<file stem>.<key>`). Written as CSV, JSON and markdown.
 """
 
 from __future__ import annotations
@@ -15,95 +14,32 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# states, from least to most advanced
-PENDING, STARTED, RESUMABLE, DONE = "pending", "started", "resumable", "done"
+from ditscale.io.rundir import EVAL, RunDir
+
 _BASE_COLUMNS = ["run", "state", "step", "loss", "images_per_second"]
-
-
-def _fs(url: str):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/")
-
-
-def _read_text(fs, path: str) -> str | None:
-    try:
-        with fs.open(path, "r") as f:
-            return f.read()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _last_json_line(fs, path: str) -> dict | None:
-    text = _read_text(fs, path)
-    if not text:
-        return None
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line while the run writes
-        if isinstance(rec, dict):
-            return rec
-    return None
-
-
-def run_state(run_dir: str) -> dict[str, Any]:
-    """{'state', 'step', 'checkpoint', 'final', 'last'} of one run dir (local path or URL)."""
-    fs, root = _fs(run_dir)
-    out: dict[str, Any] = {"state": PENDING, "step": None, "checkpoint": None, "final": None, "last": None}
-    final_text = _read_text(fs, f"{root}/final.json")
-    if final_text:
-        try:
-            out["final"] = json.loads(final_text)
-        except json.JSONDecodeError:
-            out["final"] = None
-    out["last"] = _last_json_line(fs, f"{root}/metrics.jsonl")
-    tag = _read_text(fs, f"{root}/checkpoints/latest")
-    out["checkpoint"] = tag.strip() if tag else None
-    if out["final"] is not None:
-        out["state"] = DONE
-        out["step"] = out["final"].get("step")
-    elif out["checkpoint"]:
-        out["state"] = RESUMABLE
-    elif out["last"] is not None or fs.exists(f"{root}/config.yaml"):
-        out["state"] = STARTED
-    if out["step"] is None and out["last"]:
-        out["step"] = out["last"].get("step")
-    if out["step"] is None and out["checkpoint"]:
-        digits = "".join(c for c in out["checkpoint"] if c.isdigit())
-        out["step"] = int(digits) if digits else None
-    return out
-
-
-def is_done(run_dir: str) -> bool:
-    fs, root = _fs(run_dir)
-    return fs.exists(f"{root}/final.json")
 
 
 def run_states(runs: Iterable, scheduler: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per run: id, state, step, total steps, checkpoint, plus the scheduler's state when known.
 
-    scheduler maps run id -> a launcher's view (e.g. 'RUNNING 12_0', 'PENDING 12_1'); it wins over the run
-    dir for runs not done yet.
+    The state is the run dir's own (ditscale.io.rundir.RunDir.status: done, running, resumable, started,
+    pending); scheduler maps run id -> a launcher's view (e.g. 'RUNNING 12_0', 'PENDING 12_1').
     """
     rows = []
     for r in runs:
-        st = run_state(r.run_dir)
+        st = RunDir(r.run_dir).status(r.config.train.steps)
         rows.append(
             {
                 "run": r.id,
-                "state": st["state"],
-                "step": st["step"],
+                "state": st.state,
+                "step": st.step,
                 "steps": r.config.train.steps,
-                "checkpoint": st["checkpoint"],
+                "checkpoint": st.checkpoint,
                 "scheduler": (scheduler or {}).get(r.id, ""),
-                "loss": (st["final"] or st["last"] or {}).get("loss"),
+                "loss": (st.final or st.last or {}).get("loss"),
                 "run_dir": r.run_dir,
+                "holder": st.holder.describe() if st.holder else "",
+                "last_step_age": st.last_step_age,
             }
         )
     return rows
@@ -134,20 +70,22 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
     # lists (curves, per-sample values) stay in the eval files
 
 
-def _eval_metrics(run_dir: str) -> dict[str, Any]:
-    fs, root = _fs(run_dir)
+def eval_results(run_dir: str) -> dict[str, Any]:
+    """{metric: parsed JSON} of a run's eval/*.json (unreadable files are skipped)."""
+    rd = RunDir(run_dir)
     out: dict[str, Any] = {}
-    try:
-        files = sorted(f for f in fs.ls(f"{root}/eval", detail=False) if str(f).endswith(".json"))
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return out
-    for f in files:
-        text = _read_text(fs, f)
-        try:
-            data = json.loads(text) if text else None
-        except json.JSONDecodeError:
-            continue
-        _flatten(Path(f).stem, data, out)
+    for name in rd.listdir(EVAL):
+        if name.endswith(".json"):
+            data = rd.read_json(f"{EVAL}/{name}")
+            if data is not None:
+                out[name[: -len(".json")]] = data
+    return out
+
+
+def _eval_metrics(run_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for stem, data in eval_results(run_dir).items():
+        _flatten(stem, data, out)
     return out
 
 
@@ -155,14 +93,14 @@ def collect(runs: Iterable) -> list[dict[str, Any]]:
     """The results table: one dict per run (axis values, state, final metrics, eval metrics)."""
     table = []
     for r in runs:
-        st = run_state(r.run_dir)
-        row: dict[str, Any] = {"run": r.id, "state": st["state"]}
+        st = RunDir(r.run_dir).status(r.config.train.steps)
+        row: dict[str, Any] = {"run": r.id, "state": st.state}
         for k, v in r.values.items():
             row[f"axis.{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
         row["variant"] = r.config.model.variant
         row["windows"] = r.config.model.windows
-        src = st["final"] or st["last"] or {}
-        row["step"] = st["step"]
+        src = st.final or st.last or {}
+        row["step"] = st.step
         for k, v in src.items():
             if k not in ("step", "finished") and isinstance(v, (int, float, str, bool)):
                 row[k] = v

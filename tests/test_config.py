@@ -72,12 +72,11 @@ def test_train_command_stops_on_a_bad_config_before_heavy_work(tmp_path, capsys)
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_shipped_configs_are_valid(path):
     from ditscale.model import DiT_models
-    from ditscale.train.checkpoint import build_model
 
     cfg = load_config(path)
     assert cfg.model.variant in DiT_models
     with torch.device("meta"):  # checks the window spec against the depth without allocating weights
-        model = build_model(cfg)
+        model = cfg.model.build()
     assert len(model.windows) == model.depth
     if cfg.model.windows != "global":
         assert any(w is not None for w in model.windows)
@@ -113,7 +112,7 @@ def _tiny(digits8: str, *overrides: str) -> Config:
 
 
 def test_trainer_checks_config_against_data_and_world(digits8):
-    from ditscale.train.loop import validate
+    from ditscale.train.trainer import validate
 
     assert validate(_tiny(digits8), world_size=2)["num_classes"] == 10
     cases = [

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ditscale.data import build_shards, make_loader, make_subset, read_manifest
-from ditscale.data import storage as storage_mod
 from ditscale.data.latents import build_latents, load_vae_encoder
 from ditscale.errors import DataError, StorageError
 
@@ -208,16 +207,19 @@ def test_truncated_shard_skips_its_rest(digits, tmp_path, caplog):
     assert not [r for r in caplog.records if "corrupt" in r.getMessage()]  # the half sample is not "corrupt"
 
 
-def test_missing_shard_retries_then_names_url(digits, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(storage_mod, "RETRIES", 3)
-    monkeypatch.setattr(storage_mod, "BACKOFF", 0.01)
+def test_missing_shard_is_named_without_retrying(digits, tmp_path, caplog):
+    from ditscale.data import missing_shards, read_manifest
+
     root = copy_set(digits, tmp_path / "missing")
+    gone = sorted(root.glob("*.tar"))[:2]
+    for p in gone:
+        p.unlink()
+    assert missing_shards(read_manifest(str(root / "manifest.json"))) == [str(p) for p in gone]
     for p in root.glob("*.tar"):
         p.unlink()
-    with caplog.at_level(logging.WARNING), pytest.raises(StorageError, match=r"train-0000\d\d\.tar") as e:
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError, match=r"train-0000\d\d\.tar does not exist"):
         next(make_loader(str(root / "manifest.json"), batch_size=4))
-    assert "3 attempt" in str(e.value)
-    assert sum("retry" in r.getMessage() for r in caplog.records) == 2
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]  # a missing file is not transient
     with pytest.raises(StorageError, match="nowhere/manifest.json"):
         make_loader(str(tmp_path / "nowhere"), batch_size=4)
 

@@ -9,6 +9,7 @@ from ditscale import grid as G
 from ditscale import results
 from ditscale.cli import main as cli_main
 from ditscale.errors import LaunchError
+from ditscale.io.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "configs" / "grids"
@@ -159,7 +160,8 @@ def _fake_runs(tmp_path):
     (done / "final.json").write_text(json.dumps({"step": 10, "loss": 0.1, "images_per_second": 12.5, "finished": True}))
     (done / "eval").mkdir()
     (done / "eval" / "psnr_gap.json").write_text(json.dumps({"gap": 1.5, "per_t": {"300": 1.2}, "curve": [1, 2]}))
-    (resumable / "checkpoints").mkdir()
+    (resumable / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (resumable / "checkpoints" / "step_00000005" / "meta.json").write_text('{"step": 5}')
     (resumable / "checkpoints" / "latest").write_text("step_00000005\n")
     (resumable / "metrics.jsonl").write_text(lines[0] + "\n" + '{"step": 7, "lo')  # torn last line
     return runs
@@ -173,7 +175,10 @@ def test_run_states_and_status(tmp_path):
     text = results.format_status(rows)
     assert "RUNNING job 7_1" in text and "10/10" in text and "5/10" in text
     assert "4 runs: 1 done, 1 pending, 1 resumable, 1 started" in text
-    assert results.is_done(runs[0].run_dir) and not results.is_done(runs[1].run_dir)
+    done = RunDir(runs[0].run_dir)
+    assert done.is_done(10) and not RunDir(runs[1].run_dir).is_done(10)
+    assert not done.is_done(20)  # train.steps raised: the run continues
+    assert results.run_states(runs[:1])[0]["state"] == "done"
 
 
 def test_collect_csv_json_markdown(tmp_path):

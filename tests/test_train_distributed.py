@@ -243,10 +243,9 @@ def test_kill9_of_one_rank_then_resume(tmp_path, config_file, reference):
     rc, out = finish(proc, timeout=300)
     assert rc != 0
     assert not (run_dir / "final.json").exists()
-    from ditscale.train.checkpoint import latest_tag
-    from ditscale.train.rundir import RunDir
+    from ditscale.io.rundir import RunDir
 
-    tag = latest_tag(RunDir(str(run_dir)))
+    tag = RunDir(str(run_dir)).latest_tag()
     assert tag is not None and int(tag[5:]) >= 2
     run_ok(config_file, run_dir)
     assert losses(run_dir) == losses(reference)
@@ -254,13 +253,13 @@ def test_kill9_of_one_rank_then_resume(tmp_path, config_file, reference):
 
 def test_run_dir_on_object_storage(s3_server, tmp_path, config_file, reference):
     """run.dir = s3://...: checkpoints uploaded (meta.json, then `latest`), resume downloads them."""
-    from ditscale.train.checkpoint import latest_tag, load_for_eval
-    from ditscale.train.rundir import RunDir
+    from ditscale.io.rundir import RunDir
+    from ditscale.train.checkpoint import load_for_eval
 
     url = s3_server.bucket() + "/runs/tiny"
     run_ok(config_file, url, "train.steps=4", "log.sample_every=4")
     rd = RunDir(url)
-    assert latest_tag(rd) == "step_00000004" and rd.exists("samples/step_00000004.png")
+    assert rd.latest_tag() == "step_00000004" and rd.exists("samples/step_00000004.png")
     assert rd.exists("config.yaml") and rd.exists("checkpoints/step_00000004/rank_00001.pt")
     run_ok(config_file, url, "train.steps=6")
     rows = [json.loads(x) for x in rd.read_text("metrics.jsonl").splitlines()]
@@ -275,7 +274,7 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     import torch
     from safetensors.torch import load_file
 
-    from ditscale.train.checkpoint import build_model, load_for_eval
+    from ditscale.train.checkpoint import load_for_eval
 
     run_dir = tmp_path / "alone"
     env = {**os.environ, "MKL_CBWR": "AUTO"}
@@ -292,7 +291,7 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     export = [*base, "export", "--run", str(run_dir), "--out", str(tmp_path / "w" / "ema.pt")]
     assert subprocess.run(export, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     cfg, ema_model = load_for_eval(str(run_dir))
-    model = build_model(cfg)
+    model = cfg.model.build()
     model.load_state_dict(torch.load(tmp_path / "w" / "ema.pt", weights_only=True))  # strict: reference names
     st = load_file(str(tmp_path / "w" / "ema.safetensors"))
     for k, v in ema_model.state_dict().items():

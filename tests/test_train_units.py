@@ -12,10 +12,10 @@ import torch
 
 from ditscale.config import load_config
 from ditscale.errors import CheckpointError, ConfigError
+from ditscale.io.rundir import RunDir, tag_for
 from ditscale.train import engine as eng
-from ditscale.train.checkpoint import complete_tags, latest_tag, load_for_eval, tag_for
+from ditscale.train.checkpoint import load_for_eval
 from ditscale.train.ema import EMA
-from ditscale.train.rundir import RunDir
 
 
 def _tiny_model(**kw):
@@ -31,6 +31,7 @@ def test_rundir_roundtrip(tmp_path, kind):
     rd = RunDir(url)
     assert rd.remote == (kind == "memory")
     rd.write_text("config.yaml", "a: 1\n")
+    assert [n for n in rd.listdir() if n.startswith(".")] == []  # the atomic write left no temporary file
     assert rd.read_text("config.yaml") == "a: 1\n" and rd.exists("config.yaml")
     assert rd.read_text("nope.txt") is None and not rd.exists("nope.txt")
     src = tmp_path / "src"
@@ -61,20 +62,22 @@ def _fake_checkpoint(rd: RunDir, step: int, complete: bool = True) -> None:
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_latest_complete_checkpoint(tmp_path, kind):
     rd = RunDir(str(tmp_path / "run") if kind == "local" else f"memory://ditscale-latest-{tmp_path.name}/run")
-    assert latest_tag(rd) is None
+    assert rd.latest_tag() is None
     _fake_checkpoint(rd, 2)
     _fake_checkpoint(rd, 4)
     _fake_checkpoint(rd, 6, complete=False)  # killed while writing: never taken
     rd.write_text("checkpoints/.staging/step_00000008/meta.json", "{}")
-    assert complete_tags(rd) == ["step_00000002", "step_00000004"]
-    assert latest_tag(rd) == "step_00000004"  # no `latest` file yet: the highest complete one
-    rd.write_text("checkpoints/latest", "step_00000002")  # stale pointer (crash before `latest` was replaced)
-    assert latest_tag(rd) == "step_00000004"
-    rd.write_text("checkpoints/latest", "step_00000006")  # pointer to an incomplete one
-    assert latest_tag(rd) == "step_00000004"
+    assert rd.complete_tags() == ["step_00000002", "step_00000004"]
+    assert rd.latest_tag() == "step_00000004"  # no `latest` file yet: the highest complete one
+    for junk in (b"step_00000002", b"step_00000006", b"\xff\xfe\x00binary", b"", b"no such tag\n", b"step_99"):
+        rd.write_bytes("checkpoints/latest", junk)  # stale, incomplete, undecodable, empty, garbage
+        assert rd.latest_tag() == "step_00000004", junk
 
 
 def test_load_for_eval_without_checkpoint_raises(tmp_path):
+    with pytest.raises(CheckpointError, match="empty-run' does not exist"):
+        load_for_eval(str(tmp_path / "empty-run"))
+    (tmp_path / "empty-run").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_for_eval(str(tmp_path / "empty-run"))
 
@@ -177,19 +180,19 @@ def test_exporter_on_a_busy_port_does_not_stop_training():
         m.close()
 
 
-def test_jsonl_truncates_steps_after_the_resumed_checkpoint(tmp_path):
-    from ditscale.observability import JsonlLog, read_jsonl
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_jsonl_truncates_steps_after_the_resumed_checkpoint(tmp_path, kind):
+    from ditscale.train.loggers import JsonlLogger
 
-    log = JsonlLog(tmp_path / "metrics.jsonl")
+    rd = RunDir(str(tmp_path / "run") if kind == "local" else f"memory://ditscale-jsonl-{tmp_path.name}/run")
+    log = JsonlLogger(rd, start_step=0)
     for s in range(1, 6):
-        log.write({"step": s, "loss": float(s)})
+        log.log(s, {"step": s, "loss": float(s)})
     log.close()
-    log = JsonlLog(tmp_path / "metrics.jsonl", truncate_after_step=3)
-    log.write({"step": 4, "loss": 40.0})
+    log = JsonlLogger(rd, start_step=3)
+    log.log(4, {"step": 4, "loss": 40.0})
     log.close()
-    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)
-    ]  # fmt: skip
+    assert [(r["step"], r["loss"]) for r in rd.records()] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
 @pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB"), (4, "RGB")])
@@ -221,18 +224,18 @@ def test_stop_signals_are_recorded_not_fatal():
     import os
     import signal
 
-    from ditscale.train import signals
+    from ditscale.train import stop
 
     before = signal.getsignal(signal.SIGTERM)
-    signals.install()
+    stop.install()
     try:
-        assert signals.requested() is None
+        assert stop.requested() is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert signals.requested() == "SIGUSR1"
+        assert stop.requested() == "SIGUSR1"
         os.kill(os.getpid(), signal.SIGTERM)  # the first request wins; the process keeps running
-        assert signals.requested() == "SIGUSR1"
+        assert stop.requested() == "SIGUSR1"
     finally:
-        signals.uninstall()
+        stop.uninstall()
     assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -25,10 +25,11 @@ from multiprocessing import get_context
 import numpy as np
 from tqdm import tqdm
 
-from ditscale.data import sources, storage
+from ditscale.data import sources
 from ditscale.data.codec import encode_png
 from ditscale.data.sources import Record, list_source, load_image, prepare
 from ditscale.errors import DataError
+from ditscale.io import storage
 
 log = logging.getLogger(__name__)
 

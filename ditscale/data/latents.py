@@ -20,10 +20,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ditscale.data import storage
 from ditscale.data.convert import add_tar_member, sample_key, write_manifest
 from ditscale.data.stream import iter_dataset, read_manifest
 from ditscale.errors import DataError
+from ditscale.io import storage
 
 LATENT_SCALE = 0.18215
 Encoder = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (B,3,H,W) in [-1,1] -> (B,C,h,w) scaled

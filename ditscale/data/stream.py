@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 import tarfile
 from collections.abc import Iterator
 
@@ -38,9 +37,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditscale.data import storage
 from ditscale.data.codec import PngRows, UnsupportedTar, decode_png, inflate_png, tar_index, unfilter_batch
+from ditscale.data.gopen import register_gopen, worker_init_fn
 from ditscale.errors import DataError, StorageError
+from ditscale.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ def manifest_url_of(url: str) -> str:
 def read_manifest(url: str) -> dict:
     """Read a manifest.json (URL of the file, or of the folder holding it); adds "url" (where it was read)."""
     murl = manifest_url_of(url)
-    if storage.is_local(murl) and not os.path.exists(storage.local_path(murl)):  # a typo: no point retrying
-        raise StorageError(f"manifest {murl} does not exist (expected a manifest.json written by shards/build.py)")
-    raw = storage.read_bytes(murl)
+    try:
+        raw = storage.read_bytes(murl)
+    except FileNotFoundError:
+        msg = f"manifest {murl} does not exist (expected a manifest.json written by shards/build.py)"
+        raise StorageError(msg) from None
     try:
         m = json.loads(raw)
     except ValueError as e:
@@ -81,14 +83,24 @@ def _gopen(url: str):
     return gopen(storage.local_path(url) if storage.is_local(url) else url, "rb")
 
 
+def missing_shards(manifest: dict) -> list[str]:
+    """URLs of the manifest's shards that do not exist (a listing per directory, no downloads)."""
+    return storage.missing(shard_url(manifest, s) for s in manifest["shards"])
+
+
 def fetch_shard(url: str, sha256: str | None = None, verify: bool = False) -> bytes:
-    """The shard's bytes through webdataset's gopen (fsspec for object stores), with retries + backoff."""
+    """The shard's bytes through webdataset's gopen (fsspec for object stores, with retries and backoff)."""
 
     def go() -> bytes:
         with _gopen(url) as f:
             return f.read()
 
-    data = storage.with_retries(go, url, "read shard")
+    try:
+        data = storage.with_retries(go, url, "read shard") if storage.is_url(url) else go()
+    except FileNotFoundError:
+        raise StorageError(f"shard {url} does not exist (listed in the manifest)") from None
+    except OSError as e:
+        raise StorageError(f"cannot read shard {url}: {storage.describe(e)}") from e
     if verify and sha256:
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
@@ -468,13 +480,13 @@ class TrainStream:
                 for s in order
             }
             return _round_robin([by_s[s] for s in order], self.batch_size)
-        storage.register_gopen()
+        register_gopen()
         ds = _WorkerDataset(self._spec(), order, list(self.positions))
         self._loader = torch.utils.data.DataLoader(
             ds,
             batch_size=None,
             num_workers=self.num_workers,
-            worker_init_fn=storage.worker_init_fn,
+            worker_init_fn=worker_init_fn,
             prefetch_factor=2,
             persistent_workers=False,
         )
@@ -553,7 +565,7 @@ def make_loader(
     streams: int | None = None,
 ) -> TrainStream:
     """The trainer's input: an endless, resumable TrainStream over the shards of a manifest (see module doc)."""
-    storage.register_gopen()
+    register_gopen()
     return TrainStream(
         read_manifest(manifest_url),
         batch_size=batch_size,
@@ -570,7 +582,7 @@ def make_loader(
 
 def iter_dataset(manifest_url: str, verify_sha256: bool = False) -> Iterator[tuple[torch.Tensor, int, int]]:
     """Every sample once, in index order: (image float32 (C, H, W) in [-1, 1] or latent, label, index)."""
-    storage.register_gopen()
+    register_gopen()
     m = read_manifest(manifest_url)
     for shard in m["shards"]:
         url = shard_url(m, shard)

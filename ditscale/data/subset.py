@@ -22,10 +22,11 @@ import tarfile
 
 import numpy as np
 
-from ditscale.data import storage
 from ditscale.data.convert import add_tar_member, write_manifest
+from ditscale.data.gopen import register_gopen
 from ditscale.data.stream import fetch_shard, iter_shard, read_manifest, shard_url
 from ditscale.errors import DataError
+from ditscale.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def make_subset(
     Roles: "train" (OUT/manifest.json) or, with pair, "s1" and "s2" (OUT/s1/, OUT/s2/); and "test" (OUT/test/).
     `size` is a count (>= 1) or a fraction of the training pool (< 1).
     """
-    storage.register_gopen()
+    register_gopen()
     parent = read_manifest(manifest_url)
     n_parent = int(parent["num_samples"])
     test_parent = _parent_test_manifest(parent)

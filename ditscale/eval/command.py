@@ -94,12 +94,9 @@ def _meta(run_dir: str, cfg, args, metric: str) -> dict:
         n_train = common.manifest_of(cfg.data.train).get("num_samples") if cfg.data.train else None
     except Exception:  # the numbers stay useful without it
         pass
-    step = None
-    try:
-        with common._open(common.join(run_dir, "checkpoints", "latest"), "r") as f:
-            step = f.read().strip()
-    except Exception:
-        pass
+    from ditscale.io.rundir import RunDir
+
+    step = RunDir(run_dir).latest_tag()
     return {
         "metric": metric,
         "run": run_dir,

@@ -8,53 +8,30 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ditscale.errors import CheckpointError, DataError
+from ditscale.errors import DataError
+from ditscale.io import storage
+from ditscale.io.rundir import EVAL, RunDir
 
 log = logging.getLogger("ditscale.eval")
 
 
 # ----------------------------------------------------------------------------------------------- paths and I/O
-def join(base: str, *parts: str) -> str:
-    """Join a local path or an object-storage URL (s3://...) with sub-paths."""
-    if "://" in base:
-        return posixpath.join(base.rstrip("/"), *parts)
-    return str(Path(base).joinpath(*parts))
-
-
-def _open(url: str, mode: str):
-    if "://" in url:
-        import fsspec
-
-        return fsspec.open(url, mode).open()
-    if "w" in mode:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return open(url, mode)
-
-
-def exists(url: str) -> bool:
-    if "://" in url:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.exists(path)
-    return Path(url).exists()
+# Every read and write goes through ditscale.io (local paths and object-storage URLs alike).
+join = storage.join
+exists = storage.exists
 
 
 def write_json(url: str, obj: Any) -> str:
-    with _open(url, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    storage.write_text(url, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
     return url
 
 
 def read_json(url: str) -> Any:
-    with _open(url, "r") as f:
-        return json.load(f)
+    return json.loads(storage.read_bytes(url))
 
 
 def _json_default(o: Any) -> Any:
@@ -74,13 +51,12 @@ def save_figure(fig, url: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    with _open(url, "wb") as f:
-        f.write(buf.getvalue())
+    storage.write_bytes(url, buf.getvalue())
     return url
 
 
 def eval_dir(run_dir: str) -> str:
-    return join(run_dir, "eval")
+    return RunDir(run_dir).path(EVAL)
 
 
 def write_result(run_dir: str, metric: str, result: dict) -> str:
@@ -112,12 +88,8 @@ def device_of(model) -> torch.device:
 def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str | torch.device | None = None):
     """(cfg, model) of a run's checkpoint in eval mode, on `device` (default CPU). CheckpointError when the run
     has no complete checkpoint."""
-    if not exists(run_dir):
-        raise CheckpointError(f"run directory {run_dir!r} does not exist")
-    try:
-        from ditscale.train.checkpoint import load_for_eval
-    except ImportError as e:  # pragma: no cover - only while the trainer is not installed
-        raise CheckpointError(f"cannot load run {run_dir!r}: the trainer (ditscale.train) is unavailable: {e}") from e
+    from ditscale.train.checkpoint import load_for_eval
+
     cfg, model = load_for_eval(run_dir, ema=ema, tag=tag)
     model.eval()
     if device is not None:
@@ -127,15 +99,7 @@ def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str
 
 def make_diffusion(cfg, steps: int | str = ""):
     """The run's diffusion process, optionally respaced to `steps` sampling steps."""
-    from ditscale.diffusion import create_diffusion
-
-    return create_diffusion(
-        timestep_respacing=str(steps) if steps else "",
-        noise_schedule=cfg.diffusion.schedule,
-        learn_sigma=cfg.model.learn_sigma,
-        loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )
+    return cfg.diffusion.build(cfg.model.learn_sigma, steps)
 
 
 def manifest_of(url: str) -> dict:

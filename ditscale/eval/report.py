@@ -11,7 +11,6 @@ Writes `report.md` and PNGs into --out (default: DIR/report, or reports/<grid na
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,26 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- discovery
 def _read_evals(run_dir: str) -> dict[str, Any]:
-    out = {}
-    d = Path(common.eval_dir(run_dir))
-    if "://" in run_dir:
-        import fsspec
+    from ditscale.results import eval_results
 
-        fs, path = fsspec.core.url_to_fs(common.eval_dir(run_dir))
-        try:
-            files = [f for f in fs.ls(path, detail=False) if str(f).endswith(".json")]
-        except (FileNotFoundError, OSError):
-            return out
-        for f in files:
-            with fs.open(f, "r") as fh:
-                out[Path(f).stem] = json.load(fh)
-        return out
-    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            out[f.stem] = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            log.warning("skipping unreadable %s", f)
-    return out
+    return eval_results(run_dir)
 
 
 def _n_of(evals: dict, values: dict, train_url: str) -> int | None:
@@ -442,8 +424,9 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     if missing:
         md += ["## Runs without evaluation results", "", ", ".join(missing), ""]
     text = "\n".join(md)
-    with common._open(common.join(out, "report.md"), "w") as f:
-        f.write(text)
+    from ditscale.io import storage
+
+    storage.write_text(common.join(out, "report.md"), text)
     return text
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ditscale import grid as G
 from ditscale import results
 from ditscale.grid import RunSpec
+from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.launch")
 
@@ -50,7 +51,7 @@ def plan_grid(
         G.check_data(runs)
     p = Plan(str(grid_file), runs)
     for r in runs:
-        (p.done if results.is_done(r.run_dir) else p.todo).append(r)
+        (p.done if RunDir(r.run_dir).is_done(r.config.train.steps) else p.todo).append(r)
     return p
 
 
@@ -78,11 +79,9 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
 
 def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> Plan:
     """Expand and validate the grid the shared options name (data URLs are not read for --status/--collect)."""
-    from ditscale.grid_command import parse_vars
-
     check_data = not (args.skip_data_check or args.status or args.collect)
     return plan_grid(
-        args.grid, vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
+        args.grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
         resources=resources, check_data=check_data,
     )  # fmt: skip
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ditscale import results
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
+from ditscale.io.rundir import RunDir
 from ditscale.launch.common import Plan
 
 log = logging.getLogger("ditscale.launch")
@@ -56,11 +56,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], origin=f"(run {run_id!r})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = ray.train.get_context()
-    st = results.run_state(cfg.run.dir)
-    what = f"resuming from checkpoint {st['checkpoint']}" if st["checkpoint"] else "starting"
+    rundir = RunDir(cfg.run.dir)
+    tag = rundir.latest_tag()
+    what = f"resuming from checkpoint {tag}" if tag else "starting"
     log.info("run %s: %s (rank %d of %d)", run_id, what, ctx.get_world_rank(), ctx.get_world_size())
     metrics = run_training(cfg)
-    report = {"finished": results.is_done(cfg.run.dir)}
+    report = {"finished": rundir.is_done(cfg.train.steps)}
     if ctx.get_world_rank() == 0:
         report.update(_scalar_metrics(metrics))
     ray.train.report(report)
@@ -130,7 +131,7 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
         err = getattr(result, "error", None)
         if err:
             metrics["error"] = f"{type(err).__name__}: {err}"
-        metrics["finished"] = results.is_done(run.run_dir)
+        metrics["finished"] = RunDir(run.run_dir).is_done(run.config.train.steps)
         return run.id, metrics
 
     if opts.max_concurrent > 1:

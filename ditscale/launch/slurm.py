@@ -21,6 +21,7 @@ from typing import Any
 from ditscale import results
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
+from ditscale.io.rundir import RunDir
 from ditscale.launch.common import Plan
 
 log = logging.getLogger("ditscale.launch")
@@ -271,6 +272,10 @@ def status(plan: Plan, opts: SlurmOptions) -> str:
     return results.format_status(rows)
 
 
+def _done(run: RunSpec) -> bool:
+    return RunDir(run.run_dir).is_done(run.config.train.steps)
+
+
 def wait(plan: Plan, opts: SlurmOptions, poll_s: float = 5.0, timeout_s: float | None = None) -> bool:
     """Block until every run is finished or has no live Slurm job; True when all finished."""
     start = time.monotonic()
@@ -280,10 +285,10 @@ def wait(plan: Plan, opts: SlurmOptions, poll_s: float = 5.0, timeout_s: float |
         waiting = [
             r.id
             for r in plan.runs
-            if not results.is_done(r.run_dir) and live.get(jobs.get(r.id, {}).get("job_id", "")) in LIVE_STATES
+            if not _done(r) and live.get(jobs.get(r.id, {}).get("job_id", "")) in LIVE_STATES
         ]
         if not waiting:
-            return all(results.is_done(r.run_dir) for r in plan.runs)
+            return all(_done(r) for r in plan.runs)
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             return False
         print(f"waiting for {len(waiting)} run(s): {', '.join(waiting)}", file=sys.stderr, flush=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import submitit
 
-from ditscale import results
 from ditscale.errors import LaunchError
+from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.launch")
 MASTER_ADDR_ENV = "DITSCALE_MASTER_ADDR"
@@ -99,14 +99,15 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = config_from_dict(config, origin=f"(run {run_id!r})")
-        if results.is_done(cfg.run.dir):
+        rundir = RunDir(cfg.run.dir)
+        if rundir.is_done(cfg.train.steps):
             log.info("run %s: already finished (%s/final.json), nothing to do", run_id, cfg.run.dir)
             return {"run": run_id, "finished": True, "skipped": True}
         env = export_dist_env(self.use_gpus)
         job = submitit.JobEnvironment()
-        st = results.run_state(cfg.run.dir)
-        if st["checkpoint"]:
-            tag, rank = st["checkpoint"], env["RANK"]
+        tag = rundir.latest_tag()
+        if tag:
+            rank = env["RANK"]
             log.info("run %s: resuming from checkpoint %s (job %s, rank %s)", run_id, tag, job.job_id, rank)
         else:
             log.info("run %s: starting (job %s, rank %s)", run_id, job.job_id, env["RANK"])
@@ -117,7 +118,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         from ditscale.train import run_training
 
         metrics = run_training(cfg)
-        finished = results.is_done(cfg.run.dir)
+        finished = rundir.is_done(cfg.train.steps)
         if not finished and self._timeout_signal and callable(submitit_handler):
             log.info("run %s: checkpointed after the time-limit signal; requeueing", run_id)
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit (rank 0)

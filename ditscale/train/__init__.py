@@ -12,11 +12,11 @@ if TYPE_CHECKING:
     from ditscale.config import Config
 
 
-def run_training(cfg: Config) -> dict:
+def run_training(cfg: Config, allow_config_change: bool = False) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics (final.json's content)."""
-    from ditscale.train.loop import run_training as _run
+    from ditscale.train.trainer import run_training as _run
 
-    return _run(cfg)
+    return _run(cfg, allow_config_change=allow_config_change)
 
 
 def load_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):

@@ -52,12 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ditscale import distenv
     from ditscale.config import load_config
-    from ditscale.data import make_loader
-    from ditscale.diffusion import create_diffusion
     from ditscale.train import engine as eng
-    from ditscale.train.checkpoint import build_model
     from ditscale.train.ema import EMA
-    from ditscale.train.loop import _model_fn, validate
+    from ditscale.train.step import diffusion_loss, model_fn
+    from ditscale.train.trainer import validate
 
     cfg = load_config(args.config, list(args.overrides))
     # One process, no accumulation: the per-process micro-batch of the config is the batch of every step.
@@ -69,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
     precision = eng.resolve_precision(cfg)
-    diffusion = create_diffusion(
-        "", noise_schedule=cfg.diffusion.schedule, learn_sigma=cfg.model.learn_sigma, loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )  # fmt: skip
+    diffusion = cfg.diffusion.build(cfg.model.learn_sigma)
     b = cfg.train.micro_batch
     nb = args.warmup + args.steps
     m = cfg.model
@@ -84,10 +79,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         it = None
     else:
-        loader = make_loader(
-            cfg.data.train, batch_size=b, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
-        )  # fmt: skip
+        loader = cfg.data.loader(batch_size=b, seed=cfg.run.seed)
         it = iter(loader)
         batches = [next(it) for _ in range(nb)]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -97,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     # -- plain PyTorch ------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.run.seed)
-    plain = build_model(cfg).to(device).train()
+    plain = cfg.model.build().to(device).train()
     plain_ema = EMA(plain, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(plain)
@@ -108,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if cfg.train.compile:
         plain.compile()
+    plain_fn = model_fn(plain, precision, device)
 
     def plain_step(i: int) -> None:
         x, y = batches[i]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = diffusion.training_losses(plain, x, ts[i], {"y": y}, noise=noise[i])["loss"].mean()
+        loss = diffusion_loss(plain_fn, diffusion, x, y, t=ts[i], noise=noise[i])
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
@@ -122,17 +114,17 @@ def run(args: argparse.Namespace) -> int:
 
     # -- DeepSpeed ----------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(device)
+    model = cfg.model.build().to(device)
     ds_ema = EMA(model, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(model)
     engine, _, _ = eng.build_engine(cfg, model, 1)
-    model_fn = _model_fn(engine, precision, device)
+    ds_fn = model_fn(engine, precision, device)
     zero3 = cfg.train.zero_stage == 3
 
     def ds_step(i: int, batch=None) -> None:
         x, y = batches[i] if batch is None else batch
-        loss = diffusion.training_losses(model_fn, x, ts[i % nb], {"y": y}, noise=noise[i % nb])["loss"].mean()
+        loss = diffusion_loss(ds_fn, diffusion, x, y, t=ts[i % nb], noise=noise[i % nb])
         engine.backward(loss)
         engine.step()
         ds_ema.update(engine.module, zero3=zero3)

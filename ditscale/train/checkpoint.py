@@ -1,61 +1,45 @@
 """Checkpoints: atomic, complete (model, EMA, optimizer, scheduler, step, loader position, RNG of every rank).
 
-Layout under the run directory (local path or object-storage URL):
+Layout under the run directory (local path or object-storage URL; the directory itself is ditscale.io.rundir's):
 
     checkpoints/step_00001000/
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed engine files (model, optimizer, scheduler)
         ema.pt                                          EMA weights, a reference-compatible DiT state dict
         rank_00000.pt, rank_00001.pt, ...               per rank: RNG states and the data loader's position
         meta.json                                       written last: step, world size, ZeRO stage, config
-    checkpoints/latest                                  the newest complete tag, written after the directory
+    checkpoints/latest                                  the newest complete tag (DeepSpeed's convention)
+    checkpoints/zero_to_fp32.py, zero_to_torch.py       DeepSpeed's own recovery scripts, beside the tags
 
-A checkpoint is written into `checkpoints/.staging/<tag>` (node-local for URLs) and becomes visible only when
-complete: renamed into place (local) or uploaded with meta.json last (URL), then `latest` is replaced atomically.
-A directory without meta.json is never taken; on start the newest complete checkpoint is resumed.
+A checkpoint is written into the staging dir (node-local for URLs) and becomes visible only when complete:
+renamed into place (local) or uploaded with meta.json last (URL), then `latest` is replaced. A directory without
+meta.json is never taken; a failed save (disk full, store down beyond the retry budget) names the path and the
+OS error, removes its partial files and leaves the previous checkpoint the newest complete one.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
+import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ditscale.errors import CheckpointError
-from ditscale.train.rundir import RunDir, staging_root
+from ditscale.errors import CheckpointError, DitscaleError
+from ditscale.io import storage
+from ditscale.io.rundir import CKPT, RunDir, step_of, tag_for
 
 log = logging.getLogger(__name__)
 
-CKPT = "checkpoints"
-STAGING = ".staging"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    return int(tag.split("_", 1)[1])
-
-
-def complete_tags(rundir: RunDir) -> list[str]:
-    tags = [t for t in rundir.listdir(CKPT) if t.startswith("step_") and t[5:].isdigit()]
-    return sorted((t for t in tags if rundir.exists(f"{CKPT}/{t}/meta.json")), key=step_of)
-
-
-def latest_tag(rundir: RunDir) -> str | None:
-    """The newest complete checkpoint: `latest` if it names a complete one, else the highest complete step."""
-    tags = complete_tags(rundir)
-    pointer = (rundir.read_text(f"{CKPT}/latest") or "").strip()
-    if pointer in tags and step_of(pointer) >= step_of(tags[-1]):
-        return pointer
-    return tags[-1] if tags else None
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 # --- random state -----------------------------------------------------------------------------------------------
@@ -78,87 +62,165 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         generator.set_state(state["generator"])
 
 
-# --- save -------------------------------------------------------------------------------------------------------
-def _stage_dir(rundir: RunDir) -> Path:
-    # Local run dir: staging inside it (same filesystem -> atomic rename). URL: node-local mirror.
-    return (rundir.local if not rundir.remote else staging_root() / rundir.local.name) / CKPT / STAGING
+def write_failure(path: Path, exc: BaseException) -> str:
+    """Why writing under `path` failed, in OS terms: torch.save reports a full disk as 'basic_ios::clear' or
+    'inline_container.cc', so when the exception carries no errno the directory is probed with a small write."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{exc.strerror or os.strerror(exc.errno)} ({exc.filename or path})"
+    probe = path / f".probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{e.strerror or os.strerror(e.errno or errno.EIO)} ({path}); {type(exc).__name__}: {exc}"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return f"{type(exc).__name__}: {exc}"
 
 
-def save(
-    *,
-    rundir: RunDir,
-    engine,
-    ema_state: dict[str, torch.Tensor] | None,
-    step: int,
-    loader_state: dict,
-    generator: torch.Generator,
-    meta: dict,
-    rank: int,
-    local_rank: int,
-    keep: int,
-) -> str:
-    """Collective: every rank calls it. Returns the tag."""
-    import torch.distributed as dist
+# --- the trainer's part ---------------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves every `checkpoint.every` steps (and at the end or on a stop), keeps `checkpoint.keep`, resumes.
 
-    tag = tag_for(step)
-    stage = _stage_dir(rundir)
-    if local_rank == 0:
-        shutil.rmtree(stage / tag, ignore_errors=True)
-    dist.barrier()
-    engine.save_checkpoint(str(stage), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(
-        {"step": step, "rank": rank, "rng": rng_state(generator), "loader": loader_state},
-        stage / tag / f"rank_{rank:05d}.pt",
-    )
-    if rank == 0 and ema_state is not None:
-        torch.save(ema_state, stage / tag / "ema.pt")
-    dist.barrier()
-    if rundir.remote:
-        if local_rank == 0:  # every node uploads what its ranks wrote (names never collide between ranks)
-            rundir.upload_tree(stage / tag, f"{CKPT}/{tag}", skip=("meta.json",))
+    Collective: every rank calls resume() and save(); `agree(ok)` is an all-reduce that tells every rank whether
+    all of them succeeded (so one rank's failure never leaves the others waiting in a barrier).
+    """
+
+    def __init__(self, rundir: RunDir, cfg, denv, *, engine, ema, loader, generator, meta: dict, agree):
+        self.rundir, self.cfg, self.denv = rundir, cfg, denv
+        self.engine, self.ema, self.loader, self.generator = engine, ema, loader, generator
+        self.meta = meta
+        self.agree: Callable[[bool], bool] = agree
+        self.every, self.keep = cfg.checkpoint.every, cfg.checkpoint.keep
+        self.last_saved: int | None = None
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the newest complete checkpoint into engine, EMA, loader and RNG; its step (0: none)."""
+        import torch.distributed as dist
+
+        box = [self.rundir.latest_tag() if self.denv.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        tag = box[0]
+        if tag is None:
+            return 0
+        if self.denv.local_rank == 0:
+            self.rundir.checkpoint_local(tag)
         dist.barrier()
-    if rank == 0:
-        body = json.dumps({**meta, "step": step, "tag": tag, "time": time.time()}, indent=1).encode()
-        if rundir.remote:
-            rundir.write_bytes(f"{CKPT}/{tag}/meta.json", body)
+        path = self.rundir.checkpoint_local(tag, download=False)
+        meta = read_meta(path)
+        where = f"checkpoint {self.rundir}/{CKPT}/{tag}"
+        if meta.get("world_size") != self.denv.world_size:
+            raise CheckpointError(
+                f"{where} was written by {meta.get('world_size')} processes, this run has {self.denv.world_size}: "
+                "resume with the same number of processes (or start a new run.dir)"
+            )
+        if meta.get("zero_stage") != self.cfg.train.zero_stage:
+            raise CheckpointError(
+                f"{where} was written with train.zero_stage={meta.get('zero_stage')}, the config says "
+                f"{self.cfg.train.zero_stage}"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise CheckpointError(f"{where}: DeepSpeed could not load it")
+        self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        extra = torch.load(path / f"rank_{self.denv.rank:05d}.pt", map_location="cpu", weights_only=False)
+        self.loader.load_state_dict(extra["loader"])
+        set_rng_state(extra["rng"], self.generator)
+        self.last_saved = int(meta["step"])
+        return self.last_saved
+
+    # -- save ----------------------------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step >= self.cfg.train.steps
+
+    def maybe_save(self, step: int, loader_state: dict) -> str | None:
+        if not self.due(step) or self.last_saved == step:
+            return None
+        return self.save(step, loader_state)
+
+    def save(self, step: int, loader_state: dict) -> str:
+        """Write, then publish, checkpoint `step`. Raises CheckpointError naming the path and the OS error."""
+        import torch.distributed as dist
+
+        tag, rank, local_rank = tag_for(step), self.denv.rank, self.denv.local_rank
+        stage = self.rundir.staging_dir()
+        if local_rank == 0:
+            shutil.rmtree(stage / tag, ignore_errors=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        error: str | None = None
+        try:
+            self.engine.save_checkpoint(str(stage), tag=tag, client_state={"step": step}, save_latest=False)
+            rng = rng_state(self.generator)
+            state = {"step": step, "rank": rank, "rng": rng, "loader": loader_state}
+            torch.save(state, stage / tag / f"rank_{rank:05d}.pt")
+            if rank == 0:
+                torch.save(self.ema.state_dict(), stage / tag / "ema.pt")
+        except Exception as e:  # noqa: BLE001 - disk full, permissions: reported with the path, below
+            error = write_failure(stage / tag, e)
+        self._settle(error, stage, tag, "writing")
+        if self.rundir.remote:
+            try:
+                if local_rank == 0:  # every node uploads what its ranks wrote (names never collide between ranks)
+                    self.rundir.upload_tree(stage / tag, f"{CKPT}/{tag}", skip=("meta.json",))
+            except DitscaleError as e:
+                error = str(e)
+            self._settle(error, stage, tag, "uploading")
+        if rank == 0:
+            self._publish(step, tag, stage)
+        dist.barrier()
+        if self.rundir.remote and local_rank == 0:
+            shutil.rmtree(stage / tag, ignore_errors=True)
+        self.last_saved = step
+        if rank == 0:
+            log.info("checkpoint %s/%s/%s (%.1fs)", self.rundir, CKPT, tag, time.perf_counter() - t0)
+        return tag
+
+    def _settle(self, error: str | None, stage: Path, tag: str, what: str) -> None:
+        """All ranks agree on success; on any failure the partial checkpoint is removed and every rank raises."""
+        if self.agree(error is None):
+            return
+        if self.denv.local_rank == 0:
+            shutil.rmtree(stage / tag, ignore_errors=True)
+        where = f"{self.rundir}/{CKPT}/{tag}"
+        prev = self.rundir.latest_tag() if self.denv.rank == 0 else None
+        keep = f"; the newest complete checkpoint is still {prev}" if prev else ""
+        raise CheckpointError(f"checkpoint {where}: {what} failed: {error or 'on another rank'}{keep}")
+
+    def _publish(self, step: int, tag: str, stage: Path) -> None:
+        """Rank 0: meta.json last, then `latest`, DeepSpeed's scripts beside the tags, and pruning."""
+        rd = self.rundir
+        body = json.dumps({**self.meta, "step": step, "tag": tag, "time": time.time()}, indent=1).encode()
+        if rd.remote:
+            rd.write_bytes(f"{CKPT}/{tag}/meta.json", body)
         else:
-            (stage / tag / "meta.json").write_bytes(body)
-            final = rundir.local / CKPT / tag
-            if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            storage.write_bytes(str(stage / tag / "meta.json"), body)
+            final = rd.local / CKPT / tag
+            if final.exists():  # the same step saved again (a resume that stopped at once): replace it
                 shutil.rmtree(final)
             (stage / tag).rename(final)
-        rundir.write_text(f"{CKPT}/latest", tag)
-        _prune(rundir, keep)
-    dist.barrier()
-    if rundir.remote and local_rank == 0:
-        shutil.rmtree(stage / tag, ignore_errors=True)
-    return tag
+            storage.fsync_dir(str(rd.local / CKPT))
+        rd.publish_latest(tag)
+        for script in RECOVERY_SCRIPTS:
+            src = stage / script
+            if src.is_file():
+                storage.put_file(str(src), rd.path(f"{CKPT}/{script}"))
+                src.unlink()
+        for old in rd.complete_tags()[: -self.keep]:
+            rd.rmtree(f"{CKPT}/{old}")
+            log.info("removed old checkpoint %s", old)
 
 
-def _prune(rundir: RunDir, keep: int) -> None:
-    tags = complete_tags(rundir)
-    for old in tags[:-keep]:
-        rundir.rmtree(f"{CKPT}/{old}")
-        log.info("removed old checkpoint %s", old)
-
-
-def clean_staging(rundir: RunDir) -> None:
-    """Remove half-written checkpoints left by a killed run (rank 0, before training starts)."""
-    shutil.rmtree(_stage_dir(rundir), ignore_errors=True)
-
-
-# --- load -------------------------------------------------------------------------------------------------------
-def local_copy(rundir: RunDir, tag: str, *, download: bool = True) -> Path:
-    """A local directory holding checkpoint `tag` (downloaded for URL run dirs)."""
-    if not rundir.remote:
-        return rundir.local / CKPT / tag
-    dest = staging_root() / rundir.local.name / "download" / tag
-    if download and not (dest / "meta.json").is_file():
-        shutil.rmtree(dest, ignore_errors=True)
-        rundir.download_tree(f"{CKPT}/{tag}", dest)
-    return dest
-
-
+# --- reading checkpoints back (eval, export, sample: no DeepSpeed needed for EMA weights) ----------------------
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((path / "meta.json").read_text())
@@ -166,54 +228,16 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: meta.json missing or unreadable ({e})") from None
 
 
-def resume(*, rundir: RunDir, engine, ema, loader, generator: torch.Generator, denv, zero_stage: int) -> int:
-    """Collective. Loads the newest complete checkpoint into engine/EMA/loader/RNG; returns its step (0: none)."""
-    import torch.distributed as dist
-
-    box = [latest_tag(rundir) if denv.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    tag = box[0]
-    if tag is None:
-        return 0
-    if denv.local_rank == 0:
-        local_copy(rundir, tag)
-    dist.barrier()
-    path = local_copy(rundir, tag, download=False)
-    meta = read_meta(path)
-    if meta.get("world_size") != denv.world_size:
-        raise CheckpointError(
-            f"checkpoint {rundir}/{CKPT}/{tag} was written by {meta.get('world_size')} processes, this run has "
-            f"{denv.world_size}: resume with the same number of processes (or start a new run.dir)"
-        )
-    if meta.get("zero_stage") != zero_stage:
-        raise CheckpointError(
-            f"checkpoint {rundir}/{CKPT}/{tag} was written with train.zero_stage={meta.get('zero_stage')}, "
-            f"the config says {zero_stage}"
-        )
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise CheckpointError(f"checkpoint {rundir}/{CKPT}/{tag}: DeepSpeed could not load it")
-    if ema is not None:
-        ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
-    extra = torch.load(path / f"rank_{denv.rank:05d}.pt", map_location="cpu", weights_only=False)
-    loader.load_state_dict(extra["loader"])
-    set_rng_state(extra["rng"], generator)
-    return int(meta["step"])
-
-
 def load_config_of(rundir: RunDir, tag: str | None = None):
-    """(Config, tag) of a run's newest complete checkpoint (or `tag`)."""
+    """(Config, tag, meta) of a run's newest complete checkpoint (or `tag`)."""
     from ditscale.config import config_from_dict
 
-    tag = tag or latest_tag(rundir)
+    tag = tag or rundir.latest_tag()
     if tag is None:
         raise CheckpointError(f"run {rundir}: no complete checkpoint under {rundir}/{CKPT}")
-    raw = rundir.read_text(f"{CKPT}/{tag}/meta.json")
-    if raw is None:
-        raise CheckpointError(f"run {rundir}: checkpoint {tag} is missing or incomplete (no meta.json)")
-    meta = json.loads(raw)
+    meta = rundir.read_json(f"{CKPT}/{tag}/meta.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"run {rundir}: checkpoint {tag} is missing or incomplete (no readable meta.json)")
     return config_from_dict(meta["config"], origin=f"{rundir}/{CKPT}/{tag}/meta.json"), tag, meta
 
 
@@ -233,41 +257,24 @@ def _consolidated_model_state(path: Path, meta: dict) -> dict[str, torch.Tensor]
 def load_state_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):
     """(cfg, state_dict, tag): the EMA (or raw) weights of a run's checkpoint, on CPU."""
     rundir = RunDir(run_dir)
+    if not rundir.exists(""):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist")
     cfg, tag, meta = load_config_of(rundir, tag)
     if ema:
         raw = rundir.read_bytes(f"{CKPT}/{tag}/ema.pt")
         if raw is None:
             raise CheckpointError(f"checkpoint {rundir}/{CKPT}/{tag} has no ema.pt")
-        import io
-
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     else:
-        path = local_copy(rundir, tag)
-        state = _consolidated_model_state(path, meta)
+        state = _consolidated_model_state(rundir.checkpoint_local(tag), meta)
     return cfg, state, tag
 
 
-def build_model(cfg):
-    from ditscale.model import create_model
-
-    m = cfg.model
-    return create_model(
-        m.variant,
-        input_size=m.input_size,
-        in_channels=m.in_channels,
-        num_classes=m.num_classes,
-        learn_sigma=m.learn_sigma,
-        class_dropout_prob=m.class_dropout_prob,
-        windows=m.windows,
-        attention_backend=m.attention_backend,
-    )
-
-
 def load_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):
-    """(cfg, model): the run's DiT with its EMA (or raw) weights, on CPU, in eval mode. No DeepSpeed needed
-    for EMA weights. Raises CheckpointError when the run has no complete checkpoint."""
+    """(cfg, model): the run's DiT with its EMA (or raw) weights, on CPU, in eval mode. Raises CheckpointError
+    when the run has no complete checkpoint."""
     cfg, state, tag = load_state_for_eval(run_dir, ema=ema, tag=tag)
-    model = build_model(cfg)
+    model = cfg.model.build()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -275,3 +282,6 @@ def load_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):
             f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
     return cfg, model.eval()
+
+
+__all__ = ["Checkpointer", "load_config_of", "load_for_eval", "load_state_for_eval", "step_of", "tag_for"]

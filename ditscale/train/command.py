@@ -12,6 +12,12 @@ import os
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--run-dir", help="run directory or URL (overrides run.dir)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though keys that change what is trained (model.*, optim.*, data.*, ...) differ from the "
+        "run's config; the change is recorded in the run's config_history.jsonl with its step",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
 
@@ -28,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
 
     from ditscale.train import run_training
 
-    run_training(cfg)
+    run_training(cfg, allow_config_change=args.allow_config_change)
     return 0

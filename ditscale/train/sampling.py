@@ -39,3 +39,29 @@ def draw(
             noise_schedule=cfg.diffusion.schedule,
             clip_denoised=cfg.data.kind == "pixels",
         )
+
+
+class SampleGrids:
+    """The trainer's sample-grid part (rank 0): every `log.sample_every` steps and at the end, a grid of EMA
+    samples with fixed noise and labels to samples/step_XXXXXXXX.png in the run dir."""
+
+    def __init__(self, cfg: Config, rundir, enabled: bool):
+        self.cfg, self.rundir = cfg, rundir
+        self.every = cfg.log.sample_every if enabled else 0
+        self.labels = grid_labels(cfg.model.num_classes)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step >= self.cfg.train.steps)
+
+    def maybe_sample(self, step: int, model: torch.nn.Module):
+        """The path of the grid written at this step, or None."""
+        if not self.due(step):
+            return None
+        from ditscale.io.rundir import SAMPLES
+        from ditscale.observability import save_grid
+
+        rel = f"{SAMPLES}/step_{step:08d}.png"
+        images = draw(model, self.cfg, self.labels, seed=self.cfg.run.seed)
+        path = save_grid(images, self.rundir.local / rel, nrow=4, scale=max(1, 128 // (4 * self.cfg.model.input_size)))
+        self.rundir.upload(rel)
+        return path

@@ -1,0 +1,306 @@
+"""A run's directory: the only owner of its layout and state. A local path or any fsspec URL (s3://bucket/run).
+
+    config.yaml               the run's config as it trains now (rewritten at each start)
+    config_history.jsonl      one line per start that created or changed the config: step, time, host, changes
+    lock.json                 the writer's lease (ditscale.io.lock): one trainer at a time
+    metrics.jsonl             one JSON object per logged step (rank 0 appends; a resume drops the repeated tail)
+    final.json                written last when the run reaches train.steps
+    checkpoints/step_XXXXXXXX/  complete checkpoints (meta.json written last); checkpoints/latest names the newest
+    checkpoints/.staging/     half-written checkpoints (local run dirs; node-local for URLs)
+    samples/step_XXXXXXXX.png sample grids
+    eval/<metric>.json|png    evaluation results
+
+"Done" has one meaning everywhere (trainer, eval, results, report, launchers, demo): final.json says finished at
+a step >= the train.steps asked for (`is_done(steps)`). Raising train.steps makes a done run resumable again.
+For a URL run dir, files that grow (metrics.jsonl) and checkpoints being written live in a node-local mirror
+(`local`) and are uploaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ditscale.io import storage
+from ditscale.io.lock import Holder, Lease
+
+log = logging.getLogger(__name__)
+
+CONFIG, HISTORY, LOCK = "config.yaml", "config_history.jsonl", "lock.json"
+FINAL, METRICS = "final.json", "metrics.jsonl"
+CKPT, STAGING, LATEST = "checkpoints", ".staging", "latest"
+SAMPLES, EVAL = "samples", "eval"
+
+# states, from least to most advanced
+PENDING, STARTED, RESUMABLE, RUNNING, DONE = "pending", "started", "resumable", "running", "done"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("_", 1)[1])
+
+
+def is_tag(name: str) -> bool:
+    return name.startswith("step_") and name[5:].isdigit()
+
+
+def staging_root() -> Path:
+    """Node-local scratch space for URL run dirs (DITSCALE_STAGING, else the system temp dir)."""
+    return Path(os.environ.get("DITSCALE_STAGING") or Path(tempfile.gettempdir()) / "ditscale-staging")
+
+
+@dataclass
+class RunStatus:
+    """What a run dir says about its run. `holder` is set while a live trainer holds the lock."""
+
+    state: str
+    step: int | None = None
+    steps: int | None = None
+    checkpoint: str | None = None
+    final: dict | None = None
+    last: dict | None = None  # the last metrics.jsonl record
+    holder: Holder | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_step_age(self) -> float | None:
+        """Seconds since the last logged step (its "time"), None when unknown."""
+        t = (self.last or {}).get("time")
+        return max(0.0, time.time() - float(t)) if isinstance(t, (int, float)) else None
+
+
+class RunDir:
+    def __init__(self, url: str):
+        self.url = storage.normalize(str(url))
+        self.remote = storage.is_url(self.url)
+        if self.remote:
+            self.local = staging_root() / hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        else:
+            self.local = Path(self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def path(self, rel: str = "") -> str:
+        """The URL (or local path) of `rel` inside the run dir."""
+        return storage.join(self.url, rel) if rel else self.url
+
+    # --- files ------------------------------------------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes | None:
+        return storage.read_bytes_or_none(self.path(rel))
+
+    def read_text(self, rel: str) -> str | None:
+        return storage.read_text(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        """Parsed JSON, or None when missing or unreadable."""
+        raw = self.read_text(rel)
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        storage.write_bytes(self.path(rel), data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_text(rel, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+    def exists(self, rel: str) -> bool:
+        return storage.exists(self.path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        return storage.listdir(self.path(rel))
+
+    def rmtree(self, rel: str) -> None:
+        storage.rmtree(self.path(rel))
+        if self.remote:
+            import shutil
+
+            shutil.rmtree(self.local / rel, ignore_errors=True)
+
+    def upload(self, rel: str) -> None:
+        """Copy the local mirror's file `rel` to the URL (nothing to do for a local run dir)."""
+        if self.remote and (self.local / rel).is_file():
+            storage.put_file(str(self.local / rel), self.path(rel))
+
+    def upload_tree(self, local_dir: Path, rel: str, skip: tuple[str, ...] = ()) -> None:
+        storage.put_tree(str(local_dir), self.path(rel), skip=skip)
+
+    def download_tree(self, rel: str, local_dir: Path) -> None:
+        storage.get_tree(self.path(rel), str(local_dir))
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def complete_tags(self) -> list[str]:
+        """Checkpoint tags whose meta.json exists (written last), oldest first."""
+        tags = [t for t in self.listdir(CKPT) if is_tag(t)]
+        return sorted((t for t in tags if self.exists(f"{CKPT}/{t}/meta.json")), key=step_of)
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint. `latest` is a hint: whatever it holds (junk, binary, empty, a missing
+        or incomplete tag, an older tag), the answer is the highest complete step."""
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
+
+    def latest_hint(self) -> str | None:
+        """What checkpoints/latest says, if it names a well-formed tag."""
+        raw = (self.read_text(f"{CKPT}/{LATEST}") or "").strip()
+        return raw if is_tag(raw) else None
+
+    def publish_latest(self, tag: str) -> None:
+        self.write_text(f"{CKPT}/{LATEST}", tag + "\n")
+
+    def staging_dir(self) -> Path:
+        """Where checkpoints are written before they are published: inside a local run dir (same filesystem, so
+        publishing is a rename), node-local for a URL."""
+        return self.local / CKPT / STAGING
+
+    def checkpoint_local(self, tag: str, download: bool = True) -> Path:
+        """A local directory holding checkpoint `tag` (downloaded once for URL run dirs)."""
+        if not self.remote:
+            return self.local / CKPT / tag
+        dest = self.local / "download" / tag
+        if download and not (dest / "meta.json").is_file():
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)
+            self.download_tree(f"{CKPT}/{tag}", dest)
+        return dest
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def final(self) -> dict | None:
+        rec = self.read_json(FINAL)
+        return rec if isinstance(rec, dict) and rec.get("finished") else None
+
+    def is_done(self, steps: int) -> bool:
+        """The one definition of done: final.json says finished at a step >= `steps`."""
+        rec = self.final()
+        return rec is not None and int(rec.get("step", 0)) >= int(steps)
+
+    def write_final(self, rec: dict) -> None:
+        self.write_json(FINAL, rec)
+
+    def last_record(self) -> dict | None:
+        """The last complete line of metrics.jsonl (a torn last line while the run writes is skipped)."""
+        text = self.read_text(METRICS)
+        for line in reversed((text or "").splitlines()):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                return rec
+        return None
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in (self.read_text(METRICS) or "").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def holder(self) -> Holder | None:
+        """The live trainer holding this run dir, or None."""
+        h = Holder.parse(self.read_bytes(LOCK))
+        return h if h is not None and h.alive() else None
+
+    def status(self, steps: int | None = None) -> RunStatus:
+        """done (final.json at >= steps) > running (a live lock) > resumable (a complete checkpoint) > started
+        (config or metrics written) > pending."""
+        st = RunStatus(PENDING, steps=steps)
+        st.final = self.read_json(FINAL) if self.exists(FINAL) else None
+        st.last = self.last_record()
+        st.holder = self.holder()
+        st.checkpoint = self.latest_tag()
+        if st.final and st.final.get("finished") and (steps is None or st.final.get("step", 0) >= steps):
+            st.state, st.step = DONE, st.final.get("step")
+            return st
+        if st.holder is not None:
+            st.state = RUNNING
+        elif st.checkpoint:
+            st.state = RESUMABLE
+        elif st.last is not None or self.exists(CONFIG):
+            st.state = STARTED
+        st.step = (st.last or {}).get("step")
+        if st.step is None and st.checkpoint:
+            st.step = step_of(st.checkpoint)
+        return st
+
+    # --- config -----------------------------------------------------------------------------------------------
+    def saved_config(self) -> dict | None:
+        """The config the run trained with (config.yaml; else the newest checkpoint's), as a plain tree."""
+        import yaml
+
+        raw = self.read_text(CONFIG)
+        if raw:
+            try:
+                tree = yaml.safe_load(raw)
+                if isinstance(tree, dict):
+                    return tree
+            except yaml.YAMLError:
+                pass
+        tag = self.latest_tag()
+        meta = self.read_json(f"{CKPT}/{tag}/meta.json") if tag else None
+        return meta.get("config") if isinstance(meta, dict) else None
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in (self.read_text(HISTORY) or "").splitlines() if line.strip()]
+
+    def record_config(self, config_yaml: str, step: int, changes: dict[str, list], event: str) -> None:
+        """Write config.yaml and, when the run is new or its config changed, a line of config_history.jsonl."""
+        self.write_text(CONFIG, config_yaml)
+        if event == "resumed" and not changes:
+            return
+        entry = {"event": event, "step": step, "time": time.time(), "host": socket.gethostname(), "changes": changes}
+        text = (self.read_text(HISTORY) or "") + json.dumps(entry, default=str) + "\n"
+        self.write_text(HISTORY, text)
+
+    # --- the writer -------------------------------------------------------------------------------------------
+    def lease(self, lease_s: float = 120.0) -> Lease:
+        """The run's lock (not yet acquired): `with rundir.lease(120) as lease: ...`."""
+        return Lease(self.path(LOCK), lease_s)
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what dead writers left: the staging dir and temporary files. Only the lock holder calls this."""
+        removed = []
+        stage = self.staging_dir()
+        if stage.exists():
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(str(stage))
+        for rel in ("", CKPT):
+            for name in self.listdir(rel):
+                if storage.is_tmp_name(name):
+                    storage.remove(self.path(f"{rel}/{name}" if rel else name))
+                    removed.append(self.path(f"{rel}/{name}" if rel else name))
+        if removed:
+            log.info("removed leftovers of an earlier writer: %s", ", ".join(removed))
+        return removed
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
+        return o.tolist()
+    raise TypeError(f"cannot serialise {type(o).__name__}")

@@ -1,0 +1,220 @@
+"""What a training run reports, and when: the logging window and the loggers it writes to.
+
+`TrainLog` is the trainer's part. Every step it updates host-side counters (Prometheus step, samples, step time,
+data wait) and adds the step's loss to a device-side sum; only every `log.every` steps (and at the end or on a
+stop) does it read device values back (the one host sync of the step, all-reduced over ranks) and write a record
+to each logger. A logger is anything with `log(step, record)`, `image(step, tag, path)` and `close()`:
+- "jsonl": metrics.jsonl in the run dir (rank 0; a resume drops the lines after its checkpoint);
+- "prometheus": /metrics on every rank (ditscale.observability.Metrics);
+- the console: a tqdm bar when log.progress is on and stderr is a terminal, else one plain line per record
+  (greppable: `step 40/300 loss 0.1234 img/s 512.3 lr 1.00e-03 grad_norm 0.41 data_wait 3.2% eta 0:01:05`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ditscale.train")
+
+
+class JsonlLogger:
+    """metrics.jsonl, one record per line, flushed per line; uploaded with each checkpoint for URL run dirs."""
+
+    def __init__(self, rundir, start_step: int):
+        from ditscale.io.rundir import METRICS
+
+        self.rundir, self.rel = rundir, METRICS
+        self.path = rundir.local / METRICS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = rundir.read_text(METRICS) if rundir.remote else None
+        if text is not None:
+            self.path.write_text(text)
+        if self.path.is_file():  # a resumed run repeats the steps after its checkpoint: drop them
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.f = open(self.path, "a")
+
+    def log(self, step: int, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        pass
+
+    def sync(self) -> None:
+        self.f.flush()
+        self.rundir.upload(self.rel)
+
+    def close(self) -> None:
+        self.f.close()
+        self.rundir.upload(self.rel)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
+
+
+class PrometheusLogger:
+    """The record's gauges on this rank's /metrics (counters and histograms are updated every step)."""
+
+    def __init__(self, metrics):
+        self.m = metrics
+
+    def log(self, step: int, record: dict) -> None:
+        m = self.m
+        m.loss.set(record["loss"])
+        m.images_per_second.set(record["images_per_second"])
+        m.learning_rate.set(record["lr"])
+        if record.get("grad_norm") is not None:
+            m.grad_norm.set(record["grad_norm"])
+        m.set_skipped(record.get("skipped", 0))
+        m.update_gpu_memory()
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleLogger:
+    """A progress bar on a terminal; otherwise (Slurm logs, kubectl logs) one plain line per record."""
+
+    def __init__(self, total: int, start: int, progress: bool):
+        self.total, self.bar = total, None
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last = start
+
+    def log(self, step: int, r: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}", img_s=f"{r['images_per_second']:.1f}", refresh=False)
+            self.bar.update(step - self.last)
+        else:
+            log.info(format_line(r, self.total))
+        self.last = step
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_line(r: dict, total: int) -> str:
+    gn = r.get("grad_norm")
+    eta = (total - r["step"]) * r["step_time"] if r.get("step_time") else float("nan")
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    days = int(eta // 86400) if math.isfinite(eta) else 0
+    return (
+        f"step {r['step']}/{total} loss {r['loss']:.4f} img/s {r['images_per_second']:.1f} lr {r['lr']:.2e} "
+        f"grad_norm {'-' if gn is None else f'{gn:.3g}'} data_wait {100 * r['data_wait_share']:.1f}% "
+        f"eta {f'{days}d ' if days else ''}{eta_s}"
+    )
+
+
+def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list:
+    """The loggers of `log.loggers` for this rank (jsonl and the console on rank 0 only)."""
+    out: list = []
+    for name in cfg.log.loggers:
+        if name == "prometheus" and metrics is not None:
+            out.append(PrometheusLogger(metrics))
+        elif name == "jsonl" and denv.is_main:
+            out.append(JsonlLogger(rundir, start_step))
+    if denv.is_main:
+        out.append(ConsoleLogger(cfg.train.steps, start_step, cfg.log.progress))
+    return out
+
+
+class TrainLog:
+    """The logging window of the trainer: accumulates on the device, reads back on log steps only."""
+
+    def __init__(self, cfg, denv, rundir, device: torch.device, labels: dict[str, str], start_step: int):
+        from ditscale.observability import Metrics
+
+        self.cfg, self.denv, self.device = cfg, denv, device
+        port = cfg.log.metrics_port + denv.local_rank if cfg.log.metrics_port else 0
+        want_prom = "prometheus" in cfg.log.loggers
+        self.metrics = Metrics(labels, port=port if want_prom else 0)
+        self.loggers = make_loggers(cfg, rundir, denv, self.metrics, start_step)
+        self.per_rank_samples = cfg.train.global_batch // max(denv.world_size, 1)
+        self.last: dict | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)  # sum of step losses of the window, on the device
+        self.steps, self.time, self.wait = 0, 0.0, 0.0
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log.every == 0 or step >= self.cfg.train.steps
+
+    def after_step(self, step: int, step_loss: torch.Tensor, seconds: float, wait: float, lr: float, engine, loader):
+        m = self.metrics
+        m.step.set(step)
+        m.samples.inc(self.per_rank_samples)
+        m.step_time.observe(seconds)
+        m.data_wait.inc(wait)
+        self.loss += step_loss  # no .item(): a GPU keeps running ahead
+        self.steps += 1
+        self.time += seconds
+        self.wait += wait
+        self.lr = lr
+        if self.should_log(step):
+            self.flush(step, engine, loader)
+
+    def flush(self, step: int, engine, loader) -> dict | None:
+        """Write the window's record (collective: the loss is averaged over ranks). Host sync happens here."""
+        import torch.distributed as dist
+
+        if self.steps == 0:
+            return None
+        loss = self.loss.detach().float().clone()
+        if self.denv.world_size > 1:
+            dist.all_reduce(loss)
+        gn = engine.get_global_grad_norm()
+        n = self.steps
+        rec = {
+            "step": step,
+            "loss": loss.item() / self.denv.world_size / n,
+            "images_per_second": n * self.cfg.train.global_batch / max(self.time, 1e-9),
+            "step_time": self.time / n,
+            "data_wait_share": self.wait / max(self.time, 1e-9),
+            "lr": self.lr,
+            "grad_norm": None if gn is None else float(gn),
+            "samples": step * self.cfg.train.global_batch,
+            "skipped": int(getattr(loader, "skipped", 0)),
+            "time": time.time(),
+        }
+        for lg in self.loggers:
+            lg.log(step, rec)
+        self.last = rec
+        self._reset()
+        return rec
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        for lg in self.loggers:
+            lg.image(step, tag, path)
+
+    def sync(self) -> None:
+        """Make what was logged durable in the run dir (called with each checkpoint)."""
+        for lg in self.loggers:
+            if hasattr(lg, "sync"):
+                lg.sync()
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+        self.metrics.close()
