@@ -120,6 +120,9 @@ class LogSection(_Section):
     every: int = Field(10, gt=0)
     sample_every: int = Field(1000, ge=0)  # 0: no sample grids
     metrics_port: int = Field(9400, ge=0, le=65535)  # base port; rank r listens on base + local rank; 0 = off
+    # A directory (or URL) where each rank publishes its exporter as a Prometheus file_sd target while it runs
+    # (the Slurm launcher sets it to <log dir>/targets); "" = off.
+    file_sd: str = ""
     # Where each record goes besides the console (a progress bar on a terminal, else a plain line per record).
     loggers: list[Literal["prometheus", "jsonl"]] = ["prometheus", "jsonl"]
     progress: bool = True

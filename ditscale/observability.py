@@ -63,7 +63,7 @@ class Metrics:
         self.skipped = c("ditscale_skipped_samples_total", "corrupt samples skipped by this rank's loader")
         self._skipped_seen = 0
         self.server = None
-        self.port = port
+        self.port, self.addr = port, addr
         if port:
             from prometheus_client import start_http_server
 

@@ -251,3 +251,28 @@ def test_stale_build_lock_is_removed(tmp_path):
     os.utime(stale, (old, old))
     eng._remove_stale_build_locks(tmp_path)
     assert fresh.exists() and not stale.exists()
+
+
+def test_busy_metrics_port_falls_back_and_the_endpoint_is_published(tmp_path):
+    from ditscale.distenv import DistEnv
+    from ditscale.train.loggers import FileSD, start_metrics
+
+    labels = {"run": "r1", "variant": "DiT-T/2", "windows": "global", "data_size": "10", "rank": "0"}
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = load_config(None, [f"log.metrics_port={port}", f"log.file_sd={tmp_path / 'sd'}"])
+        m = start_metrics(cfg, DistEnv(), labels)
+        try:
+            assert m.server is not None and m.port != port  # another run holds the port: a free one instead
+            sd = FileSD(cfg.log.file_sd, m, labels)
+            target = json.loads((tmp_path / "sd" / "r1-rank0.json").read_text())
+            assert target[0]["targets"][0].endswith(f":{m.port}")
+            assert target[0]["labels"] == {"ditscale_run": "r1", "ditscale_rank": "0"}
+            body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
+            assert 'run="r1"' in body
+            sd.close()
+            assert not (tmp_path / "sd" / "r1-rank0.json").exists()
+        finally:
+            m.close()

@@ -139,16 +139,66 @@ def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list:
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def start_metrics(cfg, denv, labels: dict[str, str]):
+    """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
+    the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
+    from ditscale.observability import Metrics
+
+    if not cfg.log.metrics_port or "prometheus" not in cfg.log.loggers:
+        return Metrics(labels, port=0)
+    addr = getattr(cfg.log, "metrics_addr", "0.0.0.0")
+    m = Metrics(labels, port=cfg.log.metrics_port + denv.local_rank, addr=addr)
+    if m.server is None:
+        m.close()
+        m = Metrics(labels, port=_free_port(), addr=addr)
+    return m
+
+
+class FileSD:
+    """A Prometheus file_sd target for this rank's exporter: `<log.file_sd>/<run>-rank<r>.json`, written when the
+    exporter starts and removed when the run ends. Point a scrape config's `file_sd_configs` at `<dir>/*.json`."""
+
+    def __init__(self, directory: str, metrics, labels: dict[str, str]):
+        import os
+        import socket
+
+        from ditscale.io import storage
+
+        self.url = None
+        if not directory or metrics.server is None:
+            return
+        addr = getattr(metrics, "addr", "0.0.0.0")
+        host = os.environ.get("DITSCALE_METRICS_HOST") or (
+            socket.gethostname() if addr in ("", "0.0.0.0", "::") else addr
+        )
+        target = {"targets": [f"{host}:{metrics.port}"], "labels": {"ditscale_run": labels["run"],
+                  "ditscale_rank": labels["rank"]}}  # fmt: skip
+        self.url = storage.join(directory, f"{labels['run']}-rank{labels['rank']}.json")
+        storage.write_text(self.url, json.dumps([target], indent=1) + "\n")
+
+    def close(self) -> None:
+        if self.url:
+            from ditscale.io import storage
+
+            storage.remove(self.url)
+            self.url = None
+
+
 class TrainLog:
     """The logging window of the trainer: accumulates on the device, reads back on log steps only."""
 
     def __init__(self, cfg, denv, rundir, device: torch.device, labels: dict[str, str], start_step: int):
-        from ditscale.observability import Metrics
-
         self.cfg, self.denv, self.device = cfg, denv, device
-        port = cfg.log.metrics_port + denv.local_rank if cfg.log.metrics_port else 0
-        want_prom = "prometheus" in cfg.log.loggers
-        self.metrics = Metrics(labels, port=port if want_prom else 0)
+        self.metrics = start_metrics(cfg, denv, labels)
+        self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)
         self.loggers = make_loggers(cfg, rundir, denv, self.metrics, start_step)
         self.per_rank_samples = cfg.train.global_batch // max(denv.world_size, 1)
         self.last: dict | None = None
@@ -217,4 +267,5 @@ class TrainLog:
     def close(self) -> None:
         for lg in self.loggers:
             lg.close()
+        self.file_sd.close()
         self.metrics.close()
