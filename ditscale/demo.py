@@ -8,7 +8,6 @@ where the checkpoint, the sample grid and the metrics log are. Extra `key=value`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -64,12 +63,11 @@ def _has_cuda() -> bool:
 
 
 def print_summary(run_dir: Path, seconds: float) -> None:
-    final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").is_file() else {}
-    tag = (
-        (run_dir / "checkpoints" / "latest").read_text().strip()
-        if (run_dir / "checkpoints" / "latest").is_file()
-        else "?"
-    )
+    from ditscale.io.rundir import RunDir
+
+    rd = RunDir(str(run_dir))
+    final = rd.final() or {}
+    tag = rd.latest_tag() or "?"
     grids = sorted((run_dir / "samples").glob("*.png"))
     print()
     print(

@@ -36,3 +36,21 @@ def digits8_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shared") / "digits8"
     build_shards("digits", None, str(out), resolution=8, channels=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def warm_deepspeed():
+    """Build DeepSpeed's CPU shm_comm op once (~50 s the first time; cached in TORCH_EXTENSIONS_DIR)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import deepspeed, torch.distributed as d; deepspeed.init_distributed(dist_backend='gloo', "
+        "auto_mpi_discovery=False, verbose=False); d.destroy_process_group()"
+    )
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, capture_output=True)

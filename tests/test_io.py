@@ -175,8 +175,11 @@ def test_leftovers_are_removed_by_the_holder(tmp_path):
     rd.write_text("checkpoints/.latest.tmp12345", "step_0")  # an older writer's temporary file
     rd.write_text(".config.yaml.tmp-1-abcd", "x")
     rd.write_text("config.yaml", "{}\n")
+    _checkpoint(rd, 2)
+    _checkpoint(rd, 4, complete=False)  # an upload that died before its meta.json
     removed = rd.clean_leftovers()
-    assert len(removed) == 3 and rd.listdir() == ["checkpoints", "config.yaml"] and rd.listdir("checkpoints") == []
+    assert len(removed) == 4 and rd.listdir() == ["checkpoints", "config.yaml"]
+    assert rd.listdir("checkpoints") == ["step_00000002"]
 
 
 def test_config_history_records_changes(tmp_path):

@@ -10,27 +10,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import trainers as T
+from tests.trainers import ROOT, losses, tiny_config
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
-START_TIMEOUT = 300  # s: process start + imports + DeepSpeed init on a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,108 +32,17 @@ def digits(digits8_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def warm_deepspeed():
-    """Build DeepSpeed's CPU shm_comm op once (~50 s the first time; cached in TORCH_EXTENSIONS_DIR)."""
-    code = (
-        "import deepspeed, torch.distributed as d; deepspeed.init_distributed(dist_backend='gloo', "
-        "auto_mpi_discovery=False, verbose=False); d.destroy_process_group()"
-    )
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-    }
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, capture_output=True)
-
-
-@pytest.fixture(scope="module")
 def config_file(tmp_path_factory, digits) -> Path:
-    cfg = {
-        "run": {"name": "t", "seed": 0},
-        "model": {"variant": "DiT-T/2", "windows": "3,3,-,-", "input_size": 8, "in_channels": 1, "num_classes": 10},
-        "diffusion": {"sample_steps": 5},
-        "data": {"train": digits, "shuffle_buffer": 64},
-        "train": {"steps": STEPS, "global_batch": 16, "micro_batch": 8, "zero_stage": 2},
-        "checkpoint": {"every": 2, "keep": 2},
-        "log": {"every": 1, "sample_every": 4, "metrics_port": 0, "progress": False},
-    }
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("cfg") / "tiny.yaml", digits)
 
 
-def torchrun(config: Path, run_dir: Path | str, *overrides: str, delay: float = 0.0) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "ditscale",
-        "train",
-        "--config",
-        str(config),
-        "--run-dir",
-        str(run_dir),
-        *overrides,
-    ]
-    env = {**os.environ, "DITSCALE_TEST_STEP_DELAY": str(delay), "MKL_CBWR": "AUTO"}
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out
+def wait_for_step(run_dir: Path, step: int, trainer: T.Trainer) -> None:
+    trainer.wait_for(rf"step {step}/{STEPS} ")
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= step
 
 
 def run_ok(config: Path, run_dir: Path | str, *overrides: str) -> str:
-    rc, out = finish(torchrun(config, run_dir, *overrides))
-    assert rc == 0, out[-6000:]
-    return out
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.is_file() and len(path.read_text().splitlines()) >= step:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before step {step}:\n{proc.communicate()[0][-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"no step {step} logged in {timeout}s")
-
-
-def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
-    """rank -> pid of the training processes torchrun started."""
-    import psutil
-
-    out = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            env = child.environ()
-        except (psutil.Error, OSError):
-            continue
-        if "RANK" in env and "ditscale" in " ".join(child.cmdline()):
-            out[int(env["RANK"])] = child.pid
-    return out
+    return T.run_ok(T.torchrun(config, run_dir, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +65,11 @@ def test_zero2_run_layout(reference):
     assert (reference / "samples" / "step_00000008.png").is_file()
     saved = yaml.safe_load((reference / "config.yaml").read_text())
     assert saved["model"]["windows"] == "3,3,-,-" and saved["run"]["dir"] == str(reference)
+    history = [json.loads(x) for x in (reference / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["event"], h["step"]) for h in history] == [("created", 0)]
+    assert not (reference / "lock.json").exists()  # released at the end
+    # DeepSpeed's own recovery scripts sit beside the tags, where DeepSpeed users look for them
+    assert {"zero_to_fp32.py", "zero_to_torch.py"} <= {p.name for p in (reference / "checkpoints").iterdir()}
 
 
 def test_exact_resume(tmp_path, config_file, reference):
@@ -197,8 +104,8 @@ def test_zero3(tmp_path, config_file, reference):
 
 def test_sigterm_checkpoints_and_resumes_with_metrics_endpoint(tmp_path, config_file, reference):
     run_dir = tmp_path / "sigterm"
-    port = _free_port()
-    proc = torchrun(config_file, run_dir, f"log.metrics_port={port}", delay=1.5)
+    port = T.free_port()
+    proc = T.torchrun(config_file, run_dir, f"log.metrics_port={port}", delay=1.5)
     wait_for_step(run_dir, 3, proc)
     # Scrape both ranks' exporters over HTTP while the run is going.
     for rank in (0, 1):
@@ -220,10 +127,10 @@ def test_sigterm_checkpoints_and_resumes_with_metrics_endpoint(tmp_path, config_
             assert name in body, name
         assert f'rank="{rank}"' in body and 'variant="DiT-T/2"' in body and 'windows="3,3,-,-"' in body
         assert 'data_size="' in body and 'run="t"' in body
-    pids = rank_pids(proc)
+    pids = T.rank_pids(proc)
     assert set(pids) == {0, 1}
     os.kill(pids[1], signal.SIGTERM)  # one rank only: all ranks must agree to stop at the same step
-    rc, out = finish(proc, timeout=300)
+    rc, out = proc.finish(timeout=300)
     assert rc == 0, out[-6000:]
     assert not (run_dir / "final.json").exists()
     stopped = losses(run_dir)[-1][0]
@@ -236,11 +143,11 @@ def test_sigterm_checkpoints_and_resumes_with_metrics_endpoint(tmp_path, config_
 
 def test_kill9_of_one_rank_then_resume(tmp_path, config_file, reference):
     run_dir = tmp_path / "kill9"
-    proc = torchrun(config_file, run_dir, delay=1.5)
+    proc = T.torchrun(config_file, run_dir, delay=1.5)
     wait_for_step(run_dir, 3, proc)  # a complete checkpoint (step 2) exists
-    pids = rank_pids(proc)
+    pids = T.rank_pids(proc)
     os.kill(pids[1], signal.SIGKILL)
-    rc, out = finish(proc, timeout=300)
+    rc, out = proc.finish(timeout=300)
     assert rc != 0
     assert not (run_dir / "final.json").exists()
     from ditscale.io.rundir import RunDir

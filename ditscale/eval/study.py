@@ -137,8 +137,10 @@ def _build_data(d: dict, runs: list[dict]) -> None:
 
 
 def _train(run: dict, threads: int) -> float:
+    from ditscale.io.rundir import RunDir
+
     d = Path(run["dir"])
-    if (d / "final.json").is_file():
+    if RunDir(run["dir"]).is_done(run["config"]["train"]["steps"]):
         return 0.0
     d.mkdir(parents=True, exist_ok=True)
     cfg_file = d.parent / f"{run['id']}.yaml"

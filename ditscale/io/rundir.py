@@ -282,7 +282,8 @@ class RunDir:
         return Lease(self.path(LOCK), lease_s)
 
     def clean_leftovers(self) -> list[str]:
-        """Remove what dead writers left: the staging dir and temporary files. Only the lock holder calls this."""
+        """Remove what dead writers left: the staging dir, temporary files and checkpoint directories without
+        meta.json. Only the lock holder calls this."""
         removed = []
         stage = self.staging_dir()
         if stage.exists():
@@ -295,6 +296,10 @@ class RunDir:
                 if storage.is_tmp_name(name):
                     storage.remove(self.path(f"{rel}/{name}" if rel else name))
                     removed.append(self.path(f"{rel}/{name}" if rel else name))
+        for tag in self.listdir(CKPT):  # an upload that died before its meta.json
+            if is_tag(tag) and not self.exists(f"{CKPT}/{tag}/meta.json"):
+                self.rmtree(f"{CKPT}/{tag}")
+                removed.append(self.path(f"{CKPT}/{tag}"))
         if removed:
             log.info("removed leftovers of an earlier writer: %s", ", ".join(removed))
         return removed

@@ -192,7 +192,7 @@ class Checkpointer:
         if self.denv.local_rank == 0:
             shutil.rmtree(stage / tag, ignore_errors=True)
         where = f"{self.rundir}/{CKPT}/{tag}"
-        prev = self.rundir.latest_tag() if self.denv.rank == 0 else None
+        prev = tag_for(self.last_saved) if self.last_saved else None
         keep = f"; the newest complete checkpoint is still {prev}" if prev else ""
         raise CheckpointError(f"checkpoint {where}: {what} failed: {error or 'on another rank'}{keep}")
 

@@ -49,12 +49,19 @@ class JsonlLogger:
         pass
 
     def sync(self) -> None:
-        self.f.flush()
-        self.rundir.upload(self.rel)
+        """Upload (URL run dirs); a store that is down is not fatal here: the next sync carries the lines."""
+        from ditscale.errors import StorageError
+
+        if not self.f.closed:
+            self.f.flush()
+        try:
+            self.rundir.upload(self.rel)
+        except StorageError as e:
+            log.warning("metrics.jsonl not uploaded this time: %s", e)
 
     def close(self) -> None:
         self.f.close()
-        self.rundir.upload(self.rel)
+        self.sync()
 
 
 def _step_of(line: str) -> float:

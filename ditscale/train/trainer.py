@@ -280,10 +280,9 @@ class Trainer:
         if not (force or self.checkpointer.due(step)) or self.checkpointer.last_saved == step:
             return
         t0 = time.perf_counter()
-        if self.denv.is_main:
-            self.log.sync()
         self.checkpointer.save(step, loader_state if loader_state is not None else self.loader.state_dict())
         self.log.metrics.checkpoint_time.observe(time.perf_counter() - t0)
+        self.log.sync()
 
     def _end_early(self, verdict: stopping.Verdict, error: BaseException | None, loader_state: dict) -> dict:
         if verdict.lock_lost:  # another trainer owns the run dir now: write nothing more
@@ -323,9 +322,14 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        self.stop.close()
-        if hasattr(self, "log"):
-            self.log.close()
+        """Stop the parts; a part that fails to close (a store that is down) is logged, never masks the error
+        that ended the run."""
+        for part in ("stop", "log"):
+            try:
+                if hasattr(self, part):
+                    getattr(self, part).close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the trainer's %s failed: %s", part, e)
         self._release_lease()
 
 
