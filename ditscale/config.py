@@ -85,6 +85,9 @@ class LogSection(_Section):
     every: int = Field(10, gt=0)
     sample_every: int = Field(1000, ge=0)  # 0: no sample grids
     metrics_port: int = Field(9400, ge=0, le=65535)  # base port; rank r listens on base + local rank; 0 = off
+    # Address the metrics server binds: 0.0.0.0 (every IPv4 interface: what Prometheus on another host needs),
+    # 127.0.0.1 (this machine only), a node's interface address, or :: (IPv6 and IPv4).
+    metrics_addr: str = Field("0.0.0.0", min_length=1)
     progress: bool = True
 
 

@@ -1,8 +1,10 @@
 """What a training run tells the outside world: Prometheus metrics, a JSON-lines log, a progress bar, sample grids.
 
-Prometheus: every rank serves /metrics on port `log.metrics_port + local_rank` (0 = off), with labels
-run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base units,
-_total for counters).
+Prometheus: every rank serves /metrics on `log.metrics_addr`, port `log.metrics_port + local_rank` (0 = off),
+with labels run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base
+units, _total for counters). `ditscale_run_info` (value 1) adds the labels of the run that are not on every series
+(dataset, seed), and `ditscale_train_planned_steps` the steps the run trains for: dashboards join on `run` to
+group by them, and alerts tell a finished run (step = planned steps) from one that died.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LABELS = ("run", "variant", "windows", "data_size", "rank")
+INFO_LABELS = ("dataset", "seed")  # on ditscale_run_info only
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
 CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, math.inf)
 
@@ -25,7 +28,16 @@ CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 
 class Metrics:
     """The contract's Prometheus metrics for one rank, in a private registry, served over HTTP when port > 0."""
 
-    def __init__(self, labels: dict[str, str], port: int = 0, addr: str = "0.0.0.0"):
+    def __init__(
+        self,
+        labels: dict[str, str],
+        port: int = 0,
+        addr: str = "0.0.0.0",
+        info: dict[str, str] | None = None,
+        planned_steps: int | None = None,
+    ):
+        """labels: LABELS' values; info: INFO_LABELS' values (dataset, seed) for ditscale_run_info;
+        planned_steps: train.steps. Both are set before the server starts, so every scrape has them."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -61,6 +73,14 @@ class Metrics:
             registry=r,
         ).labels(**labels)
         self.skipped = c("ditscale_skipped_samples_total", "corrupt samples skipped by this rank's loader")
+        info = {k: str((info or {}).get(k, "")) for k in INFO_LABELS}
+        self.run_info = Gauge(
+            "ditscale_run_info", "the run's labels (value 1): dataset, seed", names + list(INFO_LABELS), registry=r
+        ).labels(**labels, **info)
+        self.run_info.set(1)
+        self.planned_steps = g("ditscale_train_planned_steps", "optimizer steps the run trains for (train.steps)")
+        if planned_steps is not None:
+            self.planned_steps.set(planned_steps)
         self._skipped_seen = 0
         self.server = None
         self.port = port

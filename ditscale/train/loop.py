@@ -105,6 +105,13 @@ def _labels(cfg: Config, manifest: dict, rank: int) -> dict[str, str]:
     }
 
 
+def _run_info(cfg: Config, manifest: dict) -> dict[str, str]:
+    """ditscale_run_info's extra labels: dataset = the shards' source and image side (celeba32), seed."""
+    source = manifest.get("source") or ""
+    side = manifest.get("image_resolution", manifest.get("resolution"))
+    return {"dataset": f"{source}{side}" if source and side else source, "seed": str(cfg.run.seed)}
+
+
 def _model_fn(engine, precision: str, device: torch.device):
     """What the diffusion loss calls: the DeepSpeed engine, under bf16 autocast when training in bf16."""
     if precision != "bf16":
@@ -192,7 +199,13 @@ def train(cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunD
             step,
         )
     port = cfg.log.metrics_port + denv.local_rank if cfg.log.metrics_port else 0
-    metrics = Metrics(_labels(cfg, manifest, rank), port=port)
+    metrics = Metrics(
+        _labels(cfg, manifest, rank),
+        port=port,
+        addr=cfg.log.metrics_addr,
+        info=_run_info(cfg, manifest),
+        planned_steps=t_cfg.steps,
+    )
     jsonl = None
     if main:
         if rundir.remote and step:
