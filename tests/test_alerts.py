@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "k8s" / "rules" / "ditscale.rules.yaml"
 RULE_TESTS = ROOT / "tests" / "rules" / "ditscale.test.yaml"
