@@ -29,7 +29,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from ditscale.config import config_from_dict
-from tests.plugins.prometheus import expand_k8s_vars, job_command
+from tests.plugins.prometheus import expand_k8s_vars, job_command, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -498,7 +498,7 @@ def _kustomize_binary() -> list[str] | None:
 def test_overlay_renders_offline_and_validates(overlay):
     tool = _kustomize_binary()
     if tool is None:
-        pytest.skip("no kubectl with kustomize (>= 1.14) or kustomize binary on PATH")
+        skip_or_fail("no kubectl with kustomize (>= 1.14) or kustomize binary on PATH")
     r = subprocess.run(
         tool + ["--load-restrictor=LoadRestrictionsNone", str(K8S / "overlays" / overlay)],
         capture_output=True, text=True, timeout=60,
