@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ def read_loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
     A torn last line (the run is writing) and non-finite losses are skipped; a step logged twice keeps its last
     value."""
+    import json
+
     fs, root = _fs_path(run_dir)
     try:
         with fs.open(f"{root}/metrics.jsonl", "r") as f:
@@ -171,6 +174,8 @@ def read_loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
 
 def read_final(run_dir: str) -> dict | None:
+    import json
+
     fs, root = _fs_path(run_dir)
     try:
         with fs.open(f"{root}/final.json", "r") as f:
@@ -259,8 +264,13 @@ def copy_sample_grids(runs: list[RunInfo], out: str) -> dict[str, str]:
         if src is None:
             continue
         rel = f"samples/{_slug(r.id)}.png"
-        with common._open(src, "rb") as f_in, common._open(common.join(out, rel), "wb") as f_out:
-            f_out.write(f_in.read())
+        fs, path = _fs_path(src)
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        fs, path = _fs_path(common.join(out, rel))
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
         copied[r.id] = rel
     return copied
 
