@@ -78,3 +78,61 @@ def _non_loopback_address() -> str | None:
         except OSError:
             return None
     return None if addr.startswith("127.") else addr
+
+
+def test_scrape_log_waits_for_regular_scrapers_only():
+    from ditscale.observability import ScrapeLog
+
+    log = ScrapeLog()
+    prom, curl = ("10.0.0.9", "Prometheus/2.42.0"), ("10.0.0.5", "curl/8.0")
+    log.record(prom, 0.0)
+    log.record(prom, 10.0)  # every 10 s
+    log.record(curl, 5.0)  # once: not a regular scraper
+    assert log.waiting_for(since=15.0, now=16.0) == [prom]  # its next scrape (t=20) is due
+    assert log.waiting_for(since=15.0, now=40.0) == []  # overdue by far: it stopped scraping, do not wait
+    log.record(prom, 20.0)
+    assert log.waiting_for(since=15.0, now=21.0) == []  # it fetched the final values
+
+
+def test_finished_run_serves_until_its_scraper_fetched_the_final_step():
+    """close() of a finished run (step = planned steps) keeps /metrics up until the regular scraper came again."""
+    import threading
+    import time
+
+    from ditscale.observability import Metrics
+
+    port = _free_port()
+    m = Metrics(LABELS, port=port, addr="127.0.0.1", planned_steps=3)
+    m.step.set(2)
+    assert not m.finished()
+    m.step.set(3)
+    assert m.finished()
+    got: list[tuple[float, str]] = []  # (request start, body) of every answered scrape
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.is_set():
+            t0 = time.monotonic()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"User-Agent": "Prometheus/t"})
+            try:
+                got.append((t0, urllib.request.urlopen(req, timeout=10).read().decode()))
+            except OSError:
+                pass
+            stop.wait(0.2)
+
+    th = threading.Thread(target=scrape, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(got) < 2 and time.monotonic() < deadline:  # a regular scraper: two scrapes at least
+            time.sleep(0.05)
+        assert len(got) >= 2
+        closing = time.monotonic()
+        m.close()
+        assert m.server is None
+        after = [body for t0, body in got if t0 >= closing]
+        assert after and 'ditscale_train_step{data_size="1000",rank="0",run="r1"' in after[-1]
+        assert after[-1].count(" 3.0\n") >= 2  # step and planned steps, both final
+    finally:
+        stop.set()
+        th.join(timeout=120)
