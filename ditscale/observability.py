@@ -1,16 +1,21 @@
-"""What a training run tells the outside world: Prometheus metrics, a JSON-lines log, a progress bar, sample grids.
+"""What a training run tells the outside world: Prometheus metrics and sample-grid images (the loggers that use
+them are in ditscale.train.loggers).
 
-Prometheus: every rank serves /metrics on port `log.metrics_port + local_rank` (0 = off), with labels
-run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base units,
-_total for counters).
+Prometheus: every rank serves /metrics on `log.metrics_addr`, port `log.metrics_port + local_rank` (0 = off),
+with labels run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base
+units, _total for counters). `ditscale_run_info` (value 1) adds the labels of the run that are not on every series
+(dataset, seed), and `ditscale_train_planned_steps` the steps the run trains for: dashboards join on `run` to
+group by them, and alerts tell a finished run (step = planned steps) from one that died. So that Prometheus sees
+the final step at all, a finished run's exporter stays up until every client that scrapes it regularly has
+fetched it once more (Metrics.close()).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +23,80 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LABELS = ("run", "variant", "windows", "data_size", "rank")
+INFO_LABELS = ("dataset", "seed")  # on ditscale_run_info only
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
 CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, math.inf)
+FINAL_SCRAPE_TIMEOUT_S = 120.0  # the longest a finished run waits for its scrapers (Metrics.close())
+
+
+class ScrapeLog:
+    """Who fetched /metrics when: (client address, user agent) -> its last scrape times.
+
+    A client that scraped twice or more is a regular scraper (a Prometheus, every `interval`); `waiting_for(since)`
+    lists those that have not scraped since `since` while their next scrape is still due (within 2.5 intervals of
+    their last one), so a finished run waits for Prometheus but not for a one-off `curl`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._times: dict[tuple[str, str], list[float]] = {}
+
+    def record(self, client: tuple[str, str], t: float | None = None) -> None:
+        with self._lock:
+            times = self._times.setdefault(client, [])
+            times.append(time.monotonic() if t is None else t)
+            del times[:-3]
+
+    def waiting_for(self, since: float, now: float | None = None) -> list[tuple[str, str]]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [
+                client
+                for client, t in self._times.items()
+                if len(t) >= 2 and t[-1] < since and now <= t[-1] + 2.5 * (t[-1] - t[-2]) + 1.0
+            ]
+
+
+def _serve(registry, port: int, addr: str, scrapes: ScrapeLog):
+    """prometheus_client's WSGI exposition in a daemon thread, noting who scrapes (what start_http_server does,
+    plus the ScrapeLog)."""
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    class Server(ThreadingWSGIServer):
+        pass
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+            pass
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    Server.address_family = family  # :: needs AF_INET6
+    app = make_wsgi_app(registry)
+
+    def noted(environ, start_response):
+        scrapes.record((environ.get("REMOTE_ADDR", ""), environ.get("HTTP_USER_AGENT", "")))
+        return app(environ, start_response)
+
+    httpd = make_server(sockaddr[0], port, noted, Server, handler_class=QuietHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name=f"metrics-{port}").start()
+    return httpd
 
 
 class Metrics:
     """The contract's Prometheus metrics for one rank, in a private registry, served over HTTP when port > 0."""
 
-    def __init__(self, labels: dict[str, str], port: int = 0, addr: str = "0.0.0.0"):
+    def __init__(
+        self,
+        labels: dict[str, str],
+        port: int = 0,
+        addr: str = "0.0.0.0",
+        info: dict[str, str] | None = None,
+        planned_steps: int | None = None,
+    ):
+        """labels: LABELS' values; info: INFO_LABELS' values (dataset, seed) for ditscale_run_info;
+        planned_steps: train.steps. Both are set before the server starts, so every scrape has them."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -61,14 +132,22 @@ class Metrics:
             registry=r,
         ).labels(**labels)
         self.skipped = c("ditscale_skipped_samples_total", "corrupt samples skipped by this rank's loader")
+        info = {k: str((info or {}).get(k, "")) for k in INFO_LABELS}
+        self.run_info = Gauge(
+            "ditscale_run_info", "the run's labels (value 1): dataset, seed", names + list(INFO_LABELS), registry=r
+        ).labels(**labels, **info)
+        self.run_info.set(1)
+        self.planned_steps = g("ditscale_train_planned_steps", "optimizer steps the run trains for (train.steps)")
+        if planned_steps is not None:
+            self.planned_steps.set(planned_steps)
         self._skipped_seen = 0
+        self._labels = dict(labels)
+        self.scrapes = ScrapeLog()
         self.server = None
         self.port, self.addr = port, addr
         if port:
-            from prometheus_client import start_http_server
-
             try:
-                self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+                self.server = _serve(self.registry, port, addr, self.scrapes)
                 log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
             except OSError as e:
                 log.warning("Prometheus exporter not started: port %d unavailable (%s)", port, e)
@@ -85,70 +164,26 @@ class Metrics:
             self.gpu_allocated.set(torch.cuda.memory_allocated())
             self.gpu_reserved.set(torch.cuda.memory_reserved())
 
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+    def finished(self) -> bool:
+        """The step gauge reached the planned steps."""
+        planned = self.registry.get_sample_value("ditscale_train_planned_steps", self._labels)
+        step = self.registry.get_sample_value("ditscale_train_step", self._labels)
+        return bool(planned) and step is not None and step >= planned
 
-
-class JsonlLog:
-    """Append-only JSON lines (metrics.jsonl), flushed per line."""
-
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and self.path.is_file():
-            # A resumed run repeats the steps after its checkpoint: drop the lines the interrupted run wrote there.
-            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= truncate_after_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        self.f = open(self.path, "a")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line).get("step", math.inf)
-    except ValueError:
-        return math.inf
-
-
-def read_jsonl(path: Path | str) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
-class Progress:
-    """Rank-0 progress bar: step, images/s, loss, ETA (tqdm)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                initial=initial,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                mininterval=1.0 if sys.stderr.isatty() else 10.0,
-            )
-
-    def update(self, n: int, loss: float, images_per_second: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}", refresh=False)
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def close(self, final_scrape_timeout: float = FINAL_SCRAPE_TIMEOUT_S) -> None:
+        """Stop serving. A finished run first waits (at most final_scrape_timeout) until each regular scraper has
+        fetched the final values: otherwise Prometheus keeps an earlier step as the run's last one, and neither
+        the dashboard nor the alerts can tell the finished run from one that died. Unscraped, interrupted or
+        failed runs stop at once."""
+        if self.server is None:
+            return
+        if self.finished():
+            since = time.monotonic()
+            while time.monotonic() < since + final_scrape_timeout and self.scrapes.waiting_for(since):
+                time.sleep(0.05)
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
 
 
 def grid_image(images, nrow: int | None = None, pad: int = 2):

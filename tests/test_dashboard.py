@@ -1,16 +1,21 @@
 """The Grafana dashboard: k8s/dashboards/ditscale.json is the source of truth.
 
-- its structure (panels, variables, datasource variable) is what Grafana's JSON model expects;
+- its structure (panels, variables, the data-source input the import dialog asks for) is what Grafana's JSON
+  model expects;
 - k8s/50-grafana-dashboard.yaml embeds exactly that JSON (regenerate with `python tests/test_dashboard.py`);
-- every metric name in its PromQL is one the trainer exports (a real /metrics scrape of a short 2-rank run), and
-  every label it groups or filters by is on those metrics;
-- every query parses and evaluates in a REAL Prometheus that scraped that run, and the main panels return data.
+- every metric name in its PromQL is one the trainer exports (a real /metrics scrape of a short 2-rank run) or a
+  series recorded by ditscale's rules (k8s/rules/ditscale.rules.yaml), and every label it groups, joins or filters
+  by is on those metrics;
+- every query parses and evaluates in a REAL Prometheus that scraped that run (and loaded the rules): while the
+  run was alive every panel returns data; after it ended (its exporter gone, its series stale) every panel's range
+  query still does, and the grid table, an instant query over the dashboard's range, still lists the run.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +44,13 @@ metadata:
 data:
   ditscale.json: |
 """
-METRIC = re.compile(r"\bditscale_[a-z0-9_]+\b")
+RULES = ROOT / "k8s" / "rules" / "ditscale.rules.yaml"
+NAME = re.compile(r"(?<![\w:])[a-zA-Z_:][a-zA-Z0-9_:]*")
 FUNCS_AND_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
+VARIABLES = ("variant", "run", "windows", "data_size", "rank")
+GRID_AXES = {"variant", "dataset", "windows", "data_size", "seed"}
 EXPECTED_PANELS = [
+    "Grid overview",
     "Loss per run",
     "Throughput",
     "Step time p50 / p95",
@@ -72,13 +81,19 @@ def exprs(d: dict | None = None) -> list[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    return set(METRIC.findall(expr))
+    """ditscale series an expression reads: exported names (ditscale_...) and recorded ones (level:ditscale_...:op)."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label values are not names
+    return {n for n in NAME.findall(expr) if n.startswith("ditscale_") or (":" in n and "ditscale_" in n)}
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r}
 
 
 def label_names(expr: str) -> set[str]:
-    """Labels used in by(...)/without(...) clauses, {selectors} and label_values(..., label)."""
+    """Labels used in by/without/on/ignoring/group_left/group_right clauses, {selectors} and label_values(...)."""
     names: set[str] = set()
-    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
         names |= {n.strip() for n in group.split(",") if n.strip()}
     for sel in re.findall(r"\{([^}]*)\}", expr):
         names |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", sel))
@@ -91,7 +106,7 @@ def label_names(expr: str) -> set[str]:
 def to_prometheus(expr: str) -> str:
     """Grafana variables -> plain PromQL for a direct query (All selected)."""
     expr = expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$__interval", "15s")
-    return re.sub(r"\$\{?(run|windows|data_size)\}?", ".*", expr)
+    return re.sub(r"\$\{?(" + "|".join(VARIABLES) + r")\}?", ".*", expr)
 
 
 def exported_names(scrape: str) -> tuple[set[str], set[str]]:
@@ -118,10 +133,11 @@ def test_dashboard_json_model():
     d = dashboard()
     assert d["uid"] == "ditscale-training" and d["title"] and d["schemaVersion"] >= 36
     variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert list(variables) == ["datasource", *VARIABLES]
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name in ("run", "windows", "data_size"):
+    for name in VARIABLES:
         v = variables[name]
-        assert v["type"] == "query" and v["includeAll"] and v["multi"]
+        assert v["type"] == "query" and v["includeAll"] and v["multi"] and v["refresh"] == 2  # on time range change
         assert v["query"]["query"].startswith("label_values(") and v["query"]["query"].endswith(f", {name})")
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
@@ -135,8 +151,55 @@ def test_dashboard_json_model():
         assert p["targets"], p["title"]
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}" and t["refId"] and t["expr"]
-            # every panel follows the three variables, so the dashboard filters as a whole
-            assert all(f'=~"${v}"' in t["expr"] for v in ("run", "windows", "data_size")), t["expr"]
+            # every panel follows the variables, so the dashboard filters as a whole; rank wherever the series
+            # have ranks (run-level recorded series have none)
+            wanted = VARIABLES if not all(n.startswith("run:") for n in metric_names(t["expr"])) else VARIABLES[:-1]
+            for sel in re.findall(r"(?:ditscale_[a-z0-9_]+|:[a-z0-9_]+)\{([^}]*)\}", t["expr"]):
+                assert all(f'{v}=~"${v}"' in sel for v in wanted), (p["title"], t["expr"])
+
+
+def test_import_asks_for_the_data_source():
+    """Grafana's import dialog shows a picker for every `__inputs` entry and writes the chosen data source where
+    ${DS_PROMETHEUS} stands: the datasource variable's default, which every panel and variable query uses."""
+    d = dashboard()
+    (inp,) = d["__inputs"]
+    assert inp["name"] == "DS_PROMETHEUS" and inp["type"] == "datasource" and inp["pluginId"] == "prometheus"
+    text = DASHBOARD.read_text()
+    assert set(re.findall(r"\$\{(DS_[A-Z_]+)\}", text)) == {"DS_PROMETHEUS"}
+    ds = d["templating"]["list"][0]
+    assert ds["current"]["value"] == "${DS_PROMETHEUS}"
+    requires = {(r["type"], r["id"]) for r in d["__requires"]}
+    assert ("datasource", "prometheus") in requires
+    assert {("panel", p["type"]) for p in d["panels"]} <= requires
+
+
+def test_units():
+    by_title = {p["title"].split(" (")[0]: p for p in dashboard()["panels"]}
+    assert by_title["Throughput"]["fieldConfig"]["defaults"]["unit"] == "count:images/s"  # 1.2K images/s
+    assert by_title["Data-wait share of step time"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    grid = by_title["Grid overview"]
+    units = {
+        o["matcher"]["options"]: prop["value"]
+        for o in grid["fieldConfig"]["overrides"]
+        for prop in o["properties"]
+        if prop["id"] == "unit"
+    }
+    assert units["Images/s"] == "count:images/s" and units["Progress"] == "percentunit"
+
+
+def test_grid_table_groups_by_the_grid_axes_over_the_dashboard_range():
+    """One row per run, keyed by its grid cell: every query keeps the axes (dataset and seed joined from
+    ditscale_run_info on run) and reads the last value in the time range, so finished runs stay."""
+    (grid,) = [p for p in dashboard()["panels"] if p["title"].startswith("Grid overview")]
+    assert grid["type"] == "table"
+    for t in grid["targets"]:
+        assert t["instant"] is True and t["format"] == "table"
+        assert "[$__range:]" in t["expr"]  # last_over_time over the dashboard's range
+        assert "group_left (dataset, seed)" in t["expr"] and "ditscale_run_info" in t["expr"]
+        assert "by (run, variant, windows, data_size)" in t["expr"]
+    organize = next(x for x in grid["transformations"] if x["id"] == "organize")["options"]
+    assert GRID_AXES | {"run"} <= set(organize["renameByName"])
+    assert [x["id"] for x in grid["transformations"]][0] == "merge"
 
 
 def test_dashboard_promql_shapes():
@@ -149,7 +212,11 @@ def test_dashboard_promql_shapes():
     assert any(e.startswith("histogram_quantile(0.95,") for e in st)
     assert all("ditscale_step_time_seconds_bucket" in e and "le)" in e for e in st)
     strag = by_title["Step time per rank"]["targets"][0]["expr"]
-    assert "by (run, rank)" in strag
+    assert "by (run, rank)" in strag and "run_rank:ditscale_step_time_seconds:mean5m" in strag
+    ratio = by_title["Straggler ratio"]["targets"][0]["expr"]
+    assert "run:ditscale_step_time_seconds:straggler_ratio5m" in ratio  # the series the alert uses
+    wait = [t["expr"] for t in by_title["Data-wait share of step time"]["targets"]]
+    assert all("run_rank:ditscale_data_wait:ratio5m" in e for e in wait)
     assert "by (run, rank)" in by_title["GPU memory per rank"]["targets"][0]["expr"]
     assert by_title["GPU memory per rank"]["fieldConfig"]["defaults"]["unit"] == "bytes"
 
@@ -167,6 +234,9 @@ def test_label_and_metric_extraction_helpers():
     e = 'sum by (run, le) (rate(ditscale_step_time_seconds_bucket{run=~"$run", rank!="0"}[$__rate_interval]))'
     assert metric_names(e) == {"ditscale_step_time_seconds_bucket"}
     assert label_names(e) == {"run", "le", "rank"}
+    j = 'max by (run) (run:ditscale_x:r5m{run=~"a"}) * on (run) group_left (seed) ditscale_run_info{variant="b"}'
+    assert metric_names(j) == {"run:ditscale_x:r5m", "ditscale_run_info"}
+    assert label_names(j) == {"run", "seed", "variant"}
     assert label_names('label_values(ditscale_train_loss{run=~"$run"}, windows)') == {"run", "windows"}
     assert to_prometheus(e).endswith('{run=~".*", rank!="0"}[1m]))')
 
@@ -194,7 +264,9 @@ def test_every_dashboard_metric_is_exported_by_the_trainer(monitored_training):
         labels |= lab
     used = set().union(*(metric_names(e) for e in exprs()))
     assert used, "the dashboard uses no ditscale_ metric"
-    missing = sorted(used - names)
+    recorded = {n for n in used if ":" in n}
+    assert recorded <= recorded_names(), f"recorded series no rule defines: {recorded - recorded_names()}"
+    missing = sorted(used - recorded - names)
     assert not missing, f"dashboard metrics the trainer does not export: {missing}; exported: {sorted(names)}"
     used_labels = set().union(*(label_names(e) for e in exprs()))
     assert not sorted(used_labels - labels), f"labels not on the trainer's metrics: {used_labels - labels}"
@@ -234,6 +306,75 @@ def test_every_dashboard_query_returns_data_from_real_prometheus(monitored_train
     assert thr[run.run_name] > 0, thr
     step = values(to_prometheus(by_title["Step"]["targets"][0]["expr"]))
     assert step[run.run_name] >= 1, step
+    ratio = values(to_prometheus(by_title["Straggler ratio (slowest / median rank)"]["targets"][0]["expr"]))
+    assert ratio[run.run_name] >= 1, ratio
+
+
+def grid_rows(prom, time_s: float) -> dict[str, dict]:
+    """The grid table as Grafana's merge transformation builds it: run -> {axes..., A: value, B: value, ...}."""
+    (grid,) = [p for p in dashboard()["panels"] if p["title"].startswith("Grid overview")]
+    rows: dict[str, dict] = {}
+    for t in grid["targets"]:
+        for s in prom.query(to_prometheus(t["expr"]), time_s=time_s):
+            row = rows.setdefault(s["metric"]["run"], {})
+            for k, v in s["metric"].items():
+                assert row.setdefault(k, v) == v, (k, row, s)  # the same cell in every query: merge joins them
+            row[t["refId"]] = float(s["value"][1])
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.prometheus
+def test_dashboard_after_the_run_ended_keeps_it(monitored_training):
+    """Once the trainer exited (its exporter is gone, Prometheus marked its series stale), an instant query of the
+    raw series is empty, but the grid table still lists the run with its grid cell, final step, progress 100%,
+    loss and state 'ended', every panel's range query over the time range still returns its data, and every
+    variable still offers the run's values."""
+    run, prom = monitored_training, monitored_training.prometheus
+    assert run.returncode == 0 and run.alive_at is not None, run.output[-4000:]
+    # stale: the exporter is gone (wait, up to WAIT_S, for the failed scrape or the removed target to show)
+    prom.wait_for(f'ditscale_train_step{{run="{run.run_name}"}}', lambda r: not r)
+    now = time.time()
+    rows = grid_rows(prom, now)
+    assert run.run_name in rows, f"the grid table lost the finished run: {rows}"
+    row = rows[run.run_name]
+    steps = yaml.safe_load(run.config_path.read_text())["train"]["steps"]
+    assert GRID_AXES | {"run"} <= set(row), row
+    assert row["dataset"] == "digits8" and row["seed"] == "0" and row["variant"] == "DiT-T/2", row
+    manifest = json.loads(Path(yaml.safe_load(run.config_path.read_text())["data"]["train"]).read_text())
+    assert row["data_size"] == str(manifest["num_samples"]), row
+    assert row["A"] == steps and row["B"] == 1.0, row  # last step, progress
+    assert 0 < row["C"] < 10 and row["D"] > 0, row  # loss, images/s
+    assert row["E"] == 0, row  # ended
+    d = dashboard()
+    start = run.alive_at - 600
+    empty = []
+    for p in d["panels"]:
+        for t in p["targets"]:
+            if t.get("instant"):
+                continue  # the grid table, checked above
+            found = prom.api(
+                "query_range", query=to_prometheus(t["expr"]), start=f"{start:.3f}", end=f"{now:.3f}", step="1"
+            )["result"]
+            if not any(s["metric"].get("run") == run.run_name for s in found):
+                empty.append((p["title"], t["refId"]))
+    assert not empty, f"panels without the ended run's data over the time range: {empty}"
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            m = re.match(r"label_values\((.*),\s*(\w+)\)$", v["query"]["query"])
+            found = prom.api("series", **{"match[]": to_prometheus(m.group(1)), "start": f"{start:.3f}",
+                                          "end": f"{now:.3f}"})  # fmt: skip
+            assert {s.get(m.group(2)) for s in found} - {None, ""}, f"variable {v['name']}: no values after the run"
+
+
+@pytest.mark.slow
+@pytest.mark.prometheus
+def test_grid_table_while_the_run_was_alive(monitored_training):
+    run, prom = monitored_training, monitored_training.prometheus
+    assert run.alive_at is not None, run.output[-4000:]
+    prom.wait_for(f'last_over_time(ditscale_train_loss{{run="{run.run_name}"}}[10m])')
+    row = grid_rows(prom, run.alive_at)[run.run_name]
+    assert row["E"] == 1 and 0 < row["B"] <= 1 and row["A"] >= 1, row  # running, part way
 
 
 if __name__ == "__main__":  # regenerate k8s/50-grafana-dashboard.yaml from the JSON

@@ -85,3 +85,80 @@ def test_study_plan_is_disjoint_and_consistent():
 
     for c in by.values():
         config_from_dict(c)  # every generated config validates
+
+
+# ------------------------------------------------------------------------------------------ training section
+
+
+def _log(run_dir, losses, every=10, final=True):
+    """metrics.jsonl as the trainer writes it (a torn last line included), a sample grid, final.json."""
+    lines = [json.dumps({"step": (i + 1) * every, "loss": v, "images_per_second": 100.0}) for i, v in enumerate(losses)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99')
+    if final:
+        (run_dir / "final.json").write_text(json.dumps({"step": len(losses) * every, "loss": losses[-1], "finished": True}))
+    from PIL import Image
+
+    (run_dir / "samples").mkdir(exist_ok=True)
+    for step in (every, len(losses) * every):
+        Image.new("L", (8, 8), color=step % 256).save(run_dir / "samples" / f"step_{step:08d}.png")
+
+
+def test_report_loss_curves_and_sample_grids(tmp_path):
+    grid = tmp_path / "grid"
+    a = _run(grid, "g-n10-s0", "global", 10, 0, 8.0)
+    b = _run(grid, "l-n10-s0", "local@head", 10, 0, 5.0)
+    c = _run(grid, "l-n10-s1", "local@head", 10, 1, 5.5)
+    _run(grid, "g-n1000-s0", "global", 1000, 0, 1.0)  # no metrics.jsonl: pending, no curve
+    _log(a, [1.0, 0.5, 0.25, float("nan"), 0.2])
+    _log(b, [1.0, 0.4, 0.2])
+    _log(c, [1.0, 0.45], final=False)
+    runs, _ = report.discover(str(grid))
+    assert report.read_loss_curve(str(a)) == [(10, 1.0), (20, 0.5), (30, 0.25), (50, 0.2)]  # NaN and torn line out
+    out = tmp_path / "out"
+    text = report.build_report(runs, str(out), "t")
+    assert "## Training" in text
+    assert "| g-n10-s0 | DiT-T/1 | global | N=10 | 0 |  | done | 50 | 0.2000 |" in text
+    assert "| l-n10-s1 | DiT-T/1 | local@head | N=10 | 1 |  | started | 20 | 0.4500 |" in text
+    assert "| g-n1000-s0 | DiT-T/1 | global | N=1e3 | 0 |  | pending |  |  |" in text
+    assert "![training loss against step, DiT-T/1](loss_DiT-T_1.png)" in text
+    assert (out / "loss_DiT-T_1.png").stat().st_size > 0
+    # newest grid of each run, copied next to report.md, one column per window configuration
+    assert (out / "samples" / "g-n10-s0.png").read_bytes() == (a / "samples" / "step_00000050.png").read_bytes()
+    assert "| DiT-T/1 N=10 s0 | ![g-n10-s0](samples/g-n10-s0.png) | ![l-n10-s0](samples/l-n10-s0.png) |" in text
+    assert "| DiT-T/1 N=10 s1 |  | ![l-n10-s1](samples/l-n10-s1.png) |" in text
+    assert text.index("## Training") < text.index("## PSNR gap against N")
+
+
+def test_report_reads_run_dirs_in_object_storage(s3_server, tmp_path):
+    """A grid whose runs live in s3:// (moto on loopback): curves, final.json and sample grids come through fsspec."""
+    bucket = s3_server.bucket()
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s3grid",
+                "config": {"model": {"variant": "DiT-T/2", "input_size": 8, "in_channels": 1, "num_classes": 10}},
+                "run_dir": f"{bucket}/runs/{{id}}",
+                "axes": {
+                    "windows": {"key": "model.windows", "values": ["global", "3x2@head"]},
+                    "n": [10, 100],
+                },
+            }
+        )
+    )
+    from ditscale.grid import expand
+
+    specs = expand(str(grid_file))
+    assert len(specs) == 4
+    for i, r in enumerate(specs):
+        local = tmp_path / "stage" / r.id
+        local.mkdir(parents=True)
+        _log(local, [1.0, 0.5 - 0.1 * i], final=i != 3)
+        s3_server.fs.put(str(local) + "/", r.run_dir.removeprefix("s3://") + "/", recursive=True)
+    runs, name = report.discover(str(grid_file))
+    assert name == "g" and {r.n for r in runs} == {10, 100}
+    assert report.read_loss_curve(specs[1].run_dir) == [(10, 1.0), (20, 0.4)]
+    text = report.build_report(runs, str(tmp_path / "out"), "s3")
+    assert (tmp_path / "out" / "loss_DiT-T_2.png").stat().st_size > 0
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 4
+    assert text.count("| done |") == 3 and text.count("| started |") == 1

@@ -2,12 +2,14 @@
 
 - every file at the top of k8s/ is a Kubernetes resource (`kubectl apply -f k8s/` applies them all);
 - every core resource validates against the Kubernetes 1.30 .. 1.37 schemas in strict mode (kubernetes-validate).
-  The CRDs are not in those schemas: PodMonitor (monitoring.coreos.com/v1) is checked structurally against the
-  Job it scrapes; RayJob (ray.io/v1) structurally, and its head/worker pod templates strictly as core
-  PodTemplates;
+  The CRDs are not in those schemas: the PodMonitors (monitoring.coreos.com/v1) are checked structurally against
+  the pods they scrape (the Job's, the KubeRay workers'); the PrometheusRule in tests/test_alerts.py; RayJob
+  (ray.io/v1) structurally, and its head/worker pod templates strictly as core PodTemplates;
 - the Indexed Job is wired as documented (node rank, master through the headless Service, GPUs, /dev/shm,
   secrets by reference, restart and rendezvous bounds, non-root read-only pods);
 - `kubectl kustomize` renders the overlay offline and the result validates too;
+- README's Kubernetes section can be followed as written: one image setting reaches every manifest, the shard
+  paths it builds are the ConfigMap's, the monitoring prerequisites are stated;
 - the Job's command, with its env substituted, runs the 2-rank training locally (slow; shared run with the
   Prometheus tests, see tests/plugins/prometheus.py).
 """
@@ -27,12 +29,17 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from ditscale.config import config_from_dict
-from tests.plugins.prometheus import expand_k8s_vars, job_command
+from tests.plugins.prometheus import expand_k8s_vars, job_command, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 VERSIONS = [f"1.{m}" for m in range(30, 38)]
-CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("ray.io/v1", "RayJob")}
+CRDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("ray.io/v1", "RayJob"),
+}
+DEFAULT_IMAGE = "ghcr.io/ditscale/ditscale:0.1.0"
 
 
 def load(path: Path) -> list[dict]:
@@ -48,8 +55,14 @@ def all_docs() -> list[tuple[str, dict]]:
     return [(str(p.relative_to(ROOT)), d) for p in files for d in load(p)]
 
 
-def by_kind(kind: str) -> dict:
-    (doc,) = [d for _, d in all_docs() if d["kind"] == kind and not d["metadata"]["name"].endswith("dashboard")]
+def by_kind(kind: str, name: str | None = None) -> dict:
+    (doc,) = [
+        d
+        for _, d in all_docs()
+        if d["kind"] == kind
+        and not d["metadata"]["name"].endswith("dashboard")
+        and (name is None or d["metadata"]["name"] == name)
+    ]
     return doc
 
 
@@ -86,7 +99,7 @@ def test_top_of_k8s_holds_only_kubernetes_resources():
         for d in docs:
             assert {"apiVersion", "kind", "metadata"} <= set(d), f"k8s/{name}: not a Kubernetes resource"
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
-    assert kinds == sorted(["Namespace", "ConfigMap", "ConfigMap", "Service", "Job", "PodMonitor"]), kinds
+    assert kinds == sorted(["Namespace", "ConfigMap", "ConfigMap", "Service", "Job", "PodMonitor", "PrometheusRule"])
     assert "Secret" not in kinds  # credentials are created by the user (docs/kubernetes.md), never committed
     # the namespace sorts first, so that `kubectl apply -f k8s/` creates it before what lives in it
     first = next(iter(files.values()))
@@ -109,7 +122,7 @@ def test_manifests_validate_strict(version):
             continue
         validate_core(doc, version, where)
         checked += 1
-    assert checked == 5 and sorted(crds) == ["PodMonitor", "RayJob"]
+    assert checked == 5 and sorted(crds) == ["PodMonitor", "PodMonitor", "PrometheusRule", "RayJob"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -256,7 +269,7 @@ def test_configmap_holds_a_valid_run_config_on_object_storage():
 
 
 def test_podmonitor_scrapes_every_rank_of_the_job():
-    pm, c = by_kind("PodMonitor"), container()
+    pm, c = by_kind("PodMonitor", "ditscale-train"), container()
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
     labels = job()["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -267,6 +280,133 @@ def test_podmonitor_scrapes_every_rank_of_the_job():
         assert set(e) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels", "relabelings"}
         assert e["path"] == "/metrics" and re.fullmatch(r"\d+[smh]", e["interval"])
     assert "release" in pm["metadata"]["labels"]  # kube-prometheus-stack's default podMonitorSelector
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        value, op = labels.get(e["key"]), e["operator"]
+        if (op == "In" and value not in e["values"]) or (op == "NotIn" and value in e["values"]):
+            return False
+        if (op == "Exists" and value is None) or (op == "DoesNotExist" and value is not None):
+            return False
+    return True
+
+
+def _pod_templates() -> dict[str, dict]:
+    """component label -> pod template of every pod ditscale creates (the Job's, the Ray head's, the workers')."""
+    spec = by_kind("RayJob")["spec"]["rayClusterSpec"]
+    templates = [job()["spec"]["template"], spec["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in spec["workerGroupSpecs"]]
+    return {t["metadata"]["labels"]["app.kubernetes.io/component"]: t for t in templates}
+
+
+def test_every_training_pod_is_scraped_by_exactly_one_podmonitor():
+    monitors = [d for _, d in all_docs() if d["kind"] == "PodMonitor"]
+    scraped = {"trainer": 0, "ray-worker": 0, "ray-head": 0}
+    for pm in monitors:
+        for component, t in _pod_templates().items():
+            if _selects(pm["spec"]["selector"], t["metadata"]["labels"]):
+                scraped[component] += 1
+                names = {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+                assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= names, (pm["metadata"]["name"], names)
+    assert scraped == {"trainer": 1, "ray-worker": 1, "ray-head": 0}  # the head trains nothing (num-gpus 0)
+
+
+def test_ray_grid_workers_expose_every_rank_of_a_run():
+    """Every grid run's ranks (workers-per-run of them on one 8-GPU worker pod) listen on log.metrics_port + local
+    rank: the worker pods declare exactly those ports and the grid PodMonitor scrapes them."""
+    from ditscale.grid import expand
+
+    rj, pm = by_kind("RayJob"), by_kind("PodMonitor", "ditscale-grid")
+    argv = rj["spec"]["entrypoint"].split()
+    workers = int(argv[argv.index("--workers-per-run") + 1])
+    runs = expand(ROOT / argv[argv.index("--grid") + 1], vars={"data_root": "s3://ditscale/shards"}, validate=False)
+    (base,) = {r.config.log.metrics_port for r in runs}
+    assert base > 0, "grid runs must export metrics"
+    for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus == workers  # one run per worker pod: its local ranks are 0 .. workers-1
+        ports = {p["name"]: p["containerPort"] for p in c["ports"] if p["name"].startswith("metrics-")}
+        assert ports == {f"metrics-{i}": base + i for i in range(gpus)}
+        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} == set(ports)
+    for e in pm["spec"]["podMetricsEndpoints"]:
+        assert e["path"] == "/metrics" and re.fullmatch(r"\d+[smh]", e["interval"])
+    assert "release" in pm["metadata"]["labels"]
+
+
+# ------------------------------------------------------------------------------ README's Kubernetes section
+
+
+def readme_kubernetes() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Kubernetes")
+    return text[start : text.index("\n## ", start + 5)]
+
+
+def test_readme_sets_the_image_in_one_place_for_every_manifest(tmp_path):
+    """The section's IMAGE=... line, its docker build/push and its one command that points the manifests at
+    $IMAGE: run on a copy of k8s/, every container of every manifest (top, ray/, overlays) pulls $IMAGE."""
+    section = readme_kubernetes()
+    assert re.search(r"^IMAGE=\S+", section, re.M), "README: set IMAGE once"
+    assert 'docker build -f k8s/image/Dockerfile -t "$IMAGE" .' in section and 'docker push "$IMAGE"' in section
+    (line,) = [ln for ln in section.splitlines() if DEFAULT_IMAGE in ln and "$IMAGE" in ln]
+    images = {c["image"] for _, d in all_docs() for c in _containers(d)}
+    assert images == {DEFAULT_IMAGE}
+    shutil.copytree(K8S, tmp_path / "k8s")
+    mine = "registry.example.com/team/ditscale:0.1.0-test"
+    r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env={"IMAGE": mine, "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    found = {
+        c.get("image")  # overlay patches name a container without an image: they keep the base's
+        for f in (tmp_path / "k8s").rglob("*.yaml")
+        for d in load(f)
+        if isinstance(d, dict)
+        for c in _containers(d)
+    }
+    assert found - {None} == {mine}
+    assert DEFAULT_IMAGE not in "".join(f.read_text() for f in (tmp_path / "k8s").rglob("*.yaml"))
+
+
+def test_readme_shard_paths_are_the_configmaps():
+    """`data build --out URL` writes the train split's manifest at URL/manifest.json and the test split's at
+    URL/test/manifest.json: exactly the ConfigMap's data.train and data.test. The grid's subsets go where the
+    RayJob's data_root points the grid."""
+    from ditscale.data.convert import split_url
+    from ditscale.grid import expand
+
+    section = readme_kubernetes()
+    (out,) = re.findall(r"ditscale data build celeba .*--out (\S+)", section)
+    (cm,) = [d for _, d in all_docs() if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    data = yaml.safe_load(cm["data"]["config.yaml"])["data"]
+    assert data["train"] == split_url(out, "train", "train") + "/manifest.json"
+    assert data["test"] == split_url(out, "test", "train") + "/manifest.json"
+    (subset,) = re.findall(r"ditscale data subset --manifest (\S+)[^;]*?--out (\S+)", section)
+    assert subset[0] == data["train"]
+    argv = by_kind("RayJob")["spec"]["entrypoint"].split()
+    data_root = next(a.split("=", 1)[1] for a in argv if a.startswith("data_root="))
+    runs = expand(ROOT / argv[argv.index("--grid") + 1], vars={"data_root": data_root}, validate=False)
+    for r in runs:
+        n, s = r.values["n"], r.config.run.seed
+        subset_dir = subset[1].replace("$n", str(n)).replace("$s", str(s))
+        assert r.config.data.train == f"{subset_dir}/manifest.json", r.id
+        assert r.config.data.test == f"{subset_dir}/test/manifest.json", r.id
+
+
+def test_readme_states_the_monitoring_prerequisites():
+    section = readme_kubernetes()
+    for crd in ("podmonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"):
+        assert crd in section, crd
+    assert "release: kube-prometheus-stack" in section
+    assert "podMonitorSelectorNilUsesHelmValues=false" in section and "ruleSelectorNilUsesHelmValues=false" in section
+    assert "grafana.sidecar.dashboards.searchNamespace=ALL" in section
+    for path in re.findall(r"kubectl apply -f ([^\s`]+)", section):
+        assert (ROOT / path).exists(), f"README applies {path}, which does not exist"
+    labelled = [d for _, d in all_docs() if d["kind"] in ("PodMonitor", "PrometheusRule")]
+    assert all(d["metadata"]["labels"]["release"] == "kube-prometheus-stack" for d in labelled)
 
 
 # ------------------------------------------------------------------------------------- RayJob and the image
@@ -358,7 +498,7 @@ def _kustomize_binary() -> list[str] | None:
 def test_overlay_renders_offline_and_validates(overlay):
     tool = _kustomize_binary()
     if tool is None:
-        pytest.skip("no kubectl with kustomize (>= 1.14) or kustomize binary on PATH")
+        skip_or_fail("no kubectl with kustomize (>= 1.14) or kustomize binary on PATH")
     r = subprocess.run(
         tool + ["--load-restrictor=LoadRestrictionsNone", str(K8S / "overlays" / overlay)],
         capture_output=True, text=True, timeout=60,

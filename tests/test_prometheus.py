@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.plugins.prometheus import free_port
+from tests.plugins.prometheus import WAIT_S, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
@@ -50,7 +50,7 @@ def exporter():
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)

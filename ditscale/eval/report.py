@@ -1,5 +1,8 @@
-"""`python -m ditscale report --grid DIR|GRID.yaml`: the study's tables and plots from the runs' eval/*.json.
+"""`python -m ditscale report --grid DIR|GRID.yaml`: the study's tables and plots from the run dirs.
 
+- training: one row per run (state, step, final loss), the loss against step of every run from its
+  metrics.jsonl (one PNG per variant, a panel per N, a colour per window configuration, a line style per seed),
+  and each run's newest sample grid (samples/step_*.png), side by side per window configuration;
 - PSNR gap against N per window configuration (mean +- std over seeds/shuffles),
 - the FID table with the relative change against global attention (same variant and N),
 - the placement comparison (head / mix / tail for each local preset),
@@ -21,6 +24,8 @@ import yaml
 
 from ditscale.errors import ConfigError
 from ditscale.eval import common
+from ditscale.io import storage
+from ditscale.io.rundir import SAMPLES, RunDir
 
 log = logging.getLogger("ditscale.report")
 PLACEMENTS = ("head", "mix", "tail")
@@ -35,6 +40,7 @@ class RunInfo:
     seed: int
     n: int | None
     evals: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, Any] = field(default_factory=dict)  # the grid's axis values of this run (grid files only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +91,7 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
                     c.run.seed,
                     _n_of(evals, r.values, c.data.train),
                     evals,
+                    dict(r.values),
                 )
             )
         return runs, p.stem
@@ -112,6 +119,120 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
             )
         )
     return runs, p.name
+
+
+# ---------------------------------------------------------------------------------------------- training
+def read_loss_curve(run_dir: str) -> list[tuple[int, float]]:
+    """(step, loss) of every logged step in {run_dir}/metrics.jsonl (local or s3://), in step order.
+
+    A torn last line (the run is writing) and non-finite losses are skipped; a step logged twice keeps its last
+    value."""
+    by_step: dict[int, float] = {}
+    for rec in RunDir(run_dir).records():
+        step, loss = rec.get("step"), rec.get("loss")
+        if isinstance(step, int) and isinstance(loss, (int, float)) and math.isfinite(loss):
+            by_step[step] = float(loss)
+    return sorted(by_step.items())
+
+
+def read_final(run_dir: str) -> dict | None:
+    return RunDir(run_dir).final()
+
+
+def newest_sample_grid(run_dir: str) -> str | None:
+    """The URL of the run's newest samples/step_XXXXXXXX.png, or None."""
+    rd = RunDir(run_dir)
+    names = [n for n in rd.listdir(SAMPLES) if n.endswith(".png")]
+    return rd.path(f"{SAMPLES}/{max(names)}") if names else None
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "run"
+
+
+def _extra_axes(r: RunInfo) -> str:
+    """Axis values that are not the variant, windows, N or seed (e.g. nodes=2), for labels."""
+    known = {str(r.variant), str(r.windows), str(r.n), str(r.seed)}
+    return " ".join(f"{k}={v}" for k, v in r.axes.items() if str(v) not in known)
+
+
+def runs_table(runs: list[RunInfo], curves: dict[str, list], finals: dict[str, dict | None]) -> str:
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.variant, r.n or 0, r.windows != "global", r.windows, r.seed, r.id)):
+        curve, final = curves.get(r.id) or [], finals.get(r.id)
+        step = final.get("step") if final else (curve[-1][0] if curve else None)
+        loss = final.get("loss") if final else (curve[-1][1] if curve else None)
+        state = "done" if final else ("started" if curve else "pending")
+        rows.append(
+            [
+                r.id, r.variant, r.windows, _n_label(r.n), str(r.seed), _extra_axes(r), state,
+                "" if step is None else str(step),
+                f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "",
+            ]
+        )  # fmt: skip
+    return _md_table(["run", "variant", "windows", "N", "seed", "other axes", "state", "step", "loss"], rows)
+
+
+def plot_loss_curves(runs: list[RunInfo], curves: dict[str, list], path: str, variant: str) -> str | None:
+    """Loss against step of every run of one variant: a panel per N, a colour per windows, a style per seed."""
+    mine = [r for r in runs if r.variant == variant and curves.get(r.id)]
+    if not mine:
+        return None
+    plt = _plt()
+    ns = sorted({r.n for r in mine}, key=lambda n: -1 if n is None else n)
+    ws = _windows_order(r.windows for r in runs)
+    seeds = sorted({r.seed for r in runs})
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 3.8), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], ns, strict=True):
+        for r in sorted(
+            (r for r in mine if r.n == n), key=lambda r: (ws.index(r.windows), r.seed, _extra_axes(r), r.id)
+        ):
+            steps, losses = zip(*curves[r.id], strict=True)
+            label = " ".join(x for x in (r.windows, f"s{r.seed}" if len(seeds) > 1 else "", _extra_axes(r)) if x)
+            i = ws.index(r.windows)
+            ax.plot(
+                steps, losses, lw=0.9, color="gray" if r.windows == "global" else f"C{i % 10}",
+                ls=styles[seeds.index(r.seed) % len(styles)], label=label,
+            )  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{variant}, {_n_label(n)}")
+        ax.grid(True, which="both", lw=0.3, alpha=0.5)
+        ax.legend(fontsize=6, ncol=2 if len(ax.get_lines()) > 8 else 1)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def copy_sample_grids(runs: list[RunInfo], out: str) -> dict[str, str]:
+    """Copy each run's newest sample grid to {out}/samples/<run>.png; returns run id -> path relative to out."""
+    copied = {}
+    for r in runs:
+        src = newest_sample_grid(r.run_dir)
+        if src is None:
+            continue
+        rel = f"samples/{_slug(r.id)}.png"
+        storage.write_bytes(common.join(out, rel), storage.read_bytes(src))
+        copied[r.id] = rel
+    return copied
+
+
+def samples_table(runs: list[RunInfo], grids: dict[str, str]) -> str:
+    """Newest sample grids: a row per (variant, N, seed, other axes), a column per window configuration."""
+    if not grids:
+        return ""
+    shown = [r for r in runs if r.id in grids]
+    ws = _windows_order(r.windows for r in shown)
+    rows_by: dict[tuple, dict[str, str]] = {}
+    for r in shown:
+        key = (r.variant, -1 if r.n is None else r.n, r.seed, _extra_axes(r))
+        rows_by.setdefault(key, {})[r.windows] = f"![{r.id}]({grids[r.id]})"
+    rows = []
+    for (v, n, seed, extra), cells in sorted(rows_by.items()):
+        head = f"{v} {_n_label(None if n == -1 else n)} s{seed}" + (f" {extra}" if extra else "")
+        rows.append([head] + [cells.get(w, "") for w in ws])
+    return _md_table(["run"] + ws, rows)
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -393,6 +514,16 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
         "(± sample std and the run count when there are several).",
         "",
     ]
+    curves = {r.id: read_loss_curve(r.run_dir) for r in runs}
+    finals = {r.id: read_final(r.run_dir) for r in runs}
+    md += ["## Training", "", runs_table(runs, curves, finals), ""]
+    for v in sorted({r.variant for r in runs}):
+        name = f"loss_{_slug(v)}.png"
+        if plot_loss_curves(runs, curves, common.join(out, name), v):
+            md += [f"![training loss against step, {v}]({name})", ""]
+    grids = copy_sample_grids(runs, out)
+    if grids:
+        md += ["Newest sample grid of each run (EMA weights):", "", samples_table(runs, grids), ""]
     psnr_md, gap = psnr_table(runs)
     fid_md, fid, fid_label = fid_table(runs)
     loc_md, loc_means = locality_table(runs)
@@ -424,8 +555,6 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     if missing:
         md += ["## Runs without evaluation results", "", ", ".join(missing), ""]
     text = "\n".join(md)
-    from ditscale.io import storage
-
     storage.write_text(common.join(out, "report.md"), text)
     return text
 

@@ -154,18 +154,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_metrics(cfg, denv, labels: dict[str, str]):
+def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None = None):
     """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
     the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
     from ditscale.observability import Metrics
 
+    kw = {"info": info, "planned_steps": cfg.train.steps}
     if not cfg.log.metrics_port or "prometheus" not in cfg.log.loggers:
-        return Metrics(labels, port=0)
-    addr = getattr(cfg.log, "metrics_addr", "0.0.0.0")
-    m = Metrics(labels, port=cfg.log.metrics_port + denv.local_rank, addr=addr)
+        return Metrics(labels, port=0, **kw)
+    addr = cfg.log.metrics_addr
+    m = Metrics(labels, port=cfg.log.metrics_port + denv.local_rank, addr=addr, **kw)
     if m.server is None:
         m.close()
-        m = Metrics(labels, port=_free_port(), addr=addr)
+        m = Metrics(labels, port=_free_port(), addr=addr, **kw)
     return m
 
 
@@ -182,7 +183,7 @@ class FileSD:
         self.url = None
         if not directory or metrics.server is None:
             return
-        addr = getattr(metrics, "addr", "0.0.0.0")
+        addr = metrics.addr
         host = os.environ.get("DITSCALE_METRICS_HOST") or (
             socket.gethostname() if addr in ("", "0.0.0.0", "::") else addr
         )
@@ -202,9 +203,10 @@ class FileSD:
 class TrainLog:
     """The logging window of the trainer: accumulates on the device, reads back on log steps only."""
 
-    def __init__(self, cfg, denv, rundir, device: torch.device, labels: dict[str, str], start_step: int):
+    def __init__(self, cfg, denv, rundir, device: torch.device, labels: dict[str, str], start_step: int,
+                 info: dict[str, str] | None = None):  # fmt: skip
         self.cfg, self.denv, self.device = cfg, denv, device
-        self.metrics = start_metrics(cfg, denv, labels)
+        self.metrics = start_metrics(cfg, denv, labels, info)
         self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)
         self.loggers = make_loggers(cfg, rundir, denv, self.metrics, start_step)
         self.per_rank_samples = cfg.train.global_batch // max(denv.world_size, 1)

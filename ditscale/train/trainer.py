@@ -120,6 +120,13 @@ def _labels(cfg: Config, manifest: dict, rank: int) -> dict[str, str]:
     }
 
 
+def _run_info(cfg: Config, manifest: dict) -> dict[str, str]:
+    """ditscale_run_info's extra labels: dataset = the shards' source and image side (celeba32), seed."""
+    source = manifest.get("source") or ""
+    side = manifest.get("image_resolution", manifest.get("resolution"))
+    return {"dataset": f"{source}{side}" if source and side else source, "seed": str(cfg.run.seed)}
+
+
 class Trainer:
     def __init__(self, cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunDir, manifest: dict,
                  allow_config_change: bool = False):  # fmt: skip
@@ -169,7 +176,8 @@ class Trainer:
         from ditscale.train.loggers import TrainLog
         from ditscale.train.sampling import SampleGrids
 
-        self.log = TrainLog(cfg, denv, rundir, device, _labels(cfg, manifest, rank), self.step)
+        labels, info = _labels(cfg, manifest, rank), _run_info(cfg, manifest)
+        self.log = TrainLog(cfg, denv, rundir, device, labels, self.step, info)
         self.samples = SampleGrids(cfg, rundir, enabled=denv.is_main)
         self.delay = float(os.environ.get("DITSCALE_TEST_STEP_DELAY", "0"))  # tests only: time to scrape or signal
 

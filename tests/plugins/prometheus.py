@@ -2,10 +2,13 @@
 
 The session fixture `prometheus_server` writes a temp config (1 s scrape interval), starts the binary with its own
 TSDB dir and `--web.enable-lifecycle`, waits for /-/ready, and stops it by PID at the end (SIGTERM, then SIGKILL).
+The server loads ditscale's recording and alerting rules (k8s/rules/ditscale.rules.yaml), as a deployed one would.
 `server.set_targets({"job": ["127.0.0.1:port", ...]})` rewrites the scrape config and reloads it (POST
-/-/reload); `server.query(expr)` runs an instant query; `server.wait_for(expr, ...)` polls the query API (up to
-~20 s: a freshly started server syncs its first targets after ~6 s, a reloaded one after ~1 s).
-Skips with the reason when the binary is missing (CI installs Debian's `prometheus`).
+/-/reload); `server.query(expr)` runs an instant query; `server.wait_for(expr, ...)` polls the query API and
+returns as soon as the condition holds, for up to WAIT_S (120 s): a freshly started server syncs its first
+targets after ~6 s and a reloaded one after ~1 s on a quiet machine, far later on a loaded 2-core one.
+Skips with the reason when the binary is missing, and fails instead under CI=true (`.ci/setup --services`
+installs Debian's `prometheus`).
 
 Run `python tests/plugins/prometheus.py HOST:PORT ...` to start a server scraping those targets by hand.
 """
@@ -32,6 +35,15 @@ import pytest
 import yaml
 
 SCRAPE_INTERVAL = "500ms"
+WAIT_S = 120.0  # the longest any wait here lasts; every wait returns as soon as its condition holds
+RULES = Path(__file__).resolve().parents[2] / "k8s" / "rules" / "ditscale.rules.yaml"
+
+
+def skip_or_fail(reason: str):
+    """A service or binary a test needs is missing: skip, but fail under CI=true (CI installs everything)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 def find_prometheus() -> str | None:
@@ -75,6 +87,7 @@ class PrometheusServer:
     port: int
     proc: subprocess.Popen | None = None
     targets: dict[str, list[str]] = field(default_factory=dict)
+    rule_files: list[Path] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -94,8 +107,10 @@ class PrometheusServer:
             f"  scrape_interval: {SCRAPE_INTERVAL}",
             f"  scrape_timeout: {SCRAPE_INTERVAL}",
             f"  evaluation_interval: {SCRAPE_INTERVAL}",
-            "scrape_configs:",
         ]
+        if self.rule_files:
+            lines += ["rule_files:"] + [f"  - {json.dumps(str(f))}" for f in self.rule_files]
+        lines.append("scrape_configs:")
         for job, targets in self.targets.items():
             lines += [
                 f"  - job_name: {json.dumps(job)}",
@@ -108,7 +123,7 @@ class PrometheusServer:
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.config_path)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = WAIT_S) -> None:
         self._write_config()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -144,7 +159,7 @@ class PrometheusServer:
             return
         os.kill(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
@@ -156,7 +171,7 @@ class PrometheusServer:
             return ""
 
     def reload(self) -> None:
-        status, body = _http(self.url + "/-/reload", data=b"")
+        status, body = _http(self.url + "/-/reload", data=b"", timeout=WAIT_S)
         if status != 200:
             raise RuntimeError(f"prometheus reload failed ({status}): {body[:500]!r}\n{self.log_tail()}")
 
@@ -168,7 +183,7 @@ class PrometheusServer:
 
     def api(self, path: str, **params) -> dict:
         url = f"{self.url}/api/v1/{path}?" + urllib.parse.urlencode(params)
-        status, body = _http(url, timeout=10)
+        status, body = _http(url, timeout=WAIT_S)
         out = json.loads(body)
         if out.get("status") != "success":
             raise RuntimeError(f"prometheus {path} {params} -> {status}: {out.get('errorType')}: {out.get('error')}")
@@ -181,12 +196,15 @@ class PrometheusServer:
             params["time"] = f"{time_s:.3f}"
         return self.api("query", **params)["result"]
 
-    def wait_for(self, expr: str, predicate=bool, timeout: float = 20.0, interval: float = 0.5) -> list[dict]:
-        """Poll an instant query until predicate(result) holds; returns the result (raises after timeout)."""
+    def wait_for(
+        self, expr: str, predicate=bool, timeout: float = WAIT_S, interval: float = 0.5, time_s: float | None = None
+    ) -> list[dict]:
+        """Poll an instant query (at time_s, default now) until predicate(result) holds; returns the result as
+        soon as it does (raises TimeoutError after `timeout` seconds)."""
         deadline = time.monotonic() + timeout
         result: list[dict] = []
         while True:
-            result = self.query(expr)
+            result = self.query(expr, time_s=time_s)
             if predicate(result):
                 return result
             if time.monotonic() > deadline:
@@ -201,9 +219,9 @@ class PrometheusServer:
 def prometheus_server():
     binary = find_prometheus()
     if binary is None:
-        pytest.skip("Debian's prometheus binary is not installed (apt-get install prometheus; .ci/setup --services)")
+        skip_or_fail("Debian's prometheus binary is not installed (apt-get install prometheus; .ci/setup --services)")
     root = Path(tempfile.mkdtemp(prefix="ditscale-prom-"))
-    server = PrometheusServer(binary=binary, root=root, port=free_port())
+    server = PrometheusServer(binary=binary, root=root, port=free_port(), rule_files=[RULES])
     server.start()
     try:
         yield server
@@ -213,7 +231,9 @@ def prometheus_server():
 
 
 if __name__ == "__main__":  # python tests/plugins/prometheus.py 127.0.0.1:9400 127.0.0.1:9401
-    srv = PrometheusServer(find_prometheus() or "prometheus", Path(tempfile.mkdtemp(prefix="ditscale-prom-")), 9090)
+    srv = PrometheusServer(
+        find_prometheus() or "prometheus", Path(tempfile.mkdtemp(prefix="ditscale-prom-")), 9090, rule_files=[RULES]
+    )
     srv.targets = {"ditscale": sys.argv[1:]}
     srv.start()
     print(f"prometheus on {srv.url} (pid {srv.proc.pid}) scraping {sys.argv[1:]}; Ctrl-C stops it")
@@ -290,7 +310,10 @@ def _tiny_config(repo: Path, shards: str, run_dir: Path, run_name: str, metrics_
     train.update(steps=TRAIN_STEPS, global_batch=16, micro_batch=8, precision="fp32", compile=False)
     tree.setdefault("optim", {})
     tree.setdefault("checkpoint", {}).update(every=TRAIN_STEPS // 2, keep=2)
-    tree.setdefault("log", {}).update(every=1, sample_every=0, metrics_port=metrics_port, progress=False)
+    # loopback only: the tests' exporters are never reachable from outside this machine (log.metrics_addr)
+    tree.setdefault("log", {}).update(
+        every=1, sample_every=0, metrics_port=metrics_port, metrics_addr="127.0.0.1", progress=False
+    )
     return tree
 
 
@@ -360,7 +383,7 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root, digits8_d
             if proc.poll() is None:  # timed out: stop the whole torchrun process group, by its PID
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=WAIT_S)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=10)
