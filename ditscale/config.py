@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditscale.errors import ConfigError
 
@@ -39,11 +39,23 @@ class ModelSection(_Section):
 
 
 class DiffusionSection(_Section):
-    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT)
-    num_timesteps: int = Field(1000, gt=1)
+    # The defaults are the reference's (facebookresearch/DiT create_diffusion); docs/diffusion.md maps the names.
+    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT); mse = MSE only
+    num_timesteps: int = Field(1000, gt=1)  # the reference's diffusion_steps
     schedule: Literal["linear"] = "linear"
+    # Scale the VLB term by num_timesteps / 1000: the reference's rescale_learned_sigmas (also accepted here).
+    rescale_vb: bool = Field(False, validation_alias=AliasChoices("rescale_vb", "rescale_learned_sigmas"))
+    use_kl: bool = False  # train on the VLB alone (times num_timesteps), mean and variance
+    predict_xstart: bool = False  # the model outputs x_0 instead of epsilon
+    sigma_small: bool = False  # fixed variance (model.learn_sigma false or loss mse): posterior variance, not beta_t
     sample_steps: int = Field(250, gt=0)  # respaced ancestral sampling for sample grids
     cfg_scale: float = Field(1.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _kl_is_a_loss(self) -> DiffusionSection:
+        if self.use_kl and self.loss == "mse":
+            raise ValueError("use_kl true trains on the VLB, which contradicts loss 'mse' (keep loss: hybrid)")
+        return self
 
 
 class DataSection(_Section):
@@ -104,12 +116,6 @@ class Config(_Section):
         if v.global_batch % v.micro_batch:
             raise ValueError(f"global_batch {v.global_batch} is not a multiple of micro_batch {v.micro_batch}")
         return v
-
-    @model_validator(mode="after")
-    def _loss_needs_sigma(self) -> Config:
-        if self.diffusion.loss == "hybrid" and not self.model.learn_sigma:
-            raise ValueError("diffusion.loss 'hybrid' needs model.learn_sigma true (or set diffusion.loss: mse)")
-        return self
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

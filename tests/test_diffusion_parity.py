@@ -8,10 +8,14 @@ tests/data/reference_diffusion.pt (written by tests/data/make_reference_diffusio
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
-from ditscale.diffusion import space_timesteps
+from ditscale.diffusion import create_diffusion, space_timesteps
+from ditscale.errors import ConfigError, ModelInputError
+from tests.data import make_reference_diffusion as ref_data
 
 
 # Copied from facebookresearch/DiT diffusion/respace.py @ ed81ce2 (= openai/improved-diffusion
@@ -77,3 +81,110 @@ def test_space_timesteps_equals_reference_for_sections_and_ddim(T):
         assert space_timesteps(T, f"ddim{n}") == want, n
         checked += 1
     assert checked > 20
+
+
+# ------------------------------------------------------------------------------- losses and samplers vs the reference
+
+REF_FILE = Path(__file__).parent / "data" / "reference_diffusion.pt"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    data = torch.load(REF_FILE, weights_only=False)
+    models = ref_data.toy_models()
+    for name, m in models.items():
+        m.load_state_dict(data["models"][name])
+    data["toy"] = models
+    return data
+
+
+def _maxdiff(a, b) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+@pytest.mark.parametrize("case", list(ref_data.LOSS_CASES))
+def test_training_losses_equal_reference(ref, case):
+    kw, model = ref_data.LOSS_CASES[case]
+    inp = ref["inputs"]
+    d = create_diffusion("", **kw)  # the reference's keywords, unchanged
+    with torch.no_grad():
+        out = d.training_losses(
+            ref["toy"][model], inp["x_start"], ref_data.loss_t(case, kw, inp), dict(y=inp["y"]), inp["noise"]
+        )
+    want = ref["losses"][case]
+    assert set(want) <= set(out), (case, set(want), set(out))
+    for key, value in want.items():
+        assert _maxdiff(out[key], value) <= 1e-5 * max(1.0, float(value.abs().max())), (case, key)
+
+
+def test_rescale_vb_is_the_reference_rescale_learned_sigmas(ref):
+    inp, model = ref["inputs"], ref["toy"]["sigma"]
+    args = (model, inp["x_start"], inp["t_500"], dict(y=inp["y"]), inp["noise"])
+    with torch.no_grad():
+        plain = create_diffusion(diffusion_steps=500).training_losses(*args)
+        scaled = create_diffusion(diffusion_steps=500, rescale_vb=True).training_losses(*args)
+    assert torch.allclose(scaled["vb"], plain["vb"] * 0.5)
+    assert _maxdiff(scaled["loss"], ref["losses"]["T500_rescaled"]["loss"]) < 1e-5
+    assert _maxdiff(plain["loss"], ref["losses"]["T500"]["loss"]) < 1e-5
+    with pytest.raises(ConfigError, match="one switch"):
+        create_diffusion(rescale_learned_sigmas=True, rescale_vb=False)
+
+
+@pytest.mark.parametrize("case", list(ref_data.SAMPLE_CASES))
+def test_sampling_loops_equal_reference(ref, case):
+    respacing, kw, model, loop, loop_kw, seed = ref_data.SAMPLE_CASES[case]
+    inp = ref["inputs"]
+    d = create_diffusion(respacing, **kw)
+    fn = d.p_sample_loop if loop == "p" else d.ddim_sample_loop
+    # the reference draws from the global generator; a generator seeded alike gives the same noise
+    got = fn(ref["toy"][model], inp["noise"].shape, inp["noise"], model_kwargs=dict(y=inp["y"]),
+             generator=torch.Generator().manual_seed(seed), **loop_kw)  # fmt: skip
+    assert _maxdiff(got, ref["samples"][case]) < 1e-5, case
+
+
+def test_sampling_loops_take_the_reference_positional_arguments(ref):
+    inp, model = ref["inputs"], ref["toy"]["sigma"]
+    d = create_diffusion("10")
+    g = torch.Generator().manual_seed(2)
+    # (model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress)
+    got = d.p_sample_loop(model, inp["noise"].shape, inp["noise"], True, None, ref_data.cond_fn, dict(y=inp["y"]),
+                          "cpu", False, generator=g)  # fmt: skip
+    assert _maxdiff(got, ref["samples"]["ddpm_cond"]) < 1e-5
+    d = create_diffusion("ddim10")
+    got = d.ddim_sample_loop(model, inp["noise"].shape, inp["noise"], True, None, ref_data.cond_fn,
+                             dict(y=inp["y"]), None, False, 0.0)  # fmt: skip
+    assert _maxdiff(got, ref["samples"]["ddim_cond"]) < 1e-5
+    # the reference's default device is the model's: no noise given, nothing else says where to sample
+    out = d.ddim_sample_loop(model, (1, 2, 4, 4), model_kwargs=dict(y=torch.tensor([1])))
+    assert out.device == next(model.parameters()).device
+    # ditscale's loops took (noise, model_kwargs, ...) before: a dict in clip_denoised's place says so
+    with pytest.raises(ModelInputError, match="model_kwargs=... by keyword"):
+        d.ddim_sample_loop(model, inp["noise"].shape, inp["noise"], dict(y=inp["y"]))
+
+
+def test_ddim_reverse_sample_equals_reference(ref):
+    inp, model = ref["inputs"], ref["toy"]["sigma"]
+    d = create_diffusion("ddim10")
+    x = inp["x_start"].clone()
+    for i in range(ref_data.REVERSE_STEPS):
+        t = torch.full((x.shape[0],), i, dtype=torch.long)
+        x = d.ddim_reverse_sample(model, x, t, True, None, ref_data.cond_fn, dict(y=inp["y"]))["sample"]
+        assert _maxdiff(x, ref["ddim_reverse"][i]) < 1e-5, i
+    with pytest.raises(ConfigError, match="eta"):
+        d.ddim_reverse_sample(model, x, t, model_kwargs=dict(y=inp["y"]), eta=0.5)
+
+
+def test_ddim_reverse_then_forward_recovers_the_input():
+    # DDIM inversion with an exact (oracle) model and no clipping: forward DDIM from the inverted latent lands back.
+    d = create_diffusion("ddim20")
+    x0 = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8
+    ab = torch.tensor(d.alphas_cumprod, dtype=torch.float64)
+
+    def oracle(x, t):
+        a = ab[torch.tensor([d.timestep_map.index(int(s)) for s in t])].view(-1, 1, 1, 1)
+        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), torch.zeros_like(x)], 1)
+
+    x = x0
+    for i in range(d.num_timesteps):
+        x = d.ddim_reverse_sample(oracle, x, torch.full((2,), i), clip_denoised=False)["sample"]
+    assert torch.allclose(d.ddim_sample_loop(oracle, x0.shape, x, clip_denoised=False), x0, atol=1e-8)

@@ -127,15 +127,9 @@ def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str
 
 def make_diffusion(cfg, steps: int | str = ""):
     """The run's diffusion process, optionally respaced to `steps` sampling steps."""
-    from ditscale.diffusion import create_diffusion
+    from ditscale.diffusion import diffusion_from_config
 
-    return create_diffusion(
-        timestep_respacing=str(steps) if steps else "",
-        noise_schedule=cfg.diffusion.schedule,
-        learn_sigma=cfg.model.learn_sigma,
-        loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )
+    return diffusion_from_config(cfg, str(steps) if steps else "")
 
 
 def manifest_of(url: str) -> dict:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ditscale import distenv
     from ditscale.config import load_config
     from ditscale.data import make_loader
-    from ditscale.diffusion import create_diffusion
+    from ditscale.diffusion import diffusion_from_config
     from ditscale.train import engine as eng
     from ditscale.train.checkpoint import build_model
     from ditscale.train.ema import EMA
@@ -69,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
     precision = eng.resolve_precision(cfg)
-    diffusion = create_diffusion(
-        "", noise_schedule=cfg.diffusion.schedule, learn_sigma=cfg.model.learn_sigma, loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )  # fmt: skip
+    diffusion = diffusion_from_config(cfg)
     b = cfg.train.micro_batch
     nb = args.warmup + args.steps
     m = cfg.model

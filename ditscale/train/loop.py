@@ -121,7 +121,7 @@ def train(cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunD
     import torch.distributed as dist
 
     from ditscale.data import make_loader
-    from ditscale.diffusion import create_diffusion
+    from ditscale.diffusion import diffusion_from_config
     from ditscale.observability import JsonlLog, Metrics, Progress, save_grid
     from ditscale.train.ema import EMA
     from ditscale.train.sampling import draw, grid_labels
@@ -140,13 +140,7 @@ def train(cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunD
         eng.apply_activation_checkpointing(model)
     engine, optimizer, _ = eng.build_engine(cfg, model, world)
     zero3 = t_cfg.zero_stage == 3
-    diffusion = create_diffusion(
-        timestep_respacing="",
-        noise_schedule=cfg.diffusion.schedule,
-        learn_sigma=cfg.model.learn_sigma,
-        loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )
+    diffusion = diffusion_from_config(cfg)  # every diffusion.* key (rescale_vb, use_kl, ...) and model.learn_sigma
     model_fn = _model_fn(engine, precision, device)
 
     # Data and per-rank randomness (label dropout uses the global RNG; timesteps and noise use `gen`).
