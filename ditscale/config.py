@@ -36,6 +36,22 @@ class ModelSection(_Section):
     learn_sigma: bool = True
     class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0)
     attention_backend: Literal["auto", "sdpa_mask", "flex", "halo"] = "auto"
+    strict_windows: bool = False  # a window covering the whole token grid (global in effect): an error, not a warning
+
+    @field_validator("windows", mode="before")
+    @classmethod
+    def _windows_text(cls, v: Any) -> Any:
+        # `model.windows=5` or `[3, 5]` unquoted: YAML gives an int or a list; the window-spec parser judges it
+        from ditscale.model.windows import spec_text
+
+        return spec_text(v)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_grammar(cls, v: str) -> str:
+        from ditscale.model.windows import check_spec
+
+        return check_spec(v)  # WindowSpecError (a ValueError) quoting the spec; the depth is checked at build
 
 
 class DiffusionSection(_Section):

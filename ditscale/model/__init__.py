@@ -9,13 +9,22 @@ from ditscale.model.attention import (
 )
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
 from ditscale.model.dit import DiT, DiT_models, create_model
-from ditscale.model.windows import PRESETS, format_windows, parse_windows, placement_indices
+from ditscale.model.windows import (
+    PRESETS,
+    GlobalWindowWarning,
+    covering_windows,
+    format_windows,
+    parse_windows,
+    placement_indices,
+)
 
 __all__ = [
     "DiT",
     "DiT_models",
+    "GlobalWindowWarning",
     "PRESETS",
     "attention",
+    "covering_windows",
     "create_model",
     "extract_state_dict",
     "format_windows",

@@ -260,6 +260,7 @@ def build_model(cfg):
         class_dropout_prob=m.class_dropout_prob,
         windows=m.windows,
         attention_backend=m.attention_backend,
+        strict_windows=m.strict_windows,
     )
 
 
