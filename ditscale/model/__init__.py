@@ -9,6 +9,7 @@ from ditscale.model.attention import (
 )
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
 from ditscale.model.dit import DiT, DiT_models, create_model
+from ditscale.model.export import load_exported, model_spec, save_export, save_model
 from ditscale.model.windows import (
     PRESETS,
     GlobalWindowWarning,
@@ -29,10 +30,14 @@ __all__ = [
     "extract_state_dict",
     "format_windows",
     "halo_attention",
+    "load_exported",
     "load_reference_state_dict",
+    "model_spec",
     "parse_windows",
     "placement_indices",
     "qkv_attention",
+    "save_export",
+    "save_model",
     "sdpa_mask_attention",
     "window_mask",
 ]
