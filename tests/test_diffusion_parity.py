@@ -188,3 +188,31 @@ def test_ddim_reverse_then_forward_recovers_the_input():
     for i in range(d.num_timesteps):
         x = d.ddim_reverse_sample(oracle, x, torch.full((2,), i), clip_denoised=False)["sample"]
     assert torch.allclose(d.ddim_sample_loop(oracle, x0.shape, x, clip_denoised=False), x0, atol=1e-8)
+
+
+def test_sample_uses_the_runs_diffusion_settings(ref):
+    from ditscale.diffusion import diffusion_kwargs, sample
+
+    class Labelled(torch.nn.Module):  # the toy model with the attributes sample() reads
+        in_channels, input_size, num_classes, learn_sigma = 2, 4, 3, True
+
+        def __init__(self, toy):
+            super().__init__()
+            self.toy = toy
+
+        def forward(self, x, t, y):
+            return self.toy(x, t, y)
+
+    model, noise, labels = Labelled(ref["toy"]["sigma"]), ref["inputs"]["noise"], torch.tensor([0, 1, 2])
+    got = sample(model, labels, steps=10, method="ddim", noise=noise, predict_xstart=True, clip_denoised=False)
+    want = create_diffusion("10", predict_xstart=True).ddim_sample_loop(
+        model, noise.shape, noise, clip_denoised=False, model_kwargs=dict(y=labels)
+    )
+    assert torch.equal(got, want)
+    from ditscale.config import load_config
+
+    kw = diffusion_kwargs(load_config(None, ["diffusion.predict_xstart=true", "model.learn_sigma=true"]))
+    assert kw["predict_xstart"] is True
+    assert torch.equal(sample(model, labels, steps=10, method="ddim", noise=noise, clip_denoised=False, **kw), want)
+    with pytest.raises(ConfigError, match="learn_sigma"):
+        sample(model, labels, steps=10, learn_sigma=False)
