@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditscale.errors import ConfigError
 
@@ -41,6 +41,22 @@ class ModelSection(_Section):
     learn_sigma: bool = True
     class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0)
     attention_backend: Literal["auto", "sdpa_mask", "flex", "halo"] = "auto"
+    strict_windows: bool = False  # a window covering the whole token grid (global in effect): an error, not a warning
+
+    @field_validator("windows", mode="before")
+    @classmethod
+    def _windows_text(cls, v: Any) -> Any:
+        # `model.windows=5` or `[3, 5]` unquoted: YAML gives an int or a list; the window-spec parser judges it
+        from ditscale.model.windows import spec_text
+
+        return spec_text(v)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_grammar(cls, v: str) -> str:
+        from ditscale.model.windows import check_spec
+
+        return check_spec(v)  # WindowSpecError (a ValueError) quoting the spec; the depth is checked at build
 
     def build(self):
         from ditscale.model import create_model
@@ -48,26 +64,30 @@ class ModelSection(_Section):
         return create_model(
             self.variant, input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
             learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, windows=self.windows,
-            attention_backend=self.attention_backend,
+            attention_backend=self.attention_backend, strict_windows=self.strict_windows,
         )  # fmt: skip
 
 
 class DiffusionSection(_Section):
-    """The Gaussian diffusion: `build(learn_sigma)` for training, `build(learn_sigma, steps)` respaced."""
+    """The Gaussian diffusion: ditscale.diffusion.diffusion_from_config(cfg) builds it (with model.learn_sigma)."""
 
-    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT)
-    num_timesteps: int = Field(1000, gt=1)
+    # The defaults are the reference's (facebookresearch/DiT create_diffusion); docs/diffusion.md maps the names.
+    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT); mse = MSE only
+    num_timesteps: int = Field(1000, gt=1)  # the reference's diffusion_steps
     schedule: Literal["linear"] = "linear"
+    # Scale the VLB term by num_timesteps / 1000: the reference's rescale_learned_sigmas (also accepted here).
+    rescale_vb: bool = Field(False, validation_alias=AliasChoices("rescale_vb", "rescale_learned_sigmas"))
+    use_kl: bool = False  # train on the VLB alone (times num_timesteps), mean and variance
+    predict_xstart: bool = False  # the model outputs x_0 instead of epsilon
+    sigma_small: bool = False  # fixed variance (model.learn_sigma false or loss mse): posterior variance, not beta_t
     sample_steps: int = Field(250, gt=0)  # respaced ancestral sampling for sample grids
     cfg_scale: float = Field(1.0, ge=1.0)
 
-    def build(self, learn_sigma: bool, respacing: str | int = ""):
-        from ditscale.diffusion import create_diffusion
-
-        return create_diffusion(
-            str(respacing) if respacing else "", noise_schedule=self.schedule, learn_sigma=learn_sigma,
-            loss=self.loss, diffusion_steps=self.num_timesteps,
-        )  # fmt: skip
+    @model_validator(mode="after")
+    def _kl_is_a_loss(self) -> DiffusionSection:
+        if self.use_kl and self.loss == "mse":
+            raise ValueError("use_kl true trains on the VLB, which contradicts loss 'mse' (keep loss: hybrid)")
+        return self
 
 
 class DataSection(_Section):
@@ -147,12 +167,6 @@ class Config(_Section):
         if v.global_batch % v.micro_batch:
             raise ValueError(f"global_batch {v.global_batch} is not a multiple of micro_batch {v.micro_batch}")
         return v
-
-    @model_validator(mode="after")
-    def _loss_needs_sigma(self) -> Config:
-        if self.diffusion.loss == "hybrid" and not self.model.learn_sigma:
-            raise ValueError("diffusion.loss 'hybrid' needs model.learn_sigma true (or set diffusion.loss: mse)")
-        return self
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 from ditscale.data import build_shards, iter_dataset, read_manifest
 from ditscale.data.sources import center_crop_arr
 from ditscale.errors import DataError
+from tests.needs import import_or_fail
 
 
 def write_image(path: Path, seed: int, size=(40, 30), fmt: str | None = None) -> None:
@@ -137,7 +138,7 @@ def test_imagenet_layouts(tmp_path, val_layout):
 def test_lsun_lmdb_and_folder(tmp_path):
     import io
 
-    lmdb = pytest.importorskip("lmdb")
+    lmdb = import_or_fail("lmdb", "lsun")
     for k, cat in enumerate(["bedroom_train_lmdb", "church_outdoor_train_lmdb"]):
         (tmp_path / "lsun" / cat).mkdir(parents=True)
         env = lmdb.open(str(tmp_path / "lsun" / cat), map_size=1 << 24)

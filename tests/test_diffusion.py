@@ -181,8 +181,10 @@ def test_mse_loss_matches_direct_computation():
         assert set(out) == {"loss", "mse"}
         eps = m(d.q_sample(x, t, noise), t, y)[:, :2]
         assert torch.allclose(out["loss"], ((noise - eps) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
-    with pytest.raises(ConfigError, match="learn_sigma"):
-        create_diffusion(loss="hybrid", learn_sigma=False)
+    # As the reference: without a learned variance the default (hybrid) loss is the MSE alone.
+    m = _model(learn_sigma=False)
+    out = create_diffusion(loss="hybrid", learn_sigma=False).training_losses(m, x, t, dict(y=y), noise=noise)
+    assert set(out) == {"loss", "mse"} and torch.equal(out["loss"], out["mse"])
     del model
 
 
@@ -195,7 +197,9 @@ def test_bf16_inputs():
     out = d.training_losses(model, x, t, dict(y=torch.tensor([0, 1])), generator=_gen(1))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]).all()
     assert d.predict_xstart(model, x, t, dict(y=torch.tensor([0, 1]))).dtype == torch.bfloat16
-    s = create_diffusion("3").p_sample_loop(model, x.shape, x, dict(y=torch.tensor([0, 1])), generator=_gen(2))
+    s = create_diffusion("3").p_sample_loop(
+        model, x.shape, x, model_kwargs=dict(y=torch.tensor([0, 1])), generator=_gen(2)
+    )
     assert s.dtype == torch.bfloat16 and torch.isfinite(s.float()).all()
 
 
@@ -283,11 +287,11 @@ def test_ddim_eta0_is_deterministic_given_noise():
     model = _model()
     kw = dict(y=torch.tensor([1, 1]))
     noise = torch.randn(2, 2, 4, 4, generator=_gen(3))
-    a = d.ddim_sample_loop(model, noise.shape, noise, kw, eta=0.0)
-    b = d.ddim_sample_loop(model, noise.shape, noise, kw, eta=0.0, generator=_gen(99))  # no noise drawn at eta 0
+    a = d.ddim_sample_loop(model, noise.shape, noise, model_kwargs=kw, eta=0.0)
+    b = d.ddim_sample_loop(model, noise.shape, noise, model_kwargs=kw, eta=0.0, generator=_gen(99))  # eta 0: no noise
     assert torch.equal(a, b)
-    e1 = d.ddim_sample_loop(model, noise.shape, noise, kw, eta=1.0, generator=_gen(1))
-    e2 = d.ddim_sample_loop(model, noise.shape, noise, kw, eta=1.0, generator=_gen(2))
+    e1 = d.ddim_sample_loop(model, noise.shape, noise, model_kwargs=kw, eta=1.0, generator=_gen(1))
+    e2 = d.ddim_sample_loop(model, noise.shape, noise, model_kwargs=kw, eta=1.0, generator=_gen(2))
     assert not torch.allclose(e1, e2)
 
 
@@ -336,7 +340,8 @@ def test_sample_cfg_matches_manual_reference_recipe():
     d = create_diffusion("3")
     z = torch.cat([noise, noise])
     y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-    ref = d.p_sample_loop(model.forward_with_cfg, z.shape, z, dict(y=y, cfg_scale=2.0), generator=_gen(9))[:2]
+    kw = dict(y=y, cfg_scale=2.0)
+    ref = d.p_sample_loop(model.forward_with_cfg, z.shape, z, model_kwargs=kw, generator=_gen(9))[:2]
     got = sample(model, labels, steps=3, cfg_scale=2.0, noise=noise, generator=_gen(9))
     assert torch.allclose(got, ref.clamp(-1, 1))
 
@@ -457,6 +462,14 @@ def test_diffusion_from_config():
     d = diffusion_from_config(cfg)
     assert d.num_timesteps == 100 and d.loss_type == "mse" and d.var_type == "fixed_large"
     assert diffusion_from_config(cfg, "ddim10").timestep_map[:2] == [0, 10]
-    # hybrid loss without learned sigma: rejected when the config is loaded, naming both keys
-    with pytest.raises(ConfigError, match="diffusion.loss 'hybrid' needs model.learn_sigma"):
-        config_from_dict({"model": {"learn_sigma": False}})
+    # the reference's settings: learn_sigma false with the default loss trains the MSE alone
+    d = diffusion_from_config(config_from_dict({"model": {"learn_sigma": False}}))
+    assert d.loss_type == "hybrid" and d.var_type == "fixed_large"
+    cfg = config_from_dict(
+        {"diffusion": {"num_timesteps": 500, "rescale_learned_sigmas": True, "predict_xstart": True, "use_kl": True}}
+    )
+    d = diffusion_from_config(cfg)
+    assert (d.num_timesteps, d.rescale_vb, d.mean_type, d.loss_type) == (500, True, "start_x", "kl")
+    assert diffusion_from_config(config_from_dict({})).rescale_vb is False  # the reference's default
+    with pytest.raises(ConfigError, match="use_kl"):
+        config_from_dict({"diffusion": {"use_kl": True, "loss": "mse"}})

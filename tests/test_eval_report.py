@@ -95,7 +95,8 @@ def _log(run_dir, losses, every=10, final=True):
     lines = [json.dumps({"step": (i + 1) * every, "loss": v, "images_per_second": 100.0}) for i, v in enumerate(losses)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99')
     if final:
-        (run_dir / "final.json").write_text(json.dumps({"step": len(losses) * every, "loss": losses[-1], "finished": True}))
+        final_rec = {"step": len(losses) * every, "loss": losses[-1], "finished": True}
+        (run_dir / "final.json").write_text(json.dumps(final_rec))
     from PIL import Image
 
     (run_dir / "samples").mkdir(exist_ok=True)

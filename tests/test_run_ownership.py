@@ -18,6 +18,7 @@ import yaml
 from ditscale.io.lock import Holder
 from ditscale.io.rundir import RunDir
 from tests import trainers as T
+from tests.needs import skip_or_fail
 from tests.trainers import losses, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -150,7 +151,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 def test_disk_full_during_a_save_names_the_path_and_keeps_the_last_checkpoint(tmp_path, config, warm_deepspeed):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "20m"):  # one 14 MB checkpoint fits, the second does not
-        pytest.skip("needs root to mount a small tmpfs")  # the storage unit tests inject ENOSPC instead
+        skip_or_fail("needs root and mount(8) for a small tmpfs")
     try:
         run_dir = disk / "run"
         rc, out = T.alone(config, run_dir, "train.steps=4", "checkpoint.keep=1").finish()

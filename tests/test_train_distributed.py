@@ -181,6 +181,7 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     import torch
     from safetensors.torch import load_file
 
+    from ditscale.model import load_exported
     from ditscale.train.checkpoint import load_for_eval
 
     run_dir = tmp_path / "alone"
@@ -198,11 +199,13 @@ def test_single_process_then_export_and_sample(tmp_path, config_file, warm_deeps
     export = [*base, "export", "--run", str(run_dir), "--out", str(tmp_path / "w" / "ema.pt")]
     assert subprocess.run(export, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     cfg, ema_model = load_for_eval(str(run_dir))
-    model = cfg.model.build()
-    model.load_state_dict(torch.load(tmp_path / "w" / "ema.pt", weights_only=True))  # strict: reference names
+    model = load_exported(tmp_path / "w" / "ema.pt")  # the exact windowed model, from the exported files alone
+    assert model.windows == cfg.model.build().windows == [3, 3, None, None]
+    pt = torch.load(tmp_path / "w" / "ema.pt", weights_only=True)  # reference names, plus the windows entry that
+    assert pt.pop("ditscale_windows").tolist() == [3, 3, 0, 0]  # keeps a strict reference load from passing
     st = load_file(str(tmp_path / "w" / "ema.safetensors"))
     for k, v in ema_model.state_dict().items():
-        assert torch.equal(st[k], v) and torch.equal(model.state_dict()[k], v)
+        assert torch.equal(st[k], v) and torch.equal(pt[k], v) and torch.equal(model.state_dict()[k], v)
     sample = [*base, "sample", "--run", str(run_dir), "--out", str(tmp_path / "grid.png"), "--n", "4", "--steps", "3"]
     assert subprocess.run(sample, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     assert (tmp_path / "grid.png").stat().st_size > 0

@@ -101,3 +101,74 @@ def test_format_prefers_presets():
     assert format_windows([3, G, G, 5]) == "3,5@mix"
     assert format_windows([G, 3, G, 5, G]) == "-,3,-,5"
     assert PRESETS["local"] == [3, 5, 7, 9, 11, 13]
+
+
+# -------------------------------------------------------------------------------- windows that cover the whole grid
+
+
+def test_covering_windows_definition():
+    from ditscale.model import covering_windows
+
+    # on a 4x4 grid a k x k window reaches (k-1)/2 tokens: k >= 7 sees every key from every query (the corner too)
+    assert covering_windows([3, 5, 7, 9, G], (4, 4)) == [(2, 7), (3, 9)]
+    assert covering_windows([5], (4, 4)) == []  # larger than the grid, but a corner query misses a row and a column
+    assert covering_windows([13, 15, G], (8, 8)) == [(1, 15)]
+    assert covering_windows([1, 3], (1, 1)) == [(0, 1), (1, 3)]
+    assert covering_windows([7], (2, 4)) == [(0, 7)]
+
+
+def test_a_window_covering_the_grid_warns_naming_block_and_grid():
+    import warnings
+
+    from ditscale.model import DiT_models, GlobalWindowWarning
+
+    with pytest.warns(GlobalWindowWarning) as rec:  # DiT-T/2 at input 8: a 4x4 token grid
+        model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=2, windows="3,7,-,9")
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    for words in ("4x4 token grid", "block 1 (k=7)", "block 3 (k=9)", "global attention", "strict_windows"):
+        assert words in msg, msg
+    assert model.windows == [3, 7, G, 9]  # built as asked: it is a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=2, windows="3,5")  # k = 5 < 7: no warning
+    with pytest.raises(WindowSpecError, match=r"block 1 \(k=7\).*4x4 token grid|4x4 token grid.*block 1 \(k=7\)"):
+        DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=2, windows="3,7", strict_windows=True)
+
+
+def test_strict_windows_config_key_reaches_the_model():
+    from ditscale.config import load_config
+    from ditscale.model import GlobalWindowWarning
+
+    base = ["model.variant=DiT-T/2", "model.input_size=8", "model.in_channels=1", "model.num_classes=2"]
+    with pytest.warns(GlobalWindowWarning, match="block 0"):
+        load_config(None, [*base, "model.windows=7"]).model.build()
+    with pytest.raises(WindowSpecError, match="block 0 \\(k=7\\)"):
+        load_config(None, [*base, "model.windows=7", "model.strict_windows=true"]).model.build()
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.windows=4", "window size 4 must be an odd integer"),  # YAML reads an int
+        ("model.windows=-3", "cannot read '-3'"),
+        ("model.windows=[3, 4]", "window size 4 must be an odd integer"),
+        ("model.windows=local@middle", "unknown placement"),
+        ("model.windows=3x", "cannot read"),
+    ],
+)
+def test_unquoted_specs_on_the_command_line_get_the_parser_message(override, expected):
+    from ditscale.config import load_config
+
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(None, [override])
+    assert "model.windows" in str(info.value)
+
+
+def test_unquoted_valid_specs_become_spec_strings():
+    from ditscale.config import load_config
+
+    assert load_config(None, ["model.windows=5"]).model.windows == "5"
+    assert load_config(None, ["model.windows=[3, 5, null]"]).model.windows == "3,5,-"
+    assert load_config(None, ["model.windows=null"]).model.windows == "global"
+    assert parse_windows(load_config(None, ["model.windows=3"]).model.windows, 4) == [3, G, G, G]

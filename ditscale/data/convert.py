@@ -89,7 +89,7 @@ def _encode_shard(task: ShardTask) -> dict:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for index, rec in task.items:
             try:
-                img = prepare(load_image(rec.ref), task.resolution, task.channels)
+                img = prepare(load_image(rec.ref), task.resolution, task.channels, source=rec.source_id)
                 data = encode_image(img, task.image_format, task.png_level)
             except Exception as e:  # noqa: BLE001 - any unreadable input is skipped and reported
                 skipped.append({"source_id": rec.source_id, "reason": f"cannot decode: {type(e).__name__}: {e}"})

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ditscale.data.images import to_channels
 from ditscale.errors import DataError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -107,8 +108,10 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
-def prepare(img: Image.Image, resolution: int, channels: int) -> Image.Image:
-    img = img.convert("L" if channels == 1 else "RGB")
+def prepare(img: Image.Image, resolution: int, channels: int, *, source: str = "image") -> Image.Image:
+    """The image a shard stores: upright (EXIF), 8-bit L or RGB from any mode (16-bit scaled, alpha over white;
+    ditscale.data.images), centre-cropped to resolution x resolution."""
+    img = to_channels(img, channels, source=source)
     if img.size != (resolution, resolution):
         img = center_crop_arr(img, resolution)
     return img

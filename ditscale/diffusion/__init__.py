@@ -33,6 +33,7 @@ __all__ = [
     "approx_standard_normal_cdf",
     "create_diffusion",
     "diffusion_from_config",
+    "diffusion_kwargs",
     "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule",
     "mean_flat",
@@ -46,33 +47,43 @@ __all__ = [
 def create_diffusion(
     timestep_respacing: str | Iterable[int] | None = "",
     noise_schedule: str = "linear",
+    use_kl: bool = False,
+    sigma_small: bool = False,
+    predict_xstart: bool = False,
     learn_sigma: bool = True,
-    loss: str = "hybrid",
+    rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
     *,
-    sigma_small: bool = False,
-    rescale_vb: bool = True,
+    loss: str = "hybrid",
+    rescale_vb: bool | None = None,
 ) -> SpacedDiffusion:
-    """The DiT diffusion (reference defaults): `diffusion_steps` linear-beta steps, epsilon prediction.
+    """The DiT diffusion: the reference's `create_diffusion` (same arguments, order and defaults), plus `loss`.
 
     Args:
         timestep_respacing: "" for all steps (training), "250" / "10,20,30" / "ddim50" / a list of section counts
             to sample with fewer steps (see space_timesteps).
-        noise_schedule: "linear" (DDPM, scaled to the step count) or "cosine".
-        learn_sigma: the model outputs 2C channels (epsilon and the learned-range variance). With False, the
-            variance is fixed (beta_t, or the posterior variance with sigma_small).
-        loss: "hybrid" (epsilon MSE + VLB for the variance; needs learn_sigma) or "mse" (epsilon MSE only: sigma
-            channels, if the model has them, are ignored in training and sampling, which use the fixed variance).
+        noise_schedule: "linear" (DDPM, scaled to the step count), "squaredcos_cap_v2" or its alias "cosine".
+        use_kl: train on the variational bound alone (rescaled by the step count), mean and variance both.
+        sigma_small: with a fixed variance (learn_sigma False, or loss "mse"), the posterior variance instead of
+            beta_t.
+        predict_xstart: the model outputs x_0 instead of epsilon.
+        learn_sigma: the model outputs 2C channels (its mean output and the learned-range variance). With False,
+            the variance is fixed and the loss is the MSE alone.
+        rescale_learned_sigmas: scale the VLB term of the hybrid loss by T / 1000 (T: this process's steps);
+            `rescale_vb` is the same switch under ditscale's name (give one of them).
         diffusion_steps: T of the base process.
-        rescale_vb: scale the VLB term by T / 1000 (identity at the reference's T = 1000).
+        loss: "hybrid" (the reference's loss: MSE, plus the VLB term when the variance is learned) or "mse" (a
+            ditscale addition: the MSE alone even with learn_sigma; sigma channels are then ignored in training and
+            sampling, which use the fixed variance). use_kl replaces either by the VLB.
     """
     if loss not in ("hybrid", "mse"):
-        raise ConfigError(f"diffusion loss = {loss!r}: expected 'hybrid' or 'mse'")
-    if loss == "hybrid" and not learn_sigma:
-        raise ConfigError(
-            "diffusion loss = 'hybrid' needs learn_sigma = True (the VLB term trains the variance channels); "
-            "set diffusion.loss = 'mse' or model.learn_sigma = true"
-        )
+        raise ConfigError(f"diffusion loss = {loss!r}: expected 'hybrid' or 'mse' (use_kl=True for the VLB loss)")
+    if use_kl and loss == "mse":
+        raise ConfigError("diffusion use_kl = True trains on the VLB: it contradicts loss = 'mse'; keep loss 'hybrid'")
+    if rescale_vb is None:
+        rescale_vb = rescale_learned_sigmas
+    elif rescale_learned_sigmas and not rescale_vb:
+        raise ConfigError("diffusion rescale_learned_sigmas = True and rescale_vb = False: they are one switch")
     betas = get_named_beta_schedule(noise_schedule, int(diffusion_steps))
     if learn_sigma and loss == "hybrid":
         var_type = "learned_range"
@@ -81,18 +92,35 @@ def create_diffusion(
     if timestep_respacing is None or (isinstance(timestep_respacing, str) and timestep_respacing.strip() == ""):
         timestep_respacing = [int(diffusion_steps)]
     use = space_timesteps(int(diffusion_steps), timestep_respacing)
-    return SpacedDiffusion(use, betas, var_type=var_type, loss=loss, rescale_vb=rescale_vb)
+    return SpacedDiffusion(
+        use,
+        betas,
+        var_type=var_type,
+        loss="kl" if use_kl else loss,
+        rescale_vb=bool(rescale_vb),
+        mean_type="start_x" if predict_xstart else "epsilon",
+    )
+
+
+def diffusion_kwargs(cfg) -> dict:
+    """create_diffusion's keywords for a run config (ditscale.config.Config): its diffusion section and
+    model.learn_sigma. `sample(model, labels, **diffusion_kwargs(cfg))` samples as the run was trained."""
+    d = cfg.diffusion
+    return {
+        "noise_schedule": d.schedule,
+        "use_kl": d.use_kl,
+        "sigma_small": d.sigma_small,
+        "predict_xstart": d.predict_xstart,
+        "learn_sigma": cfg.model.learn_sigma,
+        "rescale_vb": d.rescale_vb,
+        "diffusion_steps": d.num_timesteps,
+        "loss": d.loss,
+    }
 
 
 def diffusion_from_config(cfg, timestep_respacing: str | Iterable[int] | None = "") -> SpacedDiffusion:
     """The diffusion of a run config (ditscale.config.Config): its diffusion section and model.learn_sigma."""
-    return create_diffusion(
-        timestep_respacing,
-        noise_schedule=cfg.diffusion.schedule,
-        learn_sigma=cfg.model.learn_sigma,
-        loss=cfg.diffusion.loss,
-        diffusion_steps=cfg.diffusion.num_timesteps,
-    )
+    return create_diffusion(timestep_respacing, **diffusion_kwargs(cfg))
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -124,6 +152,7 @@ def sample(
     diffusion_steps: int = 1000,
     noise_schedule: str = "linear",
     progress: bool = False,
+    **diffusion_kw,
 ) -> torch.Tensor:
     """Class-conditional samples from a DiT, float32 (N, C, H, W) in [-1, 1] (clipped; pixel space).
 
@@ -140,6 +169,8 @@ def sample(
         clip_denoised: clip each x_0 estimate to [-1, 1] (pixels). For latents pass False (output is not clipped).
         loss: the loss the model was trained with; "mse" samples with the fixed variance. Default: "hybrid" if
             model.learn_sigma else "mse".
+        diffusion_kw: other create_diffusion keywords the model was trained with (predict_xstart, sigma_small, ...;
+            `**diffusion_kwargs(cfg)` passes a run's). learn_sigma, if given, must match the model's.
     """
     if method not in ("ddpm", "ddim"):
         raise ConfigError(f"sample method = {method!r}: expected 'ddpm' or 'ddim'")
@@ -166,12 +197,15 @@ def sample(
     noise = noise.to(device=device, dtype=torch.float32)
 
     learn_sigma = bool(getattr(model, "learn_sigma", True))
+    if "learn_sigma" in diffusion_kw and bool(diffusion_kw.pop("learn_sigma")) != learn_sigma:
+        raise ConfigError(f"sample learn_sigma: the model has learn_sigma = {learn_sigma}")
     diffusion = create_diffusion(
         str(steps),
         noise_schedule=noise_schedule,
         learn_sigma=learn_sigma,
         loss=loss or ("hybrid" if learn_sigma else "mse"),
         diffusion_steps=diffusion_steps,
+        **diffusion_kw,
     )
     model_dtype = _model_dtype(model)
     if cfg_scale > 1.0:
@@ -190,14 +224,11 @@ def sample(
     was_training = model.training
     model.eval()
     try:
+        kw = dict(clip_denoised=clip_denoised, model_kwargs=dict(y=y), device=device, progress=progress)
         if method == "ddpm":
-            out = diffusion.p_sample_loop(
-                model_fn, x_T.shape, x_T, dict(y=y), device, progress, generator, clip_denoised=clip_denoised
-            )
+            out = diffusion.p_sample_loop(model_fn, x_T.shape, x_T, generator=generator, **kw)
         else:
-            out = diffusion.ddim_sample_loop(
-                model_fn, x_T.shape, x_T, dict(y=y), device, progress, generator, eta=eta, clip_denoised=clip_denoised
-            )
+            out = diffusion.ddim_sample_loop(model_fn, x_T.shape, x_T, eta=eta, generator=generator, **kw)
     finally:
         model.train(was_training)
     out = out[:n]

@@ -1,9 +1,14 @@
 """Gaussian diffusion as in ADM / DiT (openai/improved-diffusion, facebookresearch/DiT `gaussian_diffusion.py`).
 
-The model predicts the noise epsilon (the mean follows from it) and, with a learned sigma, an interpolation
-coefficient v in [-1, 1] per pixel between the log of beta_t and the log of the posterior variance (learned-range
-variance). Training minimises the epsilon MSE plus, for the variance, the variational bound term with the mean
-detached (the hybrid loss of Nichol & Dhariwal 2021).
+The model predicts the noise epsilon (or, with mean_type "start_x", x_0; the mean follows from it) and, with a
+learned sigma, an interpolation coefficient v in [-1, 1] per pixel between the log of beta_t and the log of the
+posterior variance (learned-range variance). Training minimises the epsilon MSE plus, for the variance, the
+variational bound term with the mean detached (the hybrid loss of Nichol & Dhariwal 2021), or the full variational
+bound (loss "kl", the reference's use_kl).
+
+The method names, argument orders and defaults are the reference's (facebookresearch/DiT gaussian_diffusion.py):
+`p_sample_loop(model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress)` and the
+rest work positionally as there; ditscale adds keyword-only arguments (a `generator` for all noise).
 
 Schedules are computed once in float64 (numpy) and gathered per timestep onto the input's device, in float32 or
 wider: bf16 inputs are computed in float32 and returned in bf16 where a tensor of the input's kind is returned.
@@ -13,7 +18,7 @@ All noise can come from a `torch.Generator`, so sampler runs are reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +27,8 @@ import torch
 from ditscale.errors import ConfigError, ModelInputError
 
 VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")
-LOSSES = ("hybrid", "mse")
+MEAN_TYPES = ("epsilon", "start_x")
+LOSSES = ("hybrid", "mse", "kl")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,36 +134,43 @@ class GaussianDiffusion:
     """A discrete-time Gaussian diffusion q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I), t in [0, T).
 
     The model is any callable `model(x_t, t, **model_kwargs)` returning epsilon (C channels) or epsilon and the
-    variance interpolation v (2C channels, learned-range variance). Timesteps `t` are int64 tensors of shape (B,)
-    with values in [0, num_timesteps).
+    variance interpolation v (2C channels, learned-range variance); with mean_type "start_x", x_0 in place of
+    epsilon. Timesteps `t` are int64 tensors of shape (B,) with values in [0, num_timesteps).
 
     Args:
         betas: the noise schedule, shape (T,), values in (0, 1].
         var_type: "learned_range" (DiT), "fixed_large" (beta_t) or "fixed_small" (posterior variance).
-        loss: "hybrid" (epsilon MSE + VLB; needs var_type "learned_range") or "mse" (epsilon MSE only; sigma
-            channels, if the model has them, are ignored).
-        rescale_vb: multiply the VLB term by num_timesteps / 1000 (identity at T = 1000), as improved-diffusion's
-            rescaled MSE loss does, so the weight of the variance term stays comparable for other T.
+        loss: "hybrid" (the reference's MSE loss type: MSE of the model's mean output, plus the VLB term for a
+            learned variance, with the mean detached), "mse" (MSE only; sigma channels, if the model has them, are
+            ignored: a ditscale addition) or "kl" (the reference's use_kl: the VLB times num_timesteps, which
+            trains mean and variance).
+        rescale_vb: multiply the hybrid loss's VLB term by num_timesteps / 1000 (identity at T = 1000): the
+            reference's rescale_learned_sigmas (its default, False, is this default).
+        mean_type: "epsilon" (DiT) or "start_x" (the model predicts x_0; the reference's predict_xstart).
     """
 
     def __init__(
-        self, betas: np.ndarray, *, var_type: str = "learned_range", loss: str = "hybrid", rescale_vb: bool = True
+        self,
+        betas: np.ndarray,
+        *,
+        var_type: str = "learned_range",
+        loss: str = "hybrid",
+        rescale_vb: bool = False,
+        mean_type: str = "epsilon",
     ):
         if var_type not in VAR_TYPES:
             raise ConfigError(f"diffusion var_type = {var_type!r}: expected one of {VAR_TYPES}")
         if loss not in LOSSES:
             raise ConfigError(f"diffusion loss = {loss!r}: expected one of {LOSSES}")
-        if loss == "hybrid" and var_type != "learned_range":
-            raise ConfigError(
-                "diffusion loss = 'hybrid' trains the learned variance (learn_sigma = True); "
-                f"with var_type {var_type!r} use loss = 'mse'"
-            )
+        if mean_type not in MEAN_TYPES:
+            raise ConfigError(f"diffusion mean_type = {mean_type!r}: expected one of {MEAN_TYPES}")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ConfigError(f"diffusion betas: expected a 1-D schedule with values in (0, 1], got {betas!r}")
         self.var_type = var_type
+        self.mean_type = mean_type
         self.loss_type = loss
-        self.rescale_vb = rescale_vb
+        self.rescale_vb = bool(rescale_vb)
         self.num_timesteps = int(len(betas))
 
         # All schedule arrays are float64 numpy, shape (T,).
@@ -198,7 +211,7 @@ class GaussianDiffusion:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_timesteps={self.num_timesteps}, var_type={self.var_type!r}, "
-            f"loss={self.loss_type!r})"
+            f"mean_type={self.mean_type!r}, loss={self.loss_type!r}, rescale_vb={self.rescale_vb})"
         )
 
     # ---------------------------------------------------------------------------------------------------- helpers
@@ -226,15 +239,19 @@ class GaussianDiffusion:
                 f"timesteps t: expected values in [0, {self.num_timesteps}), got [{int(t.min())}, {int(t.max())}]"
             )
 
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timesteps a model (or cond_fn) sees for this process's indices t (SpacedDiffusion maps them)."""
+        return t
+
     def _call_model(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
-        """Call the model with timesteps in this process's index space (SpacedDiffusion maps them)."""
-        out = model(x, t, **(model_kwargs or {}))
+        """Call the model with timesteps t in this process's index space."""
+        out = model(x, self._model_t(t), **(model_kwargs or {}))
         if isinstance(out, tuple):  # some models return (output, extra)
             out = out[0]
         return out
 
     def _split_output(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(epsilon, v or None) from a model output of C or 2C channels."""
+        """(the mean output: epsilon or x_0, v or None) from a model output of C or 2C channels."""
         B, C = x.shape[:2]
         spatial = tuple(x.shape[2:])
         if out.shape == (B, 2 * C, *spatial):
@@ -316,7 +333,7 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from a model output already computed (see p_mean_variance). Computed in float32+."""
         cd = _compute_dtype(x.dtype)
         xc = x.to(cd)
-        eps, v = self._split_output(model_output.to(cd), x)
+        mean_out, v = self._split_output(model_output.to(cd), x)
         if self.var_type == "learned_range":
             min_log = self._gather("posterior_log_variance_clipped", t, xc)
             max_log = self._gather("log_betas", t, xc)
@@ -331,12 +348,13 @@ class GaussianDiffusion:
             variance = self._gather(var_name, t, xc).expand_as(xc)
             log_variance = self._gather(log_name, t, xc).expand_as(xc)
 
-        pred_xstart = self.predict_xstart_from_eps(xc, t, eps)
+        pred_xstart = mean_out if self.mean_type == "start_x" else self.predict_xstart_from_eps(xc, t, mean_out)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, xc, t)
+        eps = mean_out if self.mean_type == "epsilon" else self.predict_eps_from_xstart(xc, t, pred_xstart)
         return {
             "mean": mean,
             "variance": variance,
@@ -350,7 +368,6 @@ class GaussianDiffusion:
         model: ModelFn,
         x: torch.Tensor,
         t: torch.Tensor,
-        *,
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict | None = None,
@@ -375,8 +392,8 @@ class GaussianDiffusion:
         self._check_t(t, x_t)
         out = self._call_model(model, x_t, t, model_kwargs)
         cd = _compute_dtype(x_t.dtype)
-        eps, _ = self._split_output(out.to(cd), x_t)
-        x0 = self.predict_xstart_from_eps(x_t.to(cd), t, eps)
+        mean_out, _ = self._split_output(out.to(cd), x_t)
+        x0 = mean_out if self.mean_type == "start_x" else self.predict_xstart_from_eps(x_t.to(cd), t, mean_out)
         if clip:
             x0 = x0.clamp(-1, 1)
         return x0.to(x_t.dtype)
@@ -409,9 +426,11 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses for a batch at timesteps t.
 
-        Returns {"loss": (B,), "mse": (B,)} and, for the hybrid loss, "vb": (B,) (loss = mse + vb). Losses are in
-        float32 (float64 for float64 inputs), whatever the model's output dtype. The VLB sees the model's mean
-        detached: it trains only the variance channels, the MSE trains epsilon.
+        Returns {"loss": (B,), "mse": (B,)} and, for the hybrid loss with a learned variance, "vb": (B,)
+        (loss = mse + vb); for loss "kl", {"loss", "vb"} (loss = vb = the VLB term times num_timesteps). Losses are
+        in float32 (float64 for float64 inputs), whatever the model's output dtype. In the hybrid loss the VLB sees
+        the model's mean detached: it trains only the variance channels, the MSE trains the mean output (epsilon,
+        or x_0 with mean_type "start_x").
         """
         self._check_t(t, x_start)
         if noise is None:
@@ -421,10 +440,15 @@ class GaussianDiffusion:
 
         cd = _compute_dtype(x_start.dtype)
         model_output = model_output.to(cd)
-        eps, v = self._split_output(model_output, x_start)
-        terms: dict[str, torch.Tensor] = {"mse": mean_flat((noise.to(cd) - eps) ** 2)}
-        if self.loss_type == "hybrid":
-            frozen = torch.cat([eps.detach(), v], dim=1)  # the VLB must not move the mean
+        if self.loss_type == "kl":  # the full VLB, rescaled to estimate its sum over all T steps
+            out = self.p_mean_variance_from_output(model_output, x_t.to(cd), t, clip_denoised=False)
+            vb = self._vb_terms_bpd(out, x_start.to(cd), x_t.to(cd), t) * self.num_timesteps
+            return {"loss": vb, "vb": vb}
+        mean_out, v = self._split_output(model_output, x_start)
+        target = x_start if self.mean_type == "start_x" else noise
+        terms: dict[str, torch.Tensor] = {"mse": mean_flat((target.to(cd) - mean_out) ** 2)}
+        if self.loss_type == "hybrid" and v is not None:
+            frozen = torch.cat([mean_out.detach(), v], dim=1)  # the VLB must not move the mean
             out = self.p_mean_variance_from_output(frozen, x_t.to(cd), t, clip_denoised=False)
             vb = self._vb_terms_bpd(out, x_start.to(cd), x_t.to(cd), t)
             if self.rescale_vb:
@@ -437,23 +461,60 @@ class GaussianDiffusion:
 
     # --------------------------------------------------------------------------------------------------- sampling
 
+    def condition_mean(
+        self,
+        cond_fn: ModelFn,
+        p_mean_var: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """The mean of p(x_{t-1} | x_t) shifted by variance x grad log p(y | x_t) (Sohl-Dickstein et al. 2015), where
+        `cond_fn(x, t, **model_kwargs)` returns that gradient (t: the model's timesteps)."""
+        gradient = cond_fn(x, self._model_t(t), **(model_kwargs or {}))
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(
+        self,
+        cond_fn: ModelFn,
+        p_mean_var: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """p_mean_var as if the model's score were conditioned by cond_fn (Song et al. 2020): epsilon moves by
+        -sqrt(1 - a_bar_t) x cond_fn(x, t, **model_kwargs); pred_xstart and the mean follow (DDIM's conditioning)."""
+        xc = x.to(p_mean_var["mean"].dtype)
+        alpha_bar = self._gather("alphas_cumprod", t, xc)
+        eps = self.predict_eps_from_xstart(xc, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._model_t(t), **(model_kwargs or {}))
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self.predict_xstart_from_eps(xc, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], xc, t)
+        out["eps"] = eps
+        return out
+
     def p_sample(
         self,
         model: ModelFn,
         x: torch.Tensor,
         t: torch.Tensor,
-        *,
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
+        *,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise added at t = 0)."""
+        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise added at t = 0); `cond_fn` shifts the mean
+        (condition_mean)."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         noise = randn(x.shape, generator=generator, device=x.device, dtype=out["mean"].dtype)
         nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (x.ndim - 1)))
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
 
@@ -462,18 +523,23 @@ class GaussianDiffusion:
         model: ModelFn,
         x: torch.Tensor,
         t: torch.Tensor,
-        *,
-        eta: float = 0.0,
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
+        eta: float = 0.0,
+        *,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 ~ DDPM."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 ~ DDPM;
+        `cond_fn` conditions the score (condition_score)."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         xc = x.to(out["mean"].dtype)
+        # Usually the model outputs epsilon; it is re-derived from pred_xstart (clipped, denoised_fn applied).
         eps = self.predict_eps_from_xstart(xc, t, out["pred_xstart"])
         a_bar = self._gather("alphas_cumprod", t, xc)
         a_bar_prev = self._gather("alphas_cumprod_prev", t, xc)
@@ -485,18 +551,49 @@ class GaussianDiffusion:
             sample = sample + nonzero * sigma * noise
         return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
 
+    def ddim_reverse_sample(
+        self,
+        model: ModelFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
+        model_kwargs: dict | None = None,
+        eta: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """One step of the reverse DDIM ODE, x_t -> x_{t+1} (DDIM inversion); deterministic, so eta must be 0."""
+        if eta != 0.0:
+            raise ConfigError(f"ddim_reverse_sample eta = {eta}: the reverse ODE is deterministic, expected eta = 0")
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        xc = x.to(out["mean"].dtype)
+        eps = self.predict_eps_from_xstart(xc, t, out["pred_xstart"])
+        a_bar_next = self._gather("alphas_cumprod_next", t, xc)
+        sample = out["pred_xstart"] * torch.sqrt(a_bar_next) + torch.sqrt(1 - a_bar_next) * eps  # eq. 12 reversed
+        return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
+
     def _loop(
         self,
         step: Callable[..., dict[str, torch.Tensor]],
         model: ModelFn,
         shape: tuple[int, ...],
         noise: torch.Tensor | None,
-        model_kwargs: dict | None,
         device: torch.device | str | None,
         progress: bool,
         generator: torch.Generator | None,
         **step_kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
+        clip = step_kwargs.get("clip_denoised")
+        if isinstance(clip, Mapping):  # model_kwargs passed in the 4th place, as ditscale's loops took them before
+            raise ModelInputError(
+                f"clip_denoised: expected a bool, got a {type(clip).__name__}; the sampling loops take the reference's "
+                "arguments in its order: (model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, "
+                "device, progress); pass model_kwargs=... by keyword"
+            )
         shape = tuple(shape)
         if noise is not None:
             if tuple(noise.shape) != shape:
@@ -504,7 +601,7 @@ class GaussianDiffusion:
             img = noise if device is None else noise.to(device)
         else:
             if device is None:
-                device = generator.device if generator is not None else torch.device("cpu")
+                device = _default_device(model, generator)
             img = randn(shape, generator=generator, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
@@ -514,7 +611,7 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = step(model, img, t, model_kwargs=model_kwargs, generator=generator, **step_kwargs)
+                out = step(model, img, t, generator=generator, **step_kwargs)
             yield out
             img = out["sample"]
 
@@ -523,18 +620,19 @@ class GaussianDiffusion:
         model: ModelFn,
         shape: tuple[int, ...],
         noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
         *,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield {"sample", "pred_xstart"} after each ancestral step, from t = T-1 down to 0."""
         yield from self._loop(
-            self.p_sample, model, shape, noise, model_kwargs, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            self.p_sample, model, shape, noise, device, progress, generator,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
         )  # fmt: skip
 
     def p_sample_loop(
@@ -542,20 +640,26 @@ class GaussianDiffusion:
         model: ModelFn,
         shape: tuple[int, ...],
         noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
         *,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Ancestral (DDPM) sampling over all num_timesteps steps; returns x_0 with the noise's dtype (float32 if
-        the noise is drawn here). Without `noise`, it is drawn from `generator` (reproducible) on `device`."""
+        the noise is drawn here).
+
+        Arguments as the reference's: `noise` the initial x_T (drawn from `generator` when not given, on `device`:
+        by default the model's parameters' device, else the generator's), `clip_denoised` clips each x_0 estimate
+        to [-1, 1] after `denoised_fn`, `cond_fn(x, t, **model_kwargs)` returns grad log p(y | x) (condition_mean),
+        `model_kwargs` go to the model, `progress` shows a tqdm bar."""
         final = None
         for step_out in self.p_sample_loop_progressive(
-            model, shape, noise, model_kwargs, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress,
+            generator=generator,
         ):  # fmt: skip
             final = step_out
         return final["sample"]
@@ -565,19 +669,20 @@ class GaussianDiffusion:
         model: ModelFn,
         shape: tuple[int, ...],
         noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
-        *,
         eta: float = 0.0,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield {"sample", "pred_xstart"} after each DDIM step, from t = T-1 down to 0."""
         yield from self._loop(
-            self.ddim_sample, model, shape, noise, model_kwargs, device, progress, generator,
-            eta=eta, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            self.ddim_sample, model, shape, noise, device, progress, generator,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
         )  # fmt: skip
 
     def ddim_sample_loop(
@@ -585,21 +690,39 @@ class GaussianDiffusion:
         model: ModelFn,
         shape: tuple[int, ...],
         noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_fn: ModelFn | None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
-        *,
         eta: float = 0.0,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """DDIM sampling over all num_timesteps steps (respace the diffusion for fewer); eta = 0 is deterministic
-        given the noise."""
+        given the noise. Arguments as p_sample_loop's, plus eta (`cond_fn` conditions the score)."""
         final = None
         for step_out in self.ddim_sample_loop_progressive(
-            model, shape, noise, model_kwargs, device, progress, generator,
-            eta=eta, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta,
+            generator=generator,
         ):  # fmt: skip
             final = step_out
         return final["sample"]
+
+    # Names of the reference's private helpers, for code written against it.
+    def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return self.predict_xstart_from_eps(x_t, t, eps)
+
+    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        return self.predict_eps_from_xstart(x_t, t, pred_xstart)
+
+
+def _default_device(model: ModelFn, generator: torch.Generator | None) -> torch.device:
+    """The reference's default device (a model parameter's), else the generator's, else the CPU."""
+    for owner in (model, getattr(model, "__self__", None)):  # a module, or a bound method such as forward_with_cfg
+        params = getattr(owner, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.device
+    return generator.device if generator is not None else torch.device("cpu")

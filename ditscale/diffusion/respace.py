@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ditscale.diffusion.gaussian import GaussianDiffusion, ModelFn
+from ditscale.diffusion.gaussian import GaussianDiffusion
 from ditscale.errors import ConfigError
 
 
@@ -22,7 +22,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
     section_counts:
       - "ddimN": N steps with one integer stride starting at 0 (as DDIM), e.g. "ddim50" -> 0, 20, ..., 980;
       - "N" or "N1,N2,...": split [0, T) into equal sections and take N_i evenly spaced steps (both ends included)
-        from section i, e.g. "250", or "10,15,20"; a list of ints means the same;
+        from section i, e.g. "250", or "10,15,20"; a list of ints means the same. The kept steps are exactly the
+        reference's (facebookresearch/DiT and openai/improved-diffusion `space_timesteps`) for every spec;
       - "" (or the full count) keeps every step.
     """
     if isinstance(section_counts, str):
@@ -64,7 +65,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
                 f"(of {num_timesteps} steps)"
             )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(j * stride) for j in range(count)]
+        # The index is accumulated in floating point, as the reference does (openai/improved-diffusion, DiT
+        # respace.py): round(j * stride) differs from it for 278 of the 1000 counts at T = 1000 (e.g. "21").
+        idx = 0.0
+        for _ in range(count):
+            steps.append(start + round(idx))
+            idx += stride
         start += size
     return set(steps)
 
@@ -72,7 +78,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
 class SpacedDiffusion(GaussianDiffusion):
     """A GaussianDiffusion over `use_timesteps` of a base process with schedule `betas`.
 
-    `timestep_map[i]` is the base timestep of this process's step i; model calls receive base timesteps.
+    `timestep_map[i]` is the base timestep of this process's step i; model (and cond_fn) calls receive base
+    timesteps. `use_timesteps` (a set, as the reference's attribute) and `original_num_steps` as the reference.
     """
 
     def __init__(self, use_timesteps: Iterable[int], betas: np.ndarray, **kwargs):
@@ -80,7 +87,8 @@ class SpacedDiffusion(GaussianDiffusion):
         keep = sorted(set(int(s) for s in use_timesteps))
         if not keep or keep[0] < 0 or keep[-1] >= base.num_timesteps:
             raise ConfigError(f"respaced timesteps must lie in [0, {base.num_timesteps}), got {keep[:3]}...")
-        self.base_num_timesteps = base.num_timesteps
+        self.base_num_timesteps = self.original_num_steps = base.num_timesteps
+        self.use_timesteps = set(keep)
         self.timestep_map = keep
         new_betas, last_alpha_cumprod = [], 1.0
         for i in keep:
@@ -90,9 +98,9 @@ class SpacedDiffusion(GaussianDiffusion):
         super().__init__(np.array(new_betas, dtype=np.float64), **kwargs)
         self._map_cache: dict[torch.device, torch.Tensor] = {}
 
-    def _call_model(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
         m = self._map_cache.get(t.device)
         if m is None:
             m = torch.tensor(self.timestep_map, dtype=torch.long, device=t.device)
             self._map_cache[t.device] = m
-        return super()._call_model(model, x, m[t].to(t.dtype), model_kwargs)
+        return m[t].to(t.dtype)

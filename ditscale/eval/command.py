@@ -128,11 +128,11 @@ def generate(
         noise = torch.randn(shape, generator=generator)
     labels = common.model_labels(model, labels)
     if cfg_scale > 1.0:
-        from ditscale.diffusion import sample
+        from ditscale.diffusion import diffusion_kwargs, sample
 
         out = sample(
             model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise,
-            loss=cfg.diffusion.loss, diffusion_steps=cfg.diffusion.num_timesteps, noise_schedule=cfg.diffusion.schedule,
+            **diffusion_kwargs(cfg),
         )  # fmt: skip
         return out.float().cpu().clamp(-1, 1)
     device = common.device_of(model)

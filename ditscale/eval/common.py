@@ -99,7 +99,9 @@ def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str
 
 def make_diffusion(cfg, steps: int | str = ""):
     """The run's diffusion process, optionally respaced to `steps` sampling steps."""
-    return cfg.diffusion.build(cfg.model.learn_sigma, steps)
+    from ditscale.diffusion import diffusion_from_config
+
+    return diffusion_from_config(cfg, str(steps) if steps else "")
 
 
 def manifest_of(url: str) -> dict:

@@ -9,21 +9,35 @@ from ditscale.model.attention import (
 )
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
 from ditscale.model.dit import DiT, DiT_models, create_model
-from ditscale.model.windows import PRESETS, format_windows, parse_windows, placement_indices
+from ditscale.model.export import load_exported, model_spec, save_export, save_model
+from ditscale.model.windows import (
+    PRESETS,
+    GlobalWindowWarning,
+    covering_windows,
+    format_windows,
+    parse_windows,
+    placement_indices,
+)
 
 __all__ = [
     "DiT",
     "DiT_models",
+    "GlobalWindowWarning",
     "PRESETS",
     "attention",
+    "covering_windows",
     "create_model",
     "extract_state_dict",
     "format_windows",
     "halo_attention",
+    "load_exported",
     "load_reference_state_dict",
+    "model_spec",
     "parse_windows",
     "placement_indices",
     "qkv_attention",
+    "save_export",
+    "save_model",
     "sdpa_mask_attention",
     "window_mask",
 ]

@@ -65,6 +65,7 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
         obj = sd_or_path
     source = source or "state dict"
     sd = extract_state_dict(obj, source, prefer)
+    sd = _check_windows_marker(model, sd, source)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -84,6 +85,26 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
         raise CheckpointError("\n  ".join(parts))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def _check_windows_marker(model, sd: dict, source: str) -> dict:
+    """A windowed export carries `ditscale_windows` (ditscale.model.export): the model must have those windows."""
+    from ditscale.model.export import WINDOWS_KEY
+    from ditscale.model.windows import format_windows
+
+    if WINDOWS_KEY not in sd:
+        return sd
+    sd = dict(sd)
+    trained = [None if int(k) == 0 else int(k) for k in sd.pop(WINDOWS_KEY).tolist()]
+    own = list(getattr(model, "windows", None) or [])
+    if own != trained:
+        raise CheckpointError(
+            f"{source}: these weights are a windowed model ({WINDOWS_KEY}: {format_windows(trained)!r}) but the model "
+            f"has windows {format_windows(own) if own else 'none'!r}; load them with ditscale.model.load_exported, "
+            f"or build the model with windows={format_windows(trained)!r} (delete '{WINDOWS_KEY}' from the state "
+            "dict only to use the weights with other windows on purpose)"
+        )
+    return sd
 
 
 def _describe(model) -> str:

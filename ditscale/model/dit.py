@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ditscale.errors import ConfigError, ModelInputError
 from ditscale.model.attention import BACKENDS, attention_probs, qkv_attention
-from ditscale.model.windows import format_windows, parse_windows
+from ditscale.model.windows import check_window_coverage, format_windows, parse_windows
 
 
 def modulate(x, shift, scale):
@@ -193,6 +193,8 @@ class DiT(nn.Module):
     one entry per block (None for global, odd k for a border-clipped k x k window on the token grid).
     `attention_backend`: "auto" (flex on CUDA, halo on CPU), "sdpa_mask", "flex" or "halo"; global blocks always use
     scaled_dot_product_attention.
+    `strict_windows`: a window that covers the whole token grid (k >= 2 * grid side - 1: the block is global in
+    effect) raises WindowSpecError instead of warning (GlobalWindowWarning).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class DiT(nn.Module):
         learn_sigma=True,
         windows=None,
         attention_backend="auto",
+        strict_windows=False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -232,6 +235,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         grid = self.x_embedder.grid_size
+        check_window_coverage(self.windows, grid, strict=strict_windows)
         # Will use fixed sin-cos embedding:
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
 
@@ -585,6 +589,7 @@ def create_model(
     class_dropout_prob: float = 0.1,
     windows: str | Sequence[int | None] | None = "global",
     attention_backend: str = "auto",
+    strict_windows: bool = False,
 ) -> DiT:
     """Build a DiT variant by name; `windows` may be a spec string, parsed against the variant's depth."""
     if variant not in DiT_models:
@@ -597,4 +602,5 @@ def create_model(
         class_dropout_prob=class_dropout_prob,
         windows=windows,
         attention_backend=attention_backend,
+        strict_windows=strict_windows,
     )

@@ -97,6 +97,56 @@ def _parse_items(body: str, spec: str) -> list[int | None]:
     return out
 
 
+def _parse_spec(spec: str) -> tuple[list[int | None], str | None] | None:
+    """The items and placement of a spec string, before it meets a depth; None for "global"."""
+    s = "".join(spec.split()).lower()
+    if s in ("", "global", "none"):
+        return None
+    body, placement = s, None
+    if "@" in s:
+        body, _, placement = s.partition("@")
+        if placement not in PLACEMENTS:
+            raise WindowSpecError(
+                f"window spec {spec!r}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}"
+            )
+    if body in PRESETS:
+        windows: list[int | None] = list(PRESETS[body])
+    elif body in ("global", "none", ""):
+        raise WindowSpecError(f"window spec {spec!r}: nothing to place; write 'global' alone for global attention")
+    elif re.fullmatch(r"[a-z_*]+", body):
+        raise WindowSpecError(
+            f"window spec {spec!r}: unknown preset {body!r}; expected one of {', '.join(PRESETS)} or 'global'"
+        )
+    else:
+        windows = _parse_items(body, spec)
+    if placement is not None and any(w is None for w in windows):
+        raise WindowSpecError(
+            f"window spec {spec!r}: with a placement (@{placement}) list only the windowed blocks, without '-'"
+        )
+    return windows, placement
+
+
+def spec_text(value: object) -> object:
+    """A window spec as text: what YAML makes of an unquoted spec on the command line or in a file (an int for
+    `model.windows=5`, a list for `[3, 5, null]`, None for `null`) becomes the string the parser reads."""
+    if value is None:
+        return "global"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return ",".join("-" if v is None else str(v) for v in value)
+    return value
+
+
+def check_spec(spec: str) -> str:
+    """Raise WindowSpecError if `spec` is not a valid spec string (its grammar; the depth is checked when a model
+    is built). Returns the spec."""
+    if not isinstance(spec, str):
+        raise WindowSpecError(f"window spec {spec!r}: expected a spec string such as 'local@head' or '3,5,7'")
+    _parse_spec(spec)
+    return spec
+
+
 def parse_windows(spec: str | Sequence[int | str | None] | None, depth: int) -> list[int | None]:
     """Resolve a window spec against a model depth: one entry per block, None (global) or an odd k.
 
@@ -117,27 +167,10 @@ def parse_windows(spec: str | Sequence[int | str | None] | None, depth: int) -> 
             )
         return [_check_k(e, spec) for e in entries]
 
-    s = "".join(spec.split()).lower()
-    if s in ("", "global", "none"):
+    parsed = _parse_spec(spec)
+    if parsed is None:
         return [None] * depth
-    body, placement = s, None
-    if "@" in s:
-        body, _, placement = s.partition("@")
-        if placement not in PLACEMENTS:
-            raise WindowSpecError(
-                f"window spec {spec!r}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}"
-            )
-    if body in PRESETS:
-        windows: list[int | None] = list(PRESETS[body])
-    elif body in ("global", "none", ""):
-        raise WindowSpecError(f"window spec {spec!r}: nothing to place; write 'global' alone for global attention")
-    elif re.fullmatch(r"[a-z_*]+", body):
-        raise WindowSpecError(
-            f"window spec {spec!r}: unknown preset {body!r}; expected one of {', '.join(PRESETS)} or 'global'"
-        )
-    else:
-        windows = _parse_items(body, spec)
-
+    windows, placement = parsed
     if placement is None:
         if len(windows) > depth:
             raise WindowSpecError(
@@ -145,10 +178,6 @@ def parse_windows(spec: str | Sequence[int | str | None] | None, depth: int) -> 
             )
         return windows + [None] * (depth - len(windows))
 
-    if any(w is None for w in windows):
-        raise WindowSpecError(
-            f"window spec {spec!r}: with a placement (@{placement}) list only the windowed blocks, without '-'"
-        )
     if len(windows) > depth:
         raise WindowSpecError(
             f"window spec {spec!r} has {len(windows)} windowed blocks but the model has depth {depth}"
@@ -195,3 +224,37 @@ def format_windows(windows: Sequence[int | None]) -> str:
             return f"{_runs(windowed)}@{placement}"
     last = max(i for i, w in enumerate(windows) if w is not None)
     return _runs(windows[: last + 1])
+
+
+class GlobalWindowWarning(UserWarning):
+    """A window covers the whole token grid from every position: its block computes global attention."""
+
+
+def covering_windows(windows: Sequence[int | None], grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """(block, k) of the windows that cover an h x w grid from every query position: (k - 1) / 2 >= max(h, w) - 1,
+    i.e. k >= 2 max(h, w) - 1. Such a block computes exactly global attention."""
+    reach = max(grid) - 1
+    return [(i, k) for i, k in enumerate(windows) if k is not None and (k - 1) // 2 >= reach]
+
+
+def check_window_coverage(windows: Sequence[int | None], grid: tuple[int, int], *, strict: bool = False) -> None:
+    """Warn (GlobalWindowWarning), or with `strict` raise WindowSpecError, when a window covers the whole token grid
+    (see covering_windows): the block is "local" by its spec but computes global attention."""
+    cover = covering_windows(windows, grid)
+    if not cover:
+        return
+    h, w = grid
+    side = max(h, w)
+    blocks = ", ".join(f"block {i} (k={k})" for i, k in cover)
+    fix = f"use windows of at most {2 * side - 3}" if side > 1 else "no window is local on a 1 x 1 grid: use 'global'"
+    msg = (
+        f"window spec {format_windows(windows)!r} on a {h}x{w} token grid: {blocks} "
+        f"{'covers' if len(cover) == 1 else 'cover'} the whole grid from every position (k >= {2 * side - 1}), so "
+        f"{'this block computes' if len(cover) == 1 else 'these blocks compute'} global attention, not local; {fix} "
+        f"or a larger grid (input_size / patch_size)"
+    )
+    if strict:
+        raise WindowSpecError(msg)
+    import warnings
+
+    warnings.warn(msg + " (model.strict_windows: true makes this an error)", GlobalWindowWarning, stacklevel=3)

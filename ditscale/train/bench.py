@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ditscale import distenv
     from ditscale.config import load_config
+    from ditscale.diffusion import diffusion_from_config
     from ditscale.train import engine as eng
     from ditscale.train.ema import EMA
     from ditscale.train.step import diffusion_loss, model_fn
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
     precision = eng.resolve_precision(cfg)
-    diffusion = cfg.diffusion.build(cfg.model.learn_sigma)
+    diffusion = diffusion_from_config(cfg)
     b = cfg.train.micro_batch
     nb = args.warmup + args.steps
     m = cfg.model

@@ -23,7 +23,7 @@ def draw(
 ) -> torch.Tensor:
     """DDPM samples (len(labels), C, H, W), deterministic for a seed. The global RNG state is left as it was, so
     sampling during training never changes the training trajectory."""
-    from ditscale.diffusion import sample
+    from ditscale.diffusion import diffusion_kwargs, sample
 
     device = next(model.parameters()).device
     forks = [device.index or 0] if device.type == "cuda" else []
@@ -34,10 +34,8 @@ def draw(
             steps=min(steps or cfg.diffusion.sample_steps, cfg.diffusion.num_timesteps),
             cfg_scale=cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale,
             generator=torch.Generator().manual_seed(seed),
-            loss=cfg.diffusion.loss,
-            diffusion_steps=cfg.diffusion.num_timesteps,
-            noise_schedule=cfg.diffusion.schedule,
             clip_denoised=cfg.data.kind == "pixels",
+            **diffusion_kwargs(cfg),
         )
 
 

@@ -3,7 +3,7 @@
 Read `Trainer.train()` top to bottom: each iteration takes this rank's micro-batches for one step, asks every rank
 whether to go on (`stop.poll`), runs `train_step()`, then lets each part act if its time has come (log, sample
 grid, checkpoint). Each part owns its timing and state:
-    model, diffusion, loader     cfg.model.build(), cfg.diffusion.build(), cfg.data.loader()
+    model, diffusion, loader     cfg.model.build(), diffusion_from_config(cfg), cfg.data.loader()
     engine, ema                  DeepSpeed ZeRO (train/engine.py), the fp32 EMA copy (train/ema.py)
     checkpointer                 save every checkpoint.every steps, keep, resume (train/checkpoint.py)
     log                          the logging window and the loggers (train/loggers.py)
@@ -29,6 +29,7 @@ import torch
 
 from ditscale import distenv
 from ditscale.config import Config, config_changes, dump_config, format_changes
+from ditscale.diffusion import diffusion_from_config
 from ditscale.errors import ConfigError, DataError, DitscaleError, RunLockedError
 from ditscale.io.rundir import RunDir, step_of
 from ditscale.train import engine as eng
@@ -150,7 +151,7 @@ class Trainer:
             eng.apply_activation_checkpointing(model)
         self.engine, self.optimizer, _ = eng.build_engine(cfg, model, world)
         self.model_fn = model_fn(self.engine, self.precision, device)
-        self.diffusion = cfg.diffusion.build(cfg.model.learn_sigma)
+        self.diffusion = diffusion_from_config(cfg)  # every diffusion.* key and model.learn_sigma
         self.loader = cfg.data.loader(batch_size=t.micro_batch, rank=rank, world_size=world, seed=cfg.run.seed)
         # Per-rank randomness: label dropout uses the global RNG; timesteps and noise use `gen`.
         rank_seed = cfg.run.seed * world + rank

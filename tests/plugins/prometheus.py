@@ -34,16 +34,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.needs import skip_or_fail
+
 SCRAPE_INTERVAL = "500ms"
 WAIT_S = 120.0  # the longest any wait here lasts; every wait returns as soon as its condition holds
 RULES = Path(__file__).resolve().parents[2] / "k8s" / "rules" / "ditscale.rules.yaml"
-
-
-def skip_or_fail(reason: str):
-    """A service or binary a test needs is missing: skip, but fail under CI=true (CI installs everything)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
-    pytest.skip(reason)
 
 
 def find_prometheus() -> str | None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import skip_or_fail
+
 
 def _moto_server_binary() -> str | None:
     candidate = Path(sys.executable).parent / "moto_server"
@@ -63,7 +65,7 @@ ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 def s3_server():
     binary = _moto_server_binary()
     if binary is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+        skip_or_fail("moto_server not installed (pip install 'moto[server]')")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{port}.log"), "wb")
