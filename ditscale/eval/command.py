@@ -111,39 +111,14 @@ def _meta(run_dir: str, cfg, args, metric: str) -> dict:
     }
 
 
-def generate(
-    model,
-    cfg,
-    labels: torch.Tensor,
-    *,
-    steps: int,
-    method: str = "ddim",
-    noise=None,
-    generator=None,
-    cfg_scale: float = 1.0,
-) -> torch.Tensor:
-    """Samples in [-1, 1]; DDIM with eta = 0 is deterministic given the noise."""
-    shape = (len(labels), model.in_channels, model.input_size, model.input_size)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator)
-    labels = common.model_labels(model, labels)
-    if cfg_scale > 1.0:
-        from ditscale.diffusion import diffusion_kwargs, sample
+def generate(model, cfg, labels: torch.Tensor, *, steps: int, method: str = "ddim", noise=None, generator=None,
+             cfg_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Samples in [-1, 1] through the one sampling path (ditscale.train.sampling.draw)."""
+    from ditscale.train.sampling import draw
 
-        out = sample(
-            model, labels, steps=steps, method=method, cfg_scale=cfg_scale, generator=generator, noise=noise,
-            **diffusion_kwargs(cfg),
-        )  # fmt: skip
-        return out.float().cpu().clamp(-1, 1)
-    device = common.device_of(model)
-    diffusion = common.make_diffusion(cfg, steps)
-    kw = {"noise": noise.to(device), "model_kwargs": {"y": labels.to(device)}, "device": device, "progress": False}
-    with torch.no_grad():
-        if method == "ddim":
-            out = diffusion.ddim_sample_loop(model, shape, eta=0.0, **kw)
-        else:
-            out = diffusion.p_sample_loop(model, shape, generator=generator, **kw)
-    return out.float().cpu().clamp(-1, 1)
+    return draw(
+        model, cfg, labels, steps=steps, method=method, noise=noise, generator=generator, cfg_scale=cfg_scale
+    ).clamp(-1, 1)
 
 
 def _timed(fn):

@@ -17,26 +17,41 @@ def draw(
     cfg: Config,
     labels: torch.Tensor,
     *,
-    seed: int = 0,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     steps: int | None = None,
+    method: str = "ddpm",
     cfg_scale: float | None = None,
 ) -> torch.Tensor:
-    """DDPM samples (len(labels), C, H, W), deterministic for a seed. The global RNG state is left as it was, so
-    sampling during training never changes the training trajectory."""
+    """Samples (len(labels), C, H, W) as the run `cfg` was trained (its diffusion settings), float32 on the CPU, in
+    [-1, 1] for pixels. The one sampling path: training's sample grids, `ditscale sample` and every evaluation.
+
+    Deterministic for a seed (or a given generator and noise); DDIM with eta 0 is deterministic given the noise.
+    The global RNG state is left as it was, so sampling during training never changes the training trajectory.
+    Labels outside the model's classes are clamped (an unconditional, 1-class model gets its one class).
+    """
     from ditscale.diffusion import diffusion_kwargs, sample
 
+    n = max(int(getattr(model, "num_classes", 1) or 1), 1)
+    labels = torch.as_tensor(labels, dtype=torch.long).clamp(0, n - 1)
     device = next(model.parameters()).device
     forks = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forks):
-        return sample(
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        out = sample(
             model,
             labels,
             steps=min(steps or cfg.diffusion.sample_steps, cfg.diffusion.num_timesteps),
+            method=method,
             cfg_scale=cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
+            noise=noise,
             clip_denoised=cfg.data.kind == "pixels",
             **diffusion_kwargs(cfg),
         )
+    return out.float().cpu()
 
 
 class SampleGrids:
