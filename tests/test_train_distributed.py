@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests import trainers as T
@@ -100,6 +101,17 @@ def test_zero3(tmp_path, config_file, reference):
     assert cfg.train.zero_stage == 3 and not model.training
     _, raw, tag = load_state_for_eval(str(run_dir), ema=False)
     assert tag == "step_00000004" and set(raw) == set(model.state_dict())
+    # DeepSpeed's own tool, where DeepSpeed users look for it, gives what `ditscale export --raw` gives
+    script = run_dir / "checkpoints" / "zero_to_fp32.py"
+    tool = subprocess.run([sys.executable, str(script), str(run_dir / "checkpoints"), str(tmp_path / "fp32")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    export = [sys.executable, "-m", "ditscale", "export", "--run", str(run_dir), "--raw", "--out", str(tmp_path / "r")]
+    assert subprocess.run(export, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    theirs = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=True)
+    ours = torch.load(tmp_path / "r.pt", weights_only=True)
+    ours.pop("ditscale_windows", None)  # ditscale's marker of a windowed model (not a weight)
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 def test_sigterm_checkpoints_and_resumes_with_metrics_endpoint(tmp_path, config_file, reference):
