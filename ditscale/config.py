@@ -144,7 +144,8 @@ class LogSection(_Section):
     # (the Slurm launcher sets it to <log dir>/targets); "" = off.
     file_sd: str = ""
     # Where each record goes besides the console (a progress bar on a terminal, else a plain line per record).
-    loggers: list[Literal["prometheus", "jsonl"]] = ["prometheus", "jsonl"]
+    loggers: list[Literal["prometheus", "jsonl", "tensorboard", "wandb"]] = ["prometheus", "jsonl"]
+    wandb_project: str = "ditscale"  # the W&B project when "wandb" is among log.loggers
     # Address the metrics server binds: 0.0.0.0 (every IPv4 interface: what Prometheus on another host needs),
     # 127.0.0.1 (this machine only), a node's interface address, or :: (IPv6 and IPv4).
     metrics_addr: str = Field("0.0.0.0", min_length=1)

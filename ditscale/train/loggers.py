@@ -3,9 +3,12 @@
 `TrainLog` is the trainer's part. Every step it updates host-side counters (Prometheus step, samples, step time,
 data wait) and adds the step's loss to a device-side sum; only every `log.every` steps (and at the end or on a
 stop) does it read device values back (the one host sync of the step, all-reduced over ranks) and write a record
-to each logger. A logger is anything with `log(step, record)`, `image(step, tag, path)` and `close()`:
+to each logger. A logger is anything with `log(step, record)`, `image(step, tag, path)` and `close()` (and
+`sync()` when it has files to upload with each checkpoint); `log.loggers` chooses them:
 - "jsonl": metrics.jsonl in the run dir (rank 0; a resume drops the lines after its checkpoint);
 - "prometheus": /metrics on every rank (ditscale.observability.Metrics);
+- "tensorboard": event files in <run dir>/tensorboard (rank 0; extra `ditscale[tensorboard]`);
+- "wandb": a W&B run, online or WANDB_MODE=offline (rank 0; extra `ditscale[wandb]`);
 - the console: a tqdm bar when log.progress is on and stderr is a terminal, else one plain line per record
   (greppable: `step 40/300 loss 0.1234 img/s 512.3 lr 1.00e-03 grad_norm 0.41 data_wait 3.2% eta 0:01:05`).
 """
@@ -133,14 +136,93 @@ def format_line(r: dict, total: int) -> str:
     )
 
 
+SCALARS = ("loss", "images_per_second", "step_time", "data_wait_share", "lr", "grad_norm")
+
+
+def _require(module: str, extra: str):
+    import importlib
+
+    from ditscale.errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(
+            f"log.loggers includes {extra!r} but {module} is not installed: pip install 'ditscale[{extra}]' ({e})"
+        ) from None
+
+
+class TensorBoardLogger:
+    """TensorBoard event files in <run dir>/tensorboard (scalars under train/, sample grids as images). A resumed
+    run purges the events after its checkpoint, so the curves have no repeated steps."""
+
+    def __init__(self, rundir, start_step: int):
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.rundir, self.rel = rundir, "tensorboard"
+        self.writer = SummaryWriter(str(rundir.local / self.rel), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, record: dict) -> None:
+        for k in SCALARS:
+            if record.get(k) is not None:
+                self.writer.add_scalar(f"train/{k}", record[k], step)
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if self.rundir.remote:
+            self.rundir.upload_tree(self.rundir.local / self.rel, self.rel)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.rundir.remote:
+            self.rundir.upload_tree(self.rundir.local / self.rel, self.rel)
+
+
+class WandbLogger:
+    """Weights & Biases: one W&B run per ditscale run (its id derives from run.dir, so a resumed run continues
+    it). Works offline (WANDB_MODE=offline: files under <run dir>/wandb, `wandb sync` them later)."""
+
+    def __init__(self, cfg, rundir):
+        import hashlib
+
+        self.wandb = _require("wandb", "wandb")
+        rundir.local.mkdir(parents=True, exist_ok=True)
+        self.run = self.wandb.init(
+            project=cfg.log.wandb_project, name=cfg.run.name, id=hashlib.sha1(rundir.url.encode()).hexdigest()[:16],
+            resume="allow", dir=str(rundir.local), config=cfg.model_dump(mode="json"),
+        )  # fmt: skip
+
+    def log(self, step: int, record: dict) -> None:
+        self.run.log({f"train/{k}": record[k] for k in SCALARS if record.get(k) is not None}, step=step)
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        self.run.log({tag: self.wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list:
-    """The loggers of `log.loggers` for this rank (jsonl and the console on rank 0 only)."""
+    """The loggers of `log.loggers` for this rank (all but Prometheus on rank 0 only), then the console."""
     out: list = []
     for name in cfg.log.loggers:
         if name == "prometheus" and metrics is not None:
             out.append(PrometheusLogger(metrics))
-        elif name == "jsonl" and denv.is_main:
+        elif not denv.is_main:
+            continue
+        elif name == "jsonl":
             out.append(JsonlLogger(rundir, start_step))
+        elif name == "tensorboard":
+            out.append(TensorBoardLogger(rundir, start_step))
+        elif name == "wandb":
+            out.append(WandbLogger(cfg, rundir))
     if denv.is_main:
         out.append(ConsoleLogger(cfg.train.steps, start_step, cfg.log.progress))
     return out
