@@ -33,7 +33,7 @@ import torch
 
 from ditscale.errors import CheckpointError
 from ditscale.model.attention import attention
-from ditscale.model.export import model_spec
+from ditscale.model.spec import model_spec
 
 WINDOWS_CONFIG_KEY = "ditscale_windows"
 PRIVATE_CONFIG_KEY = "_ditscale"

@@ -9,7 +9,8 @@ from ditscale.model.attention import (
 )
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
 from ditscale.model.dit import DiT, DiT_models, create_model
-from ditscale.model.export import load_exported, model_spec, save_export, save_model
+from ditscale.model.export import load_exported, save_export, save_model
+from ditscale.model.spec import model_spec
 from ditscale.model.windows import (
     PRESETS,
     GlobalWindowWarning,

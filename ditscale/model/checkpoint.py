@@ -9,6 +9,10 @@ import torch
 
 from ditscale.errors import CheckpointError
 
+# The state-dict entry a windowed export carries (the block windows, 0 = global): a strict load into a model with
+# other windows, the reference DiT included, fails instead of silently computing another model.
+WINDOWS_KEY = "ditscale_windows"
+
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -89,7 +93,6 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
 
 def _check_windows_marker(model, sd: dict, source: str) -> dict:
     """A windowed export carries `ditscale_windows` (ditscale.model.export): the model must have those windows."""
-    from ditscale.model.export import WINDOWS_KEY
     from ditscale.model.windows import format_windows
 
     if WINDOWS_KEY not in sd:

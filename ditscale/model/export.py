@@ -26,37 +26,9 @@ from typing import Any
 import torch
 
 from ditscale.errors import CheckpointError
-from ditscale.model.windows import format_windows, parse_windows
-
-FORMAT = "ditscale-dit"
-VERSION = 1
-WINDOWS_KEY = "ditscale_windows"
-_ARCH = ("depth", "hidden_size", "patch_size", "num_heads", "mlp_ratio", "input_size", "in_channels", "num_classes",
-         "learn_sigma", "class_dropout_prob")  # fmt: skip
-
-
-def model_spec(model, variant: str | None = None) -> dict[str, Any]:
-    """The typed description of a DiT that rebuilds it (works on a model on the meta device too)."""
-    hidden = int(model.pos_embed.shape[-1])
-    windows = list(model.windows)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "variant": variant,
-        "depth": int(model.depth),
-        "hidden_size": hidden,
-        "patch_size": int(model.patch_size),
-        "num_heads": int(model.num_heads),
-        "mlp_ratio": model.blocks[0].mlp.fc1.out_features / hidden,
-        "input_size": int(model.input_size),
-        "in_channels": int(model.in_channels),
-        "num_classes": int(model.num_classes),
-        "learn_sigma": bool(model.learn_sigma),
-        "class_dropout_prob": float(model.y_embedder.dropout_prob),
-        "windows": format_windows(windows),
-        "block_windows": windows,
-        "reference_compatible": all(w is None for w in windows),
-    }
+from ditscale.model.checkpoint import WINDOWS_KEY
+from ditscale.model.spec import ARCH_KEYS, FORMAT, model_spec
+from ditscale.model.windows import parse_windows
 
 
 def windows_tensor(windows) -> torch.Tensor:
@@ -194,7 +166,7 @@ def load_exported(path: str | os.PathLike, *, attention_backend: str = "auto"):
     from ditscale.model.dit import DiT
 
     state, meta = read_export(p)
-    missing = [k for k in _ARCH if k not in meta]
+    missing = [k for k in ARCH_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: the model description lacks {missing}")
     windows = meta.get("block_windows")
