@@ -65,13 +65,9 @@ def test_report_errors(tmp_path):
 
 
 def test_study_plan_is_disjoint_and_consistent():
-    import argparse
+    from ditscale.eval.study import StudyOptions, plan
 
-    from ditscale.eval.study import add_study_arguments, plan
-
-    p = argparse.ArgumentParser()
-    add_study_arguments(p)
-    runs, pairs, data = plan(p.parse_args(["--out", "x"]))
+    runs, pairs, data = plan(StudyOptions(out="x"))
     ids = [r["id"] for r in runs]
     assert len(ids) == len(set(ids)) == 7
     assert pairs == [("global-n10-a", "global-n10-b"), ("global-n750-a", "global-n750-b")]

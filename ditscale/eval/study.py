@@ -12,12 +12,12 @@ evaluated (psnr-gap, locality, jacobian, fid with pixel features; pair for the d
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -25,37 +25,32 @@ import yaml
 log = logging.getLogger("ditscale.eval.study")
 
 
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/study", help="directory for data, runs and the report")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
-    p.add_argument("--small-steps", type=int, default=0, help="training steps of the two N=--small runs (0: --steps)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--variant", default="DiT-T/1")
-    p.add_argument("--small", type=int, default=10, help="the memorising training-set size")
-    p.add_argument("--large", type=int, default=750, help="size of each disjoint subset of the generalising pair")
-    p.add_argument("--mid", type=int, default=100, help="the intermediate N of the window comparison")
-    p.add_argument("--local", default="3x2@head", help="window spec of the local model (one entry per block)")
-    p.add_argument("--shuffles", type=int, default=1, help="data shuffles per configuration at --mid")
-    p.add_argument(
-        "--full", action=argparse.BooleanOptionalAction, default=True, help="also train on all 1,500 training images"
-    )
-    p.add_argument("--k", type=int, default=150, help="images per split for the PSNR gap")
-    p.add_argument("--points", type=int, default=25, help="timesteps for the PSNR gap")
-    p.add_argument("--samples", type=int, default=100, help="samples for the pair test and pixel FID")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for the pair test and FID samples")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="evaluate the EMA weights (default: the raw weights; an EMA of decay 0.999 over 1,000 steps still "
-        "carries ~37%% of the initial weights)",
-    )
-    p.add_argument("--only", default=None, help="comma-separated run ids: train (and evaluate) only these")
-    p.add_argument("--train-only", action="store_true", help="train, do not evaluate")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+@dataclass
+class StudyOptions:
+    """The study's settings (the command line: python -m ditscale eval study --help)."""
+
+    out: str = "runs/study"  # data, runs and the report
+    steps: int = 1000  # training steps per run
+    small_steps: int = 0  # training steps of the two N=small runs (0: steps)
+    batch: int = 32
+    lr: float = 1e-3
+    variant: str = "DiT-T/1"
+    small: int = 10  # the memorising training-set size
+    large: int = 750  # size of each disjoint subset of the generalising pair
+    mid: int = 100  # the intermediate N of the window comparison
+    local: str = "3x2@head"  # window spec of the local model
+    shuffles: int = 1  # data shuffles per configuration at mid
+    full: bool = True  # also train on all 1,500 training images
+    k: int = 150  # images per split for the PSNR gap
+    points: int = 25  # timesteps for the PSNR gap
+    samples: int = 100  # samples for the pair test and pixel FID
+    sample_steps: int = 25  # DDIM steps for the pair test and FID samples
+    threads: int = 1
+    ema_decay: float = 0.999
+    ema: bool = False  # evaluate the EMA weights (default: the raw weights)
+    only: str | None = None  # comma-separated run ids: train (and evaluate) only these
+    train_only: bool = False
+    dry_run: bool = False
 
 
 def _config(args, name: str, run_dir: Path, train: str, test: str, windows: str, seed: int, steps: int = 0) -> dict:
@@ -161,16 +156,7 @@ def _train(run: dict, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def _eval(argv: list[str]) -> dict:
-    from ditscale.eval.command import RUNNERS, add_arguments
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return RUNNERS[args.metric](args)
-
-
-def run_study(args) -> int:
+def run_study(args: StudyOptions) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -196,41 +182,29 @@ def run_study(args) -> int:
         log.info("trained %s in %.0fs", r["id"], took)
     if args.train_only:
         return 0
-    ema = ["--ema"] if args.ema else ["--no-ema"]
+    from ditscale.eval import evaluate as E
+
+    ema = args.ema
     for r in runs:
-        ev = Path(r["dir"]) / "eval"
+        ev, run = Path(r["dir"]) / "eval", r["dir"]
         t0 = time.perf_counter()
-        todo = [
-            ("psnr_gap", ["psnr-gap", "--run", r["dir"], "--k", str(args.k), "--points", str(args.points)]),
-            ("locality", ["locality", "--run", r["dir"], "--images", "64"]),
-            ("jacobian", ["jacobian", "--run", r["dir"], "--sigma", "0.3"]),
-            (
-                "fid_pixels",
-                [
-                    "fid",
-                    "--run",
-                    r["dir"],
-                    "--features",
-                    "pixels",
-                    "--samples",
-                    str(args.samples),
-                    "--steps",
-                    str(args.sample_steps),
-                    "--ref",
-                    data["full"],
-                    "--cache",
-                    str(out / "cache"),
-                ],
-            ),
-        ]
-        for name, argv in todo:
+        todo = {
+            "psnr_gap": lambda run=run: E.psnr_gap(run, k=args.k, points=args.points, ema=ema),
+            "locality": lambda run=run: E.locality(run, images=64, ema=ema),
+            "jacobian": lambda run=run: E.jacobian(run, sigma=0.3, ema=ema),
+            "fid_pixels": lambda run=run: E.fid(
+                run, features="pixels", samples=args.samples, steps=args.sample_steps, ref=data["full"],
+                cache=str(out / "cache"), ema=ema,
+            ),  # fmt: skip
+        }
+        for name, evaluate in todo.items():
             if not (ev / f"{name}.json").is_file():
-                _eval(argv + ema)
+                evaluate()
         timings.setdefault(r["id"], {})["eval_s"] = round(time.perf_counter() - t0, 1)
     for a, b in pairs:
         da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
-            _eval(["pair", "--runs", da, db, "--samples", str(args.samples), "--steps", str(args.sample_steps)] + ema)
+            E.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
     from ditscale.eval import report
 
     found, _ = report.discover(str(out / "runs"))

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ditscale.train.export", "write a run's EMA weights as a reference-compatible DiT state dict"),
     "sample": ("ditscale.train.sample_command", "draw a grid of samples from a run's checkpoint"),
     "data": ("ditscale.data.command", "build shards and study subsets (same as shards/build.py, shards/subset.py)"),
-    "eval": ("ditscale.eval.command", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
+    "eval": ("ditscale.cli.eval", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
     "report": ("ditscale.eval.report", "the study's tables and plots for a grid of runs"),
     "grid": ("ditscale.grid_command", "expand a grid file and show its runs"),
     "bench": ("ditscale.bench", "benchmarks: attention, data, train"),
