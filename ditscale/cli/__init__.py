@@ -16,10 +16,10 @@ from ditscale.errors import DitscaleError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("ditscale.train.command", "train a DiT (alone, under torchrun, deepspeed or srun)"),
-    "export": ("ditscale.train.export", "write a run's EMA weights as a reference-compatible DiT state dict"),
-    "sample": ("ditscale.train.sample_command", "draw a grid of samples from a run's checkpoint"),
-    "data": ("ditscale.data.command", "build shards and study subsets (same as shards/build.py, shards/subset.py)"),
+    "train": ("ditscale.cli.train", "train a DiT (alone, under torchrun, deepspeed or srun)"),
+    "export": ("ditscale.cli.export", "a run's weights for use elsewhere: DiT state dict + description, or diffusers"),
+    "sample": ("ditscale.cli.sample", "draw a grid of samples from a run's checkpoint"),
+    "data": ("ditscale.cli.data", "build shards and study subsets (same as shards/build.py, shards/subset.py)"),
     "eval": ("ditscale.cli.eval", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
     "report": ("ditscale.eval.report", "the study's tables and plots for a grid of runs"),
     "grid": ("ditscale.grid_command", "expand a grid file and show its runs"),

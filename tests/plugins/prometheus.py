@@ -321,7 +321,7 @@ def monitored_training(prometheus_server, tmp_path_factory, repo_root, digits8_d
     """The Job's command (read out of k8s/30-job.yaml, env substituted, 1 node x 2 processes, master 127.0.0.1)
     runs a tiny 2-rank training on digits shards while the real Prometheus scrapes both ranks' /metrics."""
     try:
-        import ditscale.train.command  # noqa: F401
+        import ditscale.cli.train  # noqa: F401
         from ditscale.model import DiT_models  # noqa: F401
     except ImportError as e:
         pytest.skip(f"the trainer or the data package is not importable yet: {e}")
