@@ -89,12 +89,17 @@ def test_training_run_is_scraped_with_rank_labels(monitored_training):
     for s in loss:
         assert float(s["value"][1]) > 0, s
         assert {"run", "variant", "windows", "data_size", "rank"} <= set(s["metric"]), s["metric"]
+    # rates over [5m] at the time the run was last seen alive: on a loaded machine the run may have ended longer
+    # than 5 minutes before this test gets to ask
+    at = monitored_training.alive_at
+    assert at is not None, monitored_training.output[-4000:]
     throughput = prom.wait_for(
         f'sum by (rank) (rate(ditscale_samples_total{{run="{run}"}}[5m]))',
         lambda r: {s["metric"].get("rank") for s in r} >= {"0", "1"} and all(float(s["value"][1]) > 0 for s in r),
+        time_s=at,
     )
     assert len(throughput) == 2
-    total = prom.query(f'sum(rate(ditscale_samples_total{{run="{run}"}}[5m]))')
+    total = prom.query(f'sum(rate(ditscale_samples_total{{run="{run}"}}[5m]))', time_s=at)
     assert total and float(total[0]["value"][1]) > 0
     if os.environ.get("DITSCALE_TEST_VERBOSE"):
         print(loss, throughput)

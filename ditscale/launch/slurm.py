@@ -21,7 +21,7 @@ from typing import Any
 from ditscale import results
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
-from ditscale.io.rundir import RunDir
+from ditscale.io.rundir import PENDING, STARTED, RunDir
 from ditscale.launch.common import Plan
 
 log = logging.getLogger("ditscale.launch")
@@ -265,7 +265,7 @@ def status(plan: Plan, opts: SlurmOptions) -> str:
     rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir))
     jobs = load_jobs(opts.log_dir)
     for row in rows:
-        if row["scheduler"].startswith("ended") and row["state"] in (results.PENDING, results.STARTED):
+        if row["scheduler"].startswith("ended") and row["state"] in (PENDING, STARTED):
             row["state"] = "failed"
             jid = jobs[row["run"]]["job_id"]
             row["checkpoint"] = f"see {opts.log_dir}/{jid}/{jid}_0_log.err"
