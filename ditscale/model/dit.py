@@ -224,7 +224,8 @@ class DiT(nn.Module):
         self.depth = depth
         self.num_classes = num_classes
         self.attention_backend = attention_backend
-        self.validate_inputs = True  # check_inputs in forward (a label range check syncs a CUDA device)
+        self.validate_inputs = True  # check_inputs in every forward (shapes always; labels see check_inputs)
+        self._labels_checked = False
         self.windows: list[int | None] = parse_windows(windows, depth)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
@@ -306,7 +307,12 @@ class DiT(nn.Module):
         return imgs
 
     def check_inputs(self, x, t, y):
-        """Raise ModelInputError naming what was expected and what was given (never a silent broadcast)."""
+        """Raise ModelInputError naming what was expected and what was given (never a silent broadcast).
+
+        Shapes and dtypes are checked on the host in every call (no sync; under torch.compile they are guards). The
+        label range is checked exactly on CPU and in the first call on an accelerator (one sync); after that, and
+        under torch.compile, by a device-side assert that stops the step with the same message (no host sync).
+        """
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ModelInputError(
@@ -320,17 +326,22 @@ class DiT(nn.Module):
             raise ModelInputError(f"DiT labels y: expected shape ({batch},), got {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ModelInputError(f"DiT labels y: expected an integer tensor, got dtype {y.dtype}")
-        if batch and not y.device.type == "meta":
-            lo, hi = int(y.min()), int(y.max())
-            # num_classes itself is the classifier-free-guidance null class (present when class_dropout_prob > 0)
-            top = self.y_embedder.embedding_table.num_embeddings - 1
-            if lo < 0 or hi > top:
-                bad = lo if lo < 0 else hi
-                raise ModelInputError(
-                    f"DiT labels y: expected class indices in [0, {self.num_classes - 1}]"
-                    + (f" (or {self.num_classes}, the null class)" if top == self.num_classes else "")
-                    + f", got {bad}"
-                )
+        if not batch or y.device.type == "meta":
+            return
+        # num_classes itself is the classifier-free-guidance null class (present when class_dropout_prob > 0)
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        msg = f"DiT labels y: expected class indices in [0, {self.num_classes - 1}]" + (
+            f" (or {self.num_classes}, the null class)" if top == self.num_classes else ""
+        )
+        if torch.compiler.is_compiling() or (y.device.type != "cpu" and self._labels_checked):
+            # No host sync (a GPU would wait for the step's queue in every forward) and no graph break: a device-side
+            # assert with the same message. On CPU, or once on an accelerator, the exact check below names the label.
+            torch._assert_async(((y >= 0) & (y <= top)).all(), msg)
+            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi > top:
+            raise ModelInputError(f"{msg}, got {lo if lo < 0 else hi}")
+        self._labels_checked = True
 
     def forward(self, x, t, y):
         """
