@@ -75,6 +75,7 @@ _TILE_EFFICIENCY = {4: 1.6, 6: 1.5, 8: 1.0, 12: 0.85, 16: 0.7}
 _DENSE_EFFICIENCY = 0.42
 _TILE_OVERHEAD = 6000
 MEASURE_MIN_TOKENS = 256  # smaller grids: the cost model alone (dense masked SDPA almost always; deterministic)
+MEASURE_MAX_BATCH = 8  # the tiles are timed at the caller's batch, up to this
 
 
 def estimate_cost(h: int, w: int, k: int, t: int) -> float:
@@ -102,13 +103,15 @@ def estimate_tile(h: int, w: int, k: int) -> int:
 @torch.compiler.assume_constant_result  # torch.compile runs it at trace time (a constant in the graph, no break)
 def choose_tile(
     h: int, w: int, k: int, heads: int | None = None, head_dim: int | None = None,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
 ) -> int:  # fmt: skip
     """The tile side t for a k x k window on an h x w grid, or 0 for dense masked attention.
 
-    Timed once per (grid, k, heads, head dim, dtype, device) on random data (forward + backward of every candidate,
-    see ditscale.model.autotune) and cached in memory and on disk; the cost model alone without heads/head_dim,
-    for grids under MEASURE_MIN_TOKENS tokens, or with DITSCALE_HALO_TILE=model. DITSCALE_HALO_TILE=T forces T.
+    Timed once per (grid, k, heads, head dim, dtype, device) on random data: forward + backward of every candidate
+    at the batch of the call that asks first, up to MEASURE_MAX_BATCH (the halo copies outgrow the caches as the
+    batch grows, which can change the winner); see ditscale.model.autotune. Cached in memory and on disk. The cost
+    model alone without heads/head_dim, for grids under MEASURE_MIN_TOKENS tokens, or with
+    DITSCALE_HALO_TILE=model; DITSCALE_HALO_TILE=T forces T.
     """
     mode = os.environ.get("DITSCALE_HALO_TILE", "auto").strip().lower()
     if mode not in ("", "auto", "model"):
@@ -126,8 +129,9 @@ def choose_tile(
     def make_run(t: int):
         # a private generator: timing must not move the global RNG (exact resume, reproducible runs)
         gen = torch.Generator(device=device).manual_seed(0)
-        qkv = torch.randn(1, h * w, 3, heads, head_dim, generator=gen, device=device, dtype=dtype).requires_grad_()
-        grad = torch.randn(1, h * w, heads, head_dim, generator=gen, device=device, dtype=dtype)
+        b = max(1, min(batch, MEASURE_MAX_BATCH))
+        qkv = torch.randn(b, h * w, 3, heads, head_dim, generator=gen, device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(b, h * w, heads, head_dim, generator=gen, device=device, dtype=dtype)
 
         def run():
             halo_qkv_attention(qkv, (h, w), k, tile=t).backward(grad)
@@ -135,7 +139,8 @@ def choose_tile(
 
         return run
 
-    return autotune.choose(key, cands, make_run, lambda t: estimate_cost(h, w, k, t), device)
+    prior = lambda t: estimate_cost(h, w, k, t)  # noqa: E731
+    return autotune.choose(key, cands, make_run, prior, device, {"batch": max(1, min(batch, MEASURE_MAX_BATCH))})
 
 
 @lru_cache(maxsize=64)
@@ -294,7 +299,10 @@ def halo_qkv_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int, ti
     if (window - 1) // 2 >= max(hh, ww) - 1:  # the window covers the whole grid from every position: global
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    t = choose_tile(hh, ww, window, qkv.shape[3], qkv.shape[4], qkv.dtype, qkv.device) if tile is None else tile
+    if tile is None:
+        b = qkv.shape[0] if isinstance(qkv.shape[0], int) else 1  # (symbolic under torch.compile's dynamic shapes)
+        tile = choose_tile(hh, ww, window, qkv.shape[3], qkv.shape[4], qkv.dtype, qkv.device, b)
+    t = tile
     if t == 0:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return sdpa_mask_attention(q, k, v, grid, window).transpose(1, 2)

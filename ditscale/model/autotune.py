@@ -32,6 +32,7 @@ DROP = 3.0  # after the first timed round, candidates slower than 3x the fastest
 LOADED = 1.5  # a CPU choice measured while the load average exceeds 1.5 x the cores is not written to disk
 
 _CHOICES: dict[str, int] = {}  # this process's choices
+_REFRESH = False  # measure again, ignoring (and then replacing) what the disk cache holds
 _TIMINGS: dict[str, dict[int, float]] = {}  # ms per candidate, for the ones measured or read from disk
 
 
@@ -70,10 +71,12 @@ def timings(key: str) -> dict[int, float] | None:
     return _TIMINGS.get(key)
 
 
-def forget() -> None:
-    """Drop this process's choices (tests, benchmarks that re-measure)."""
+def forget(refresh: bool = False) -> None:
+    """Drop this process's choices (tests, benchmarks); with refresh, also measure again what the disk holds."""
+    global _REFRESH
     _CHOICES.clear()
     _TIMINGS.clear()
+    _REFRESH = refresh
 
 
 def choose(
@@ -82,13 +85,15 @@ def choose(
     make_run: Callable[[int], Callable[[], None]],
     prior: Callable[[int], float],
     device: torch.device,
+    note: dict | None = None,
 ) -> int:
-    """The fastest candidate for `key`: from memory, else from the disk cache, else timed now (and stored)."""
+    """The fastest candidate for `key`: from memory, else from the disk cache, else timed now (and stored, with
+    `note`: how it was measured)."""
     if key in _CHOICES:
         return _CHOICES[key]
     path = cache_path()
     with _locked(path):
-        entry = _read(path).get(key)
+        entry = None if _REFRESH else _read(path).get(key)
         if entry is not None and entry.get("choice") in candidates:
             choice = int(entry["choice"])
             _TIMINGS[key] = {int(c): float(ms) for c, ms in entry.get("ms", {}).items()}
@@ -98,7 +103,7 @@ def choose(
             choice = pick(ms, prior)
             _TIMINGS[key] = ms
             if load is None or load <= LOADED * (os.cpu_count() or 1):  # an oversubscribed CPU: this process only
-                entry = {"choice": choice, "ms": {str(c): round(t, 4) for c, t in ms.items()}}
+                entry = {"choice": choice, "ms": {str(c): round(t, 4) for c, t in ms.items()}, **(note or {})}
                 _write(path, key, entry if load is None else {**entry, "load": round(load, 2)})
     _CHOICES[key] = choice
     return choice
@@ -117,11 +122,14 @@ def measure(
     device: torch.device,
     prior: Callable[[int], float] | None = None,
 ) -> dict[int, float]:
-    """Milliseconds per candidate: one warm-up round, then ROUNDS interleaved rounds (so that load from other
-    processes hits every candidate alike); the fastest round counts. Runs with autocast off, gradients on, outside
-    inference mode, whatever the caller's context."""
+    """Milliseconds per candidate (CPU time of all threads on a CPU): one warm-up round, then ROUNDS interleaved
+    rounds (so that load from other processes hits every candidate alike); the fastest round counts. Runs with
+    autocast off, gradients on, outside inference mode, whatever the caller's context."""
     order = sorted(candidates, key=lambda c: (prior(c), c)) if prior else list(candidates)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    # CPU: the process's CPU time (all threads), which other processes on shared cores hardly disturb, unlike the
+    # wall clock; a GPU: the wall clock between synchronisations.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     best: dict[int, float] = {}
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         runs = {c: make_run(c) for c in order}
@@ -131,10 +139,10 @@ def measure(
         for rnd in range(ROUNDS):
             for c in live:
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 runs[c]()
                 sync(device)
-                best[c] = min(best.get(c, float("inf")), (time.perf_counter() - t0) * 1e3)
+                best[c] = min(best.get(c, float("inf")), (clock() - t0) * 1e3)
             if rnd == 0:
                 fastest = min(best[c] for c in live)
                 live = [c for c in live if best[c] <= DROP * fastest]
