@@ -1,4 +1,4 @@
-"""`python -m ditscale bench {attention,data,train}`: benchmark commands whose figures go to docs/benchmarks.md.
+"""`python -m ditscale bench {attention,data,train,gpu}`: benchmark commands whose figures go to docs/benchmarks.md.
 
 Each benchmark lives beside the code it measures and exposes `add_arguments(parser)` and `run(args)`.
 """
@@ -12,6 +12,7 @@ BENCHES = {
     "attention": ("ditscale.model.bench", "attention backends and whole-model time, windowed vs global"),
     "data": ("ditscale.data.bench", "shard decoding samples/s (local disk and S3) vs a one-file-per-image loader"),
     "train": ("ditscale.train.bench", "training images/s, step time, data-wait share; DeepSpeed vs plain loop"),
+    "gpu": ("ditscale.bench_gpu", "every GPU check in one command: attention, DiT-XL/2 MFU, compile, the trainer"),
 }
 
 
