@@ -70,8 +70,9 @@ _TILE_CANDIDATES = (4, 6, 8, 12, 16)
 # A cost model, used as the prior of the measurement (its order, its tie-break), and alone where nothing is measured
 # (grids under MEASURE_MIN_TOKENS, DITSCALE_HALO_TILE=model): padded tokens x halo keys x a per-tile-size factor
 # (small tiles make small, less efficient matmuls) plus a fixed overhead, against N^2 x a factor for dense masked
-# SDPA. Rough fwd+bwd fits on 2-core Xeons with torch 2.13; the measurement decides where it matters.
-_TILE_EFFICIENCY = {4: 1.6, 6: 1.5, 8: 1.0, 12: 0.85, 16: 0.7}
+# SDPA. Rough fits to fwd+bwd CPU times of this kernel (1024 tokens, k = 3 and 7, batch 1-2, a 2-core Xeon, torch
+# 2.13); the measurement decides where it matters.
+_TILE_EFFICIENCY = {4: 2.2, 6: 1.4, 8: 1.0, 12: 0.7, 16: 0.65}
 _DENSE_EFFICIENCY = 0.42
 _TILE_OVERHEAD = 6000
 MEASURE_MIN_TOKENS = 256  # smaller grids: the cost model alone (dense masked SDPA almost always; deterministic)
