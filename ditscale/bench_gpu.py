@@ -451,6 +451,7 @@ def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, ar
     for mode in ("eager", "compiled"):
         for windows in ("global", local):
             need = 10 if tiny else (30 if mode == "eager" else 90)
+            label = mode
             try:
                 budget.need(need, f"{variant} {windows} {mode}")
                 model = DiT_models[variant](input_size=size, in_channels=chans, num_classes=classes, windows=windows)
@@ -465,13 +466,13 @@ def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, ar
                                   "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
                     model = DiT_models[variant](input_size=size, in_channels=chans, num_classes=classes,
                                                 windows=windows)  # fmt: skip
-                    mode = "compiled (graph breaks)"
+                    label = "compiled (graph breaks)"
                     r = time_model_step(model, batch, device, steps, warmup, (backend, False))
             except OutOfBudget as e:
-                res.row(key, {"model": variant, "windows": windows, "mode": mode, "skipped": str(e)})
+                res.row(key, {"model": variant, "windows": windows, "mode": label, "skipped": str(e)})
                 continue
             except Exception as e:
-                res.row(key, {"model": variant, "windows": windows, "mode": mode,
+                res.row(key, {"model": variant, "windows": windows, "mode": label,
                               "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
                 continue
             finally:
@@ -480,11 +481,11 @@ def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, ar
             with torch.device("meta"):  # the FLOP count needs the architecture, not the weights
                 flops = DiT_models[variant](input_size=size, in_channels=chans, num_classes=classes, windows=windows)
             tflops = flops.flops_per_image() * r["images_per_s"] / 1e12
-            row = {"model": variant, "windows": windows, "mode": mode, "batch": batch, **r, "tflops": tflops}
+            row = {"model": variant, "windows": windows, "mode": label, "batch": batch, **r, "tflops": tflops}
             if peak:
                 row["mfu"] = tflops / peak
             res.row(key, row)
-            found[(windows, mode.split(" ")[0])] = row
+            found[(windows, mode)] = row
     for mode in ("eager", "compiled"):
         g, w = found.get(("global", mode)), found.get((local, mode))
         if g and w:

@@ -65,3 +65,21 @@ def test_tiny_trainer_section(tmp_path):
     assert sec["status"] == "ok", sec
     checks = sec["rows"][-1]
     assert checks["losses_finite"] and checks["resumed_not_restarted"] and checks["last_step"] == 6
+
+
+def test_compiled_falls_back_to_graph_breaks_and_says_so(tmp_path, monkeypatch):
+    def fake_step(model, batch, device, steps, warmup, compiled):
+        if compiled and compiled[1]:
+            raise RuntimeError("graph break in flex")
+        return {"step_ms": 1.0, "images_per_s": 100.0 if compiled else 50.0, "warmup_s": 0.0, "loss": 1.0}
+
+    monkeypatch.setattr(bench_gpu, "time_model_step", fake_step)
+    assert bench_gpu.run(_args(tmp_path, "--only", "d")) == 0
+    rows = _read(tmp_path)["sections"]["d"]["rows"]
+    assert [(r["windows"], r["mode"], "error" in r) for r in rows] == [
+        ("global", "eager", False), ("3,5@head", "eager", False),
+        ("global", "compiled, fullgraph", True), ("global", "compiled (graph breaks)", False),
+        ("3,5@head", "compiled, fullgraph", True), ("3,5@head", "compiled (graph breaks)", False),
+    ]  # fmt: skip
+    assert "graph break in flex" in rows[2]["error"]
+    assert "compiled: 3,5@head / global images/s = 1.00" in " ".join(_read(tmp_path)["sections"]["d"]["summary"])
