@@ -1,4 +1,4 @@
-"""`python -m ditscale bench {attention,data,train,storage}`: benchmark commands whose figures go to docs/benchmarks.md.
+"""`python -m ditscale bench {attention,data,train,storage,gpu}`: benchmarks whose figures go to docs/benchmarks.md.
 
 Each benchmark lives beside the code it measures and exposes `add_arguments(parser)` and `run(args)`.
 """
@@ -13,6 +13,7 @@ BENCHES = {
     "data": ("ditscale.data.bench", "shard decoding samples/s (local disk and S3) vs a one-file-per-image loader"),
     "train": ("ditscale.train.bench", "training images/s, step time, data-wait share; DeepSpeed vs plain loop"),
     "storage": ("ditscale.io.bench", "the trainer's start-up check that every shard exists (listing vs HEADs)"),
+    "gpu": ("ditscale.bench_gpu", "every GPU check in one command: attention, DiT-XL/2 MFU, compile, the trainer"),
 }
 
 

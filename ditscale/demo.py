@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
 
-    from ditscale.train.engine import project_cache
+    from ditscale.cache import project_cache
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(project_cache() / "torch_extensions"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(project_cache() / "inductor"))

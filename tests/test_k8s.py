@@ -443,6 +443,17 @@ def test_rayjob_runs_the_ray_grid_launcher():
         assert str(gpus) == argv[argv.index("--workers-per-run") + 1]
 
 
+def test_image_is_built_on_the_tested_torch():
+    """The image's PyTorch is the release the tests run on (major.minor), a CUDA build, the devel flavour (nvcc for
+    DeepSpeed ops built on first use)."""
+    import torch
+
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda[\d.]+-cudnn\d+-devel$", dockerfile, re.M)
+    assert base, "ARG BASE_IMAGE=pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-devel"
+    assert base.groups() == tuple(torch.__version__.split(".")[:2])
+
+
 def test_image_definition_and_references():
     dockerfile = (K8S / "image" / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile, re.M).group(1)

@@ -340,3 +340,14 @@ def test_forward_with_cfg_grey_images_guides_eps_only():
         raw = model(x, t, y)
     torch.testing.assert_close(out[0, :1], raw[1, :1] + 3.0 * (raw[0, :1] - raw[1, :1]))
     torch.testing.assert_close(out[:, 1:], raw[:, 1:])  # the variance channel is not guided
+
+
+def test_flops_per_image():
+    # DiT-XL/2 on 32x32x4 latents: the DiT paper's 118.6 GFLOPs are multiply-adds, i.e. 237.2 GFLOP forward
+    xl = _meta("DiT-XL/2")
+    assert xl.flops_per_image(backward=False) == pytest.approx(2 * 118.6e9, rel=2e-3)
+    assert xl.flops_per_image() == 3 * xl.flops_per_image(backward=False)
+    # windows count only the keys each query sees (clipped at the border): fewer attention FLOPs, same linear ones
+    g, w = _tiny(windows=None), _tiny(windows=[3, None, None])
+    n, d = 16, 48  # 4x4 tokens; keys per query of a clipped 3x3 window on a 4x4 grid: (10/4)^2
+    assert g.flops_per_image(False) - w.flops_per_image(False) == pytest.approx(2 * 2 * n * (n - 6.25) * d)

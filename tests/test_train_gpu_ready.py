@@ -17,8 +17,10 @@ from tests.needs import skip_or_fail
 from tests.trainers import tiny_config
 
 SYNC_METHODS = ("item", "__int__", "__float__", "__bool__", "tolist", "cpu")
-# Functions whose host reads are guarded by `tensor.device.type == "cpu"`: on a GPU they never run.
-CPU_ONLY = {"_check_t"}
+# Host reads of host tensors: on a GPU these never run per step. The diffusion checks timesteps only when they are on
+# the CPU; DiT.check_inputs names a bad label exactly on the CPU, and on an accelerator once, then with a device-side
+# assert (tests/test_compile.py checks that path: no graph break, no sync).
+CPU_ONLY = {"_check_t", "check_inputs"}
 
 
 @pytest.fixture

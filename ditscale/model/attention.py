@@ -19,6 +19,7 @@ A query at grid position (r, c) attends exactly to the keys (r', c') with |r - r
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from functools import lru_cache
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ditscale.errors import ConfigError
+from ditscale.model import autotune
 
 BACKENDS = ("auto", "sdpa_mask", "flex", "halo")
 
@@ -65,31 +67,81 @@ def sdpa_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
 # --------------------------------------------------------------------------------------------------------------------
 
 _TILE_CANDIDATES = (4, 6, 8, 12, 16)
-# relative per-(query, key) cost of the tiled matmuls by tile side (small tiles make small, less efficient matmuls;
-# large ones make big efficient ones) and of dense masked SDPA; fitted to fwd+bwd timings on a 2-core Xeon with
-# torch 2.13 at 256, 1024 and 4096 tokens (see docs/benchmarks.md)
-_TILE_EFFICIENCY = {4: 2.8, 6: 1.65, 8: 1.0, 12: 0.85, 16: 0.7}
+# A cost model, used as the prior of the measurement (its order, its tie-break), and alone where nothing is measured
+# (grids under MEASURE_MIN_TOKENS, DITSCALE_HALO_TILE=model): padded tokens x halo keys x a per-tile-size factor
+# (small tiles make small, less efficient matmuls) plus a fixed overhead, against N^2 x a factor for dense masked
+# SDPA. Rough fits to fwd+bwd CPU times of this kernel (1024 tokens, k = 3 and 7, batch 1-2, a 2-core Xeon, torch
+# 2.13); the measurement decides where it matters.
+_TILE_EFFICIENCY = {4: 2.2, 6: 1.4, 8: 1.0, 12: 0.7, 16: 0.65}
 _DENSE_EFFICIENCY = 0.42
-_TILE_OVERHEAD = 6000  # fixed cost of the tiled path (layout copies, more kernel launches), same units
+_TILE_OVERHEAD = 6000
+MEASURE_MIN_TOKENS = 256  # smaller grids: the cost model alone (dense masked SDPA almost always; deterministic)
+MEASURE_MAX_BATCH = 8  # the tiles are timed at the caller's batch, up to this
 
 
-def choose_tile(h: int, w: int, k: int) -> int:
-    """The tile side t for a k x k window on an h x w grid, or 0 when dense masked attention is cheaper.
+def estimate_cost(h: int, w: int, k: int, t: int) -> float:
+    """Estimated fwd+bwd cost of tile side t (0: dense masked SDPA) in the cost model's units."""
+    if t == 0:
+        return _DENSE_EFFICIENCY * (h * w) ** 2
+    n_tiles = math.ceil(h / t) * math.ceil(w / t)
+    return n_tiles * t * t * (t + k - 1) ** 2 * _TILE_EFFICIENCY[t] + _TILE_OVERHEAD
 
-    Estimated cost: padded tokens x halo keys x a per-tile-size efficiency factor, against N^2 for dense.
+
+def tile_candidates(h: int, w: int, k: int) -> list[int]:
+    """Tile sides worth timing for a k x k window on an h x w grid; 0 stands for dense masked SDPA, kept where the
+    grid is not much larger than the smallest halo (beyond that dense cannot win, and is slow to time)."""
+    tiles = [t for t in _TILE_CANDIDATES if t <= max(h, w) and math.ceil(h / t) * math.ceil(w / t) >= 2]
+    if not tiles or h * w <= 8 * (tiles[0] + k - 1) ** 2:
+        tiles.insert(0, 0)
+    return tiles
+
+
+def estimate_tile(h: int, w: int, k: int) -> int:
+    """The cost model's tile side for a k x k window on an h x w grid, or 0 when dense masked attention is cheaper."""
+    return min(tile_candidates(h, w, k), key=lambda t: (estimate_cost(h, w, k, t), t))
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it at trace time (a constant in the graph, no break)
+def choose_tile(
+    h: int, w: int, k: int, heads: int | None = None, head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
+) -> int:  # fmt: skip
+    """The tile side t for a k x k window on an h x w grid, or 0 for dense masked attention.
+
+    Timed once per (grid, k, heads, head dim, dtype, device) on random data: forward + backward of every candidate
+    at the batch of the call that asks first, up to MEASURE_MAX_BATCH (the halo copies outgrow the caches as the
+    batch grows, which can change the winner); see ditscale.model.autotune. Cached in memory and on disk. The cost
+    model alone without heads/head_dim, for grids under MEASURE_MIN_TOKENS tokens, or with
+    DITSCALE_HALO_TILE=model; DITSCALE_HALO_TILE=T forces T.
     """
-    r = (k - 1) // 2
-    best_t, best_cost = 0, _DENSE_EFFICIENCY * (h * w) ** 2
-    for t in _TILE_CANDIDATES:
-        if t > max(h, w):
-            continue
-        n_tiles = math.ceil(h / t) * math.ceil(w / t)
-        if n_tiles < 2:
-            continue
-        cost = n_tiles * t * t * (t + 2 * r) ** 2 * _TILE_EFFICIENCY[t] + _TILE_OVERHEAD
-        if cost < best_cost:
-            best_t, best_cost = t, cost
-    return best_t
+    mode = os.environ.get("DITSCALE_HALO_TILE", "auto").strip().lower()
+    if mode not in ("", "auto", "model"):
+        try:
+            return int(mode)
+        except ValueError:
+            raise ConfigError(f"DITSCALE_HALO_TILE={mode!r}: expected auto, model or a tile side (0: dense)") from None
+    cands = tile_candidates(h, w, k)
+    if mode == "model" or heads is None or head_dim is None or h * w < MEASURE_MIN_TOKENS or len(cands) == 1:
+        return estimate_tile(h, w, k)
+    device = torch.device(device)
+    key = autotune.make_key("halo", device, grid=f"{h}x{w}", k=k, heads=heads, d=head_dim,
+                            dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+
+    def make_run(t: int):
+        # a private generator: timing must not move the global RNG (exact resume, reproducible runs)
+        gen = torch.Generator(device=device).manual_seed(0)
+        b = max(1, min(batch, MEASURE_MAX_BATCH))
+        qkv = torch.randn(b, h * w, 3, heads, head_dim, generator=gen, device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(b, h * w, heads, head_dim, generator=gen, device=device, dtype=dtype)
+
+        def run():
+            halo_qkv_attention(qkv, (h, w), k, tile=t).backward(grad)
+            qkv.grad = None
+
+        return run
+
+    prior = lambda t: estimate_cost(h, w, k, t)  # noqa: E731
+    return autotune.choose(key, cands, make_run, prior, device, {"batch": max(1, min(batch, MEASURE_MAX_BATCH))})
 
 
 @lru_cache(maxsize=64)
@@ -117,18 +169,14 @@ def _halo_bias(h: int, w: int, k: int, t: int, device: torch.device, dtype: torc
     return bias.to(device)
 
 
-def _tile(x: torch.Tensor, t: int, n_h: int, n_w: int, scale: float | None = None) -> torch.Tensor:
-    """Grid layout (B, H, W, h, d) (any strides) -> contiguous tiles (B, h, nT, t*t, d), zero-padded, optionally
-    scaled, in one pass when the grid is a multiple of t."""
+def _tile(x: torch.Tensor, t: int, n_h: int, n_w: int) -> torch.Tensor:
+    """Grid layout (B, H, W, h, d) (any strides) -> contiguous tiles (B, h, nT, t*t, d), zero-padded; one copy when
+    the grid is a multiple of t."""
     b, hh, ww, nh, d = x.shape
     if n_h * t != hh or n_w * t != ww:
         x = F.pad(x, (0, 0, 0, 0, 0, n_w * t - ww, 0, n_h * t - hh))
     out = x.new_empty(b, nh, n_h, n_w, t, t, d)
-    src = x.unflatten(2, (n_w, t)).unflatten(1, (n_h, t)).permute(0, 5, 1, 3, 2, 4, 6)
-    if scale is None:
-        out.copy_(src)
-    else:
-        torch.mul(src, scale, out=out)
+    out.copy_(x.unflatten(2, (n_w, t)).unflatten(1, (n_h, t)).permute(0, 5, 1, 3, 2, 4, 6))
     return out.view(b, nh, n_h * n_w, t * t, d)
 
 
@@ -145,48 +193,51 @@ def _untile(xt: torch.Tensor, t: int, n_h: int, n_w: int, out: torch.Tensor) -> 
 
 
 def _halos(kv: torch.Tensor, t: int, r: int, n_h: int, n_w: int) -> torch.Tensor:
-    """k and v in grid layout (B, H, W, 2, h, d) -> contiguous halos (2, B, h, nT, th*th, d), th = t + 2r: the
-    neighbourhood of every tile, zero outside the grid. One pad and one copy for both."""
-    b, hh, ww, two, nh, d = kv.shape
+    """k and v in grid layout (B, H, W, 2, h, d) (any strides) -> contiguous halos (2, B, h, nT, th*th, d),
+    th = t + 2r: the neighbourhood of every tile, zero outside the grid.
+
+    Two copies: into a zero-bordered head-major grid (2, B, h, Hp, Wp, d), where a halo row is th*d contiguous
+    floats, then every tile's halo out of it (long contiguous runs instead of one run of d per key)."""
+    b, hh, ww, _, nh, d = kv.shape
     th = t + 2 * r
-    xp = F.pad(kv, (0, 0, 0, 0, 0, 0, r, n_w * t - ww + r, r, n_h * t - hh + r))
-    view = xp.unfold(1, th, t).unfold(2, th, t)  # (B, n_h, n_w, 2, h, d, th, th)
+    hp, wp = n_h * t + 2 * r, n_w * t + 2 * r
+    grid = kv.new_empty(2, b, nh, hp, wp, d)
+    grid[:, :, :, :r].zero_()
+    grid[:, :, :, r + hh :].zero_()
+    grid[:, :, :, r : r + hh, :r].zero_()
+    grid[:, :, :, r : r + hh, r + ww :].zero_()
+    grid[:, :, :, r : r + hh, r : r + ww].copy_(kv.permute(3, 0, 4, 1, 2, 5))
     out = kv.new_empty(2, b, nh, n_h, n_w, th, th, d)
-    out.copy_(view.permute(3, 0, 4, 1, 2, 6, 7, 5))
+    out.copy_(grid.unfold(3, th, t).unfold(4, th, t).permute(0, 1, 2, 3, 4, 6, 7, 5))
     return out.view(2, b, nh, n_h * n_w, th * th, d)
 
 
 def _fold(g: torch.Tensor, t: int, r: int, n_h: int, n_w: int, out: torch.Tensor) -> torch.Tensor:
     """Adjoint of _halos: halo gradients (2, B, h, nT, th*th, d) -> summed into grid layout `out` (B, H, W, 2, h, d).
 
-    Separable: columns, then rows. Along an axis the halo offsets [0, th) are cut into chunks of t; within a chunk
-    the tiles land on disjoint positions, so each chunk is one strided copy (the first) or add (the others).
+    The halo offsets [0, th) of each axis are cut into chunks of t; for one pair of chunks (rows, columns) the tiles
+    land on disjoint positions of the padded grid, so each pair is one strided copy (the first) or add (the others).
     """
     two, b, nh, _, _, d = g.shape
     hh, ww = out.shape[1], out.shape[2]
     th = t + 2 * r
     nc = -(-th // t)
     g = g.view(two, b, nh, n_h, n_w, th, th, d)
-    cols = g.new_empty(two, b, nh, n_h, th, n_w + nc, t, d)
-    cols[:, :, :, :, :, n_w:].zero_()
-    for j in range(nc):
-        span = min(t, th - j * t)
-        src = g[:, :, :, :, :, :, j * t : j * t + span].permute(0, 1, 2, 3, 5, 4, 6, 7)
-        if j == 0:
-            cols[:, :, :, :, :, :n_w] = src
-        else:
-            cols[:, :, :, :, :, j : j + n_w, :span] += src
-    cols = cols.view(two, b, nh, n_h, th, (n_w + nc) * t, d)
-    rows = g.new_empty(two, b, nh, n_h + nc, t, (n_w + nc) * t, d)
-    rows[:, :, :, n_h:].zero_()
-    for j in range(nc):
-        span = min(t, th - j * t)
-        if j == 0:
-            rows[:, :, :, :n_h] = cols[:, :, :, :, :t]
-        else:
-            rows[:, :, :, j : j + n_h, :span] += cols[:, :, :, :, j * t : j * t + span]
-    rows = rows.view(two, b, nh, (n_h + nc) * t, (n_w + nc) * t, d)
-    out.copy_(rows[:, :, :, r : r + hh, r : r + ww].permute(1, 3, 4, 0, 2, 5))
+    grid = g.new_empty(two, b, nh, n_h + nc, t, n_w + nc, t, d)
+    grid[:, :, :, n_h:].zero_()  # the first chunk pair covers [0, n_h t) x [0, n_w t)
+    grid[:, :, :, :n_h, :, n_w:].zero_()
+    for i in range(nc):
+        si = min(t, th - i * t)
+        for j in range(nc):
+            sj = min(t, th - j * t)
+            src = g[:, :, :, :, :, i * t : i * t + si, j * t : j * t + sj].permute(0, 1, 2, 3, 5, 4, 6, 7)
+            dst = grid[:, :, :, i : i + n_h, :si, j : j + n_w, :sj]
+            if i == 0 and j == 0:
+                dst.copy_(src)
+            else:
+                dst.add_(src)
+    grid = grid.view(two, b, nh, (n_h + nc) * t, (n_w + nc) * t, d)
+    out.copy_(grid[:, :, :, r : r + hh, r : r + ww].permute(1, 3, 4, 0, 2, 5))
     return out
 
 
@@ -204,38 +255,39 @@ class _HaloAttention(torch.autograd.Function):
         hh, ww = grid
         r = (window - 1) // 2
         n_h, n_w = -(-hh // t), -(-ww // t)
-        scale = d**-0.5
-        bias = _halo_bias(hh, ww, window, t, qkv.device, qkv.dtype)
+        z, tt, th2 = b * nh * n_h * n_w, t * t, (t + 2 * r) ** 2  # batched matmuls: z tiles of tt queries, th2 keys
+        # torch.compile traces the mask's construction into the graph (a small fused kernel) rather than the cache
+        make_bias = _halo_bias.__wrapped__ if torch.compiler.is_compiling() else _halo_bias
+        bias = make_bias(hh, ww, window, t, qkv.device, qkv.dtype)  # (nT, tt, th2)
         x = qkv.view(b, hh, ww, 3, nh, d)
-        qt = _tile(x[:, :, :, 0], t, n_h, n_w, scale)
-        kt, vt = _halos(x[:, :, :, 1:], t, r, n_h, n_w).unbind(0)
-        s = torch.matmul(qt, kt.transpose(-1, -2))
-        s.add_(bias)
+        qt = _tile(x[:, :, :, 0], t, n_h, n_w).view(z, tt, d)
+        kt, vt = (a.view(z, th2, d) for a in _halos(x[:, :, :, 1:], t, r, n_h, n_w).unbind(0))
+        s = torch.baddbmm(qt.new_empty(()), qt, kt.transpose(1, 2), beta=0, alpha=d**-0.5)
+        s.view(b * nh, n_h * n_w, tt, th2).add_(bias)
         p = torch.softmax(s, dim=-1)
         del s
-        ot = torch.matmul(p, vt)
+        ot = torch.bmm(p, vt).view(b, nh, n_h * n_w, tt, d)
         ctx.save_for_backward(qt, kt, vt, p)
-        ctx.meta = (hh, ww, r, t, n_h, n_w, scale)
+        ctx.meta = (hh, ww, r, t, n_h, n_w)
         return _untile(ot, t, n_h, n_w, qkv.new_empty(b, hh, ww, nh, d)).view(b, n, nh, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qt, kt, vt, p = ctx.saved_tensors
-        hh, ww, r, t, n_h, n_w, scale = ctx.meta
+        qt, kt, vt, p = ctx.saved_tensors  # (z, tt, d), (z, th2, d), (z, th2, d), (z, tt, th2)
+        hh, ww, r, t, n_h, n_w = ctx.meta
         b, n, nh, d = grad_out.shape
-        got = _tile(grad_out.reshape(b, hh, ww, nh, d), t, n_h, n_w)
-        dkv = kt.new_empty((2,) + kt.shape)
-        torch.matmul(p.transpose(-1, -2), got, out=dkv[1])
-        dp = torch.matmul(got, vt.transpose(-1, -2))
+        got = _tile(grad_out.reshape(b, hh, ww, nh, d), t, n_h, n_w).view(qt.shape)
+        dkv = kt.new_empty((2,) + kt.shape)  # dk, dv: halo gradients, folded back onto the grid below
+        torch.bmm(p.transpose(1, 2), got, out=dkv[1])
+        dp = torch.bmm(got, vt.transpose(1, 2))
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # P * (dP - rowsum(dP * P)), one fused pass
         del dp
-        torch.matmul(ds.transpose(-1, -2), qt, out=dkv[0])  # qt carries the scale already
-        z = ds.shape[0] * ds.shape[1] * ds.shape[2]
-        dqt = torch.baddbmm(ds.new_empty(()), ds.view(z, *ds.shape[-2:]), kt.reshape(z, *kt.shape[-2:]), beta=0,
-                            alpha=scale).view(qt.shape)  # fmt: skip
+        ds.mul_(d**-0.5)  # the scale of q k^T, once for dq and dk
+        torch.bmm(ds.transpose(1, 2), qt, out=dkv[0])
+        dqt = torch.bmm(ds, kt).view(b, nh, n_h * n_w, t * t, d)
         dqkv = grad_out.new_empty(b, hh, ww, 3, nh, d)
         _untile(dqt, t, n_h, n_w, dqkv[:, :, :, 0])
-        _fold(dkv, t, r, n_h, n_w, dqkv[:, :, :, 1:])
+        _fold(dkv.view(2, b, nh, n_h * n_w, -1, d), t, r, n_h, n_w, dqkv[:, :, :, 1:])
         return dqkv.view(b, n, 3, nh, d), None, None, None
 
 
@@ -245,15 +297,16 @@ def halo_qkv_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int, ti
     `tile` overrides the automatic tile size; a window covering the grid runs global SDPA, a grid too small for
     tiles runs the masked dense path."""
     hh, ww = grid
-    r = (window - 1) // 2
-    t = choose_tile(hh, ww, window) if tile is None else tile
-    if r >= max(hh, ww) - 1 or t == 0:
+    if (window - 1) // 2 >= max(hh, ww) - 1:  # the window covers the whole grid from every position: global
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if r >= max(hh, ww) - 1:  # the window covers the whole grid from every position: global attention
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = sdpa_mask_attention(q, k, v, grid, window)
-        return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    if tile is None:
+        b = qkv.shape[0] if isinstance(qkv.shape[0], int) else 1  # (symbolic under torch.compile's dynamic shapes)
+        tile = choose_tile(hh, ww, window, qkv.shape[3], qkv.shape[4], qkv.dtype, qkv.device, b)
+    t = tile
+    if t == 0:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return sdpa_mask_attention(q, k, v, grid, window).transpose(1, 2)
     return _HaloAttention.apply(qkv.contiguous(), (hh, ww), window, t)
 
 
@@ -298,15 +351,19 @@ def flex_attention(q, k, v, grid: tuple[int, int], window: int) -> torch.Tensor:
             f"{torch.__version__}); use 'halo' (or 'auto') for training, 'flex' on CPU only under torch.no_grad()"
         )
     bm = _block_mask(grid[0], grid[1], window, q.device)
+    compiling = torch.compiler.is_compiling()  # inside a compiled model: flex is traced into its graph as it is
     if q.device.type == "cuda":
-        if _COMPILED_FLEX is None:
+        if _COMPILED_FLEX is None and not compiling:
             _COMPILED_FLEX = torch.compile(_flex, dynamic=False)
+        run = _flex if compiling else _COMPILED_FLEX
         d = q.shape[-1]
         if d < 16 or d & (d - 1):  # the Triton kernels want a power-of-two head dim (DiT-XS has 63): zero-pad
             dp = max(16, 1 << (d - 1).bit_length())
             q, k, v = (F.pad(x, (0, dp - d)) for x in (q, k, v))
-            return _COMPILED_FLEX(q, k, v, block_mask=bm, scale=d**-0.5)[..., :d]
-        return _COMPILED_FLEX(q, k, v, block_mask=bm)
+            return run(q, k, v, block_mask=bm, scale=d**-0.5)[..., :d]
+        return run(q, k, v, block_mask=bm)
+    if compiling:
+        return _flex(q, k, v, block_mask=bm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _flex(q, k, v, block_mask=bm)

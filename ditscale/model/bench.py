@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
+import os
 import statistics
 import time
 
 import torch
 
+from ditscale.model import autotune
 from ditscale.model.attention import choose_tile, qkv_attention
 
 
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention table")
     parser.add_argument("--model-repeat", type=int, default=7)
+    parser.add_argument(
+        "--retune", action="store_true", help="measure the halo tile choices again (replacing the on-disk cache)"
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -85,18 +89,31 @@ def _attention_rows(n: int, windows: list[int], args, device: torch.device) -> l
         if device.type == "cuda":
             fns[(w, "flex")] = fwd_bwd(w, "flex")
     repeat = args.repeat if n <= 1024 else max(2, args.repeat // 3)
-    med = _time_round_robin(fns, repeat, device, warmup=2 if n <= 1024 else 1)
+    med = _time_round_robin(fns, repeat, device, warmup=2 if n <= 1024 else 1)  # the warm-up measures the tiles
     dense = med[("global", "sdpa (dense)")]
     rows = []
     for (w, backend), ms in med.items():
         note = ""
         if backend == "halo" and w != "global":
-            t = choose_tile(side, side, w)
-            note = f"tile {t}" if t else "dense fallback"
-            if (w - 1) // 2 >= side - 1:
-                note = "window covers grid: global"
+            note = tile_note(side, w, args.heads, args.head_dim, torch.float32, device, args.batch)
         rows.append((n, w, backend, ms, ms / dense, note))
     return rows
+
+
+def tile_note(
+    side: int, w: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, batch: int
+) -> str:
+    """The halo tile in use for this problem, with the times that chose it (tile: fwd+bwd CPU or GPU ms)."""
+    if (w - 1) // 2 >= side - 1:
+        return "window covers grid: global"
+    t = choose_tile(side, side, w, heads, head_dim, dtype, device, batch)
+    key = autotune.make_key("halo", device, grid=f"{side}x{side}", k=w, heads=heads, d=head_dim,
+                            dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    times = autotune.timings(key)
+    note = f"tile {t}" if t else "dense fallback"
+    if times:
+        note += " (measured: " + ", ".join(f"{c or 'dense'} {ms:.1f}" for c, ms in sorted(times.items())) + ")"
+    return note
 
 
 def _model_rows(args, device: torch.device) -> list[tuple]:
@@ -133,17 +150,18 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    autotune.forget(refresh=args.retune)
     for w in args.windows:
         if w < 1 or w % 2 == 0:
             raise SystemExit(f"--windows {w}: window sizes must be odd and >= 1")
     for n in args.tokens:
         if n < 1 or math.isqrt(n) ** 2 != n:
             raise SystemExit(f"--tokens {n}: expected a square number of tokens (a square grid)")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = autotune.device_name(device)
     print(
         f"# bench attention: torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads; "
         f"batch {args.batch}, heads {args.heads}, head dim {args.head_dim}, fp32, forward+backward, "
-        f"median of {args.repeat} interleaved rounds, {args.clock} clock\n"
+        f"median of {args.repeat} interleaved rounds, {args.clock} clock; load average {_load()}\n"
     )
     if not args.no_attention:
         print("| tokens | window | backend | fwd+bwd ms | vs dense | note |")
@@ -160,4 +178,12 @@ def run(args: argparse.Namespace) -> int:
         print("|---|---:|---:|")
         for label, ms, ratio in _model_rows(args, device):
             print(f"| {label} | {ms:.1f} | {ratio:.2f}x |", flush=True)
+    print(f"\n# load average at the end: {_load()}")
     return 0
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"

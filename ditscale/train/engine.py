@@ -14,19 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ditscale.cache import project_cache
 from ditscale.config import Config
 from ditscale.distenv import DistEnv
 from ditscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def project_cache() -> Path:
-    """`.cache/` of the source checkout (shared by tests, the demo and CI), else ~/.cache/ditscale."""
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
-        return repo / ".cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ditscale"
 
 
 def setup_process_env(denv: DistEnv) -> None:
