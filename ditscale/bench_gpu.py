@@ -27,7 +27,6 @@ global; DiT-XL/2 >= 40% MFU.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -53,15 +52,6 @@ BUDGET = {"a": 70, "b": 60, "c": 210, "d": 60, "e": 80}  # seconds of the defaul
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=os.environ.get("OUT") or "bench-gpu", help="output folder (default: $OUT)")
-    parser.add_argument("--only", default="abcde", help="sections to run, e.g. a,b or ace (default: all)")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all sections together (480)")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default without CUDA)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--xl-batch", type=int, help="DiT-XL/2 batch for section c (128 with >= 100 GiB, else 64)")
-    parser.add_argument("--xs-batch", type=int, default=128, help="DiT-XS/1 batch for section d (128)")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: by name)")
 
 
 def _cuda() -> bool:
@@ -592,10 +582,10 @@ def _train(res: Results, cmd: list[str], env: dict, budget: Budget, stage: str, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     import torch
 
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = args.tiny or device.type != "cuda"
     only = [s for s in args.only.replace(",", "") if s in SECTIONS]
     if not only:
@@ -613,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, device, tiny: bool, only: list[str]) -> int:
+def _run(args, device, tiny: bool, only: list[str]) -> int:
     import torch
 
     res = Results(Path(args.out), machine_info(device) | {"tiny": tiny}, args.budget)

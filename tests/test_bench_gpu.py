@@ -7,11 +7,12 @@ import json
 import pytest
 
 from ditscale import bench_gpu
+from ditscale.cli.bench import ARGUMENTS
 
 
 def _args(tmp_path, *argv):
     p = argparse.ArgumentParser()
-    bench_gpu.add_arguments(p)
+    ARGUMENTS["gpu"](p)
     return p.parse_args(["--out", str(tmp_path), "--device", "cpu", *argv])
 
 

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ditscale.cli.eval", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
     "report": ("ditscale.eval.report", "the study's tables and plots for a grid of runs"),
     "grid": ("ditscale.grid_command", "expand a grid file and show its runs"),
-    "bench": ("ditscale.bench", "benchmarks: attention, data, train"),
+    "bench": ("ditscale.cli.bench", "benchmarks: attention, data, train, storage, gpu"),
 }
 
 

@@ -11,7 +11,6 @@ Prints a markdown table (docs/benchmarks.md holds the figures with the machine t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,17 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=2000, help="images at 32x32 (256x256 uses a tenth)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (figures are divided by max(1, W))")
-    p.add_argument("--resolutions", default="32,256")
-    p.add_argument("--no-s3", action="store_true", help="skip the loopback S3 rows")
-    p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each is kept")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def synthetic_images(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -124,7 +112,7 @@ def _start_moto() -> tuple[subprocess.Popen, str] | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     from ditscale.data import build_shards, make_loader, read_manifest
     from ditscale.data.stream import fetch_shard, iter_shard, shard_url
 

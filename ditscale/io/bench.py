@@ -7,21 +7,13 @@ listing lacks), with every shard present and with one deleted. Figures go to doc
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True, help="a directory URL to fill with test objects (s3://bucket/prefix)")
-    parser.add_argument("--shards", type=int, default=10_000, help="number of shard objects (default 10000)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (default 5)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     from ditscale.io import storage
 
     urls = [storage.join(args.url, f"train-{i:06d}.tar") for i in range(args.shards)]

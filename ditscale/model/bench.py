@@ -7,7 +7,6 @@ on a shared machine hits all of them alike; the table shows the median over roun
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -17,29 +16,6 @@ import torch
 
 from ditscale.model import autotune
 from ditscale.model.attention import choose_tile, qkv_attention
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096], help="square token grids (N)")
-    parser.add_argument("--windows", type=int, nargs="+", default=[3, 5, 7, 13], help="window sizes k (odd)")
-    parser.add_argument("--repeat", type=int, default=7, help="timed rounds (median reported); 4096 uses fewer")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=63, help="63 = DiT-XS (hidden 252, 4 heads)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="wall: perf_counter; cpu: process CPU time (with --threads 1, robust to other load on a shared machine)",
-    )
-    parser.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
-    parser.add_argument("--no-attention", action="store_true", help="skip the attention table")
-    parser.add_argument("--model-repeat", type=int, default=7)
-    parser.add_argument(
-        "--retune", action="store_true", help="measure the halo tile choices again (replacing the on-disk cache)"
-    )
 
 
 def _sync(device: torch.device) -> None:
@@ -144,12 +120,12 @@ def _model_rows(args, device: torch.device) -> list[tuple]:
     return [(name, ms, ms / base) for name, ms in med.items()]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     global _CLOCK
     _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autotune.forget(refresh=args.retune)
     for w in args.windows:
         if w < 1 or w % 2 == 0:

@@ -12,7 +12,6 @@ Figures go to docs/benchmarks.md with the machine named.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -20,15 +19,6 @@ import time
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop (default 5)")
-    parser.add_argument("--rounds", type=int, default=8, help="alternating plain/DeepSpeed rounds (default 8)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each loop's first round")
-    parser.add_argument("--synthetic", action="store_true", help="random batches instead of data.train (no loader)")
-    parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the GPU for MFU (default: by name)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def train_flops_per_image(model) -> float:
@@ -47,7 +37,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     import torch
 
     from ditscale import distenv
