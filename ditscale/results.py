@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ditscale.io.rundir import EVAL, RunDir
+from ditscale.io.rundir import DONE, EVAL, PENDING, RESUMABLE, RUNNING, STARTED, RunDir  # noqa: F401 - states
 
 _BASE_COLUMNS = ["run", "state", "step", "loss", "images_per_second"]
 
