@@ -85,3 +85,23 @@ def test_study_plan_is_disjoint_and_consistent():
 
     for c in by.values():
         config_from_dict(c)  # every generated config validates
+
+
+def test_report_spread_and_paired_difference(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"  # two grids reported together
+    for s, (g, h, t) in enumerate([(2.0, 1.5, 2.5), (1.0, 0.9, 1.2), (1.5, 1.3, 1.2)]):
+        _run(a, f"g-n30-s{s}", "global", 30, s, g, fid=4.0 + s)
+        _run(a, f"h-n30-s{s}", "3x2@head", 30, s, h, fid=4.0)
+        _run(b, f"t-n30-s{s}", "3x2@tail", 30, s, t)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    report.add_arguments(p)
+    assert report.run(p.parse_args(["--grid", str(a), str(b), "--out", str(tmp_path / "out")])) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Per configuration: mean, spread, paired difference to global" in text
+    assert "| DiT-T/1 | N=30 | global | 3 | 1.50 ± 0.50 [1.00..2.00] |  |" in text
+    # head - global per shuffle: -0.5, -0.1, -0.2 -> mean -0.27, all three lower
+    assert "| 3x2@head | 3 | 1.23 ± 0.31 [0.90..1.50] | -0.27 ± 0.21 [-0.50..-0.10] (3/3 lower) |" in text
+    assert "| 3x2@tail | 3 | 1.63 ± 0.75 [1.20..2.50] | 0.13 ± 0.40 [-0.30..0.50] (1/3 lower) |" in text
+    assert "5.000 ± 1.000 [4.000..6.000]" in text  # global's pixel FID over its three shuffles

@@ -38,7 +38,10 @@ class RunInfo:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", required=True, help="a directory of run dirs, or a grid file (configs/grids/*.yaml)")
+    parser.add_argument(
+        "--grid", required=True, nargs="+",
+        help="directories of run dirs, or grid files (configs/grids/*.yaml); several are reported together",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="output directory for report.md and PNGs")
     parser.add_argument("--title", default=None)
 
@@ -239,6 +242,57 @@ def placement_table(gap: dict, fid: dict) -> str:
     return _md_table(header, rows)
 
 
+def _by_seed(runs: list[RunInfo], metric: str, key: str) -> dict[tuple, dict[int, float]]:
+    """{(variant, windows, n): {seed: value}} of evals[metric][key]."""
+    out: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        ev = r.evals.get(metric)
+        if isinstance(ev, dict) and isinstance(ev.get(key), (int, float)) and math.isfinite(ev[key]):
+            out.setdefault((r.variant, r.windows, r.n), {})[r.seed] = float(ev[key])
+    return out
+
+
+def _spread(vals: list[float], digits: int = 2) -> str:
+    """'mean ± std [min..max]' (sample std); one value alone as it is."""
+    m, sd, k = _mean_std(vals)
+    if k == 0:
+        return ""
+    if k == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f} [{min(vals):.{digits}f}..{max(vals):.{digits}f}]"
+
+
+def spread_table(runs: list[RunInfo]) -> str:
+    """Per configuration (variant, windows, N) over its seeds/shuffles: mean ± std [min..max] of the PSNR gap, the
+    test PSNR and the FID, and the gap's difference to global attention paired by seed (same data shuffle)."""
+    gap = _by_seed(runs, "psnr_gap", "avg_gap")
+    if not gap:
+        return ""
+    test = _by_seed(runs, "psnr_gap", "avg_test_psnr")
+    fid_metric = "fid" if _by_seed(runs, "fid", "fid") else "fid_pixels"
+    fid = _by_seed(runs, fid_metric, "fid")
+    keys = sorted(gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1], "global"]).index(k[1]),
+                                      k[1]))  # fmt: skip
+    rows = []
+    for v, w, n in keys:
+        g = gap[(v, w, n)]
+        base = gap.get((v, "global", n), {})
+        paired = [g[s] - base[s] for s in sorted(g) if s in base] if w != "global" else []
+        wins = sum(d < 0 for d in paired)
+        rows.append([
+            v, _n_label(n), w, str(len(g)), _spread(list(g.values())),
+            (_spread(paired) + f" ({wins}/{len(paired)} lower)") if paired else "",
+            _spread(list(test.get((v, w, n), {}).values())), _spread(list(fid.get((v, w, n), {}).values()), 3),
+        ])  # fmt: skip
+    fid_name = "FID" if fid_metric == "fid" else "pixel FID"
+    header = ["variant", "N", "windows", "runs", "PSNR gap (dB)", "gap − global, same shuffle (dB)",
+              "test PSNR (dB)", fid_name]  # fmt: skip
+    return (
+        "mean ± sample std [min..max] over the runs of each configuration (seeds / data shuffles); the paired "
+        "column subtracts the global run's gap trained on the same shuffle\n\n" + _md_table(header, rows)
+    )
+
+
 def locality_table(runs: list[RunInfo]) -> tuple[str, dict]:
     groups: dict[tuple, list[list[float]]] = {}
     uniform = None
@@ -413,6 +467,9 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     pl = placement_table(gap, fid)
     if pl:
         md += ["## Placement (head / mix / tail)", "", pl, ""]
+    sp = spread_table(runs)
+    if sp:
+        md += ["## Per configuration: mean, spread, paired difference to global", "", sp, ""]
     if loc_md:
         md += ["## Attention locality per block", "", loc_md, ""]
         if plot_locality(loc_means, True, common.join(out, "locality.png")):
@@ -431,10 +488,17 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
 
 
 def run(args) -> int:
-    runs, name = discover(args.grid)
+    grids = [args.grid] if isinstance(args.grid, str) else list(args.grid)
+    runs, names = [], []
+    for g in grids:
+        found, name = discover(g)
+        runs += found
+        names.append(name)
+    name = "+".join(names)
     if not runs:
-        raise ConfigError(f"--grid {args.grid!r}: no runs found (no config.yaml below it)")
-    out = args.out or (str(Path(args.grid) / "report") if Path(args.grid).is_dir() else str(Path("reports") / name))
+        raise ConfigError(f"--grid {' '.join(grids)}: no runs found (no config.yaml below it)")
+    first = grids[0]
+    out = args.out or (str(Path(first) / "report") if Path(first).is_dir() else str(Path("reports") / name))
     build_report(runs, out, args.title or f"Study report: {name}")
     print(f"wrote {common.join(out, 'report.md')} ({len(runs)} runs)")
     return 0
