@@ -89,9 +89,18 @@ def format_preparation(plan: Plan, opts: SlurmOptions, submitting: bool) -> str:
             after = ", after the build job" if build else ""
             how[s.name] = "CPU job" if s.kind == "build" else f"CPU array task{after}"
     text = format_data_plan(dp, how)
-    new = [s for s in dp.todo if s.name not in queued]
-    if submitting and new and not dp.blocked:
-        text += f"\n\ndata jobs: {len(new)} step(s)\n" + sbatch_preview(prepare_parameters(plan, opts), len(new), opts)
+    if not submitting or dp.blocked:
+        return text
+    params = prepare_parameters(plan, opts)
+    new_build = [s for s in dp.todo if s.kind == "build" and s.name not in queued]
+    rest = [s for s in dp.todo if s.kind != "build" and s.name not in queued]
+    if new_build:
+        text += "\n\ndata job: build\n" + sbatch_preview(params, 1, opts)
+    if rest:
+        after = ["<build job>"] if new_build else ([queued["build"]] if "build" in queued else [])
+        names = ", ".join(s.name for s in rest)
+        text += f"\n\ndata job array: {len(rest)} step(s): {names}\n"
+        text += sbatch_preview(with_dependency(params, after), len(rest), opts)
     return text
 
 
