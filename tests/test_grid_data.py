@@ -153,6 +153,21 @@ def test_missing_source_names_paths_and_commands(tmp_path):
     assert not plan.data.blocked and "--src /datasets/celeba" in plan.data.steps[0].shell
 
 
+def test_prebuilt_manifest(tmp_path, digits8_dir):
+    """data.manifest: shards built elsewhere; the subsets are made from them, a missing one is named."""
+    text = GRID.replace("  source: digits\n", f"  manifest: {tmp_path / 'elsewhere' / 'manifest.json'}\n")
+    dp = plan_grid(str(_grid(tmp_path, text))).data
+    assert dp.steps[0].kind == "external" and [s.name for s in dp.blocked][:2] == ["shards", "n20-s0"]
+    assert "MISSING, cannot be built: shards built elsewhere (data.manifest)" in P.format_data_plan(dp)
+    with pytest.raises(LaunchError, match=r"data.manifest .*elsewhere/manifest.json does not exist"):
+        P.check_ready(dp)
+    text = GRID.replace("  source: digits\n", f"  manifest: {digits8_dir / 'manifest.json'}\n")
+    dp = plan_grid(str(_grid(tmp_path, text.replace("sizes: [20, 40]", "sizes: [20]").replace("n: [20, 40]", "n: [20]")
+                             .replace("pairs: [10]", "pairs: []")))).data  # fmt: skip
+    assert [s.name for s in dp.todo] == ["n20-s0", "n20-s1"] and dp.steps[0].state == P.READY
+    assert P.prepare_locally(dp) == {"n20-s0": "built", "n20-s1": "built"}
+
+
 def test_run_step_waits_for_another_builder(tmp_path):
     """Two launchers needing the same data: the second waits on the lease, then finds it ready (built once)."""
     from ditscale.io.lock import Lease

@@ -43,7 +43,7 @@ LEASE_S = 60.0
 @dataclass
 class Step:
     name: str  # "build", "n1000-s0", "pair10-s0"
-    kind: str  # "build" or "subset"
+    kind: str  # "build", "subset", or "external" (data.manifest: shards built elsewhere, never run here)
     out: str  # the folder it writes
     manifests: list[str]  # what it writes, verified
     command: list[str]  # argv, starting with "python"
@@ -146,13 +146,19 @@ def plan_data(recipe: DataRecipe, runs: list[RunSpec] | None = None, *, check: b
             if build.state != READY:
                 st.needs = ["build"]
         steps.insert(0, build)
-    elif check and any(s.state == MISSING and s.needed for s in subsets):
-        from ditscale.data import read_manifest
+    else:  # shards built elsewhere (data.manifest): checked, never built here
+        from ditscale.io import storage
 
-        try:
-            read_manifest(recipe.manifest)
-        except DitscaleError as e:
-            raise LaunchError(f"grid {recipe.grid_file!r}: data.manifest {recipe.manifest!r}: {e}") from None
+        shards = Step("shards", "external", storage.dirname(recipe.manifest), [recipe.manifest],
+                      ["python", "-m", "ditscale", "data", "build", "SOURCE", "--src", "<dataset>", "--out",
+                       storage.dirname(recipe.manifest), "--resolution", "N"], runnable=False)  # fmt: skip
+        if check:
+            shards.state, shards.problem = verify(shards)
+        shards.needed = any(s.state != READY and s.needed for s in subsets)
+        for st in subsets:
+            if shards.state != READY:
+                st.needs = ["shards"]
+        steps.insert(0, shards)
     return DataPlan(recipe, steps)
 
 
@@ -179,16 +185,17 @@ def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
             state = "missing, not needed (no unfinished run uses it)"
         elif s in dp.blocked:
             state = "MISSING, cannot be built: " + (
-                f"give the source with --var {dp.recipe.src_vars[0]}=PATH" if not s.runnable and dp.recipe.src_vars
-                else "data.src is not given" if not s.runnable else "needs build"
+                "shards built elsewhere (data.manifest)" if s.kind == "external"
+                else f"give the source with --var {dp.recipe.src_vars[0]}=PATH" if not s.runnable and dp.recipe.src_vars
+                else "data.src is not given" if not s.runnable else f"needs {s.needs[0]}"
             )  # fmt: skip
         else:
             state = "missing -> " + how.get(s.name, "will be prepared")
         lines.append(f"  {s.name:<{width}}  {s.out:<{owidth}}  {state}")
-        if s.state != READY and s.needed:
+        if s.state != READY and s.needed and s.kind != "external":
             lines.append(f"  {'':<{width}}    {s.shell}")
     r = dp.recipe
-    if any(not s.runnable for s in dp.blocked):
+    if any(not s.runnable for s in dp.blocked) and r.manifest is None:
         give = f"--var {r.src_vars[0]}=PATH" if r.src_vars else "data.src in the grid file"
         lines.append(f"the {r.source} source's location is not given: the data cannot be prepared until {give} is "
                      f"given ({r.src_placeholder()} above: where the {r.source} dataset is)")  # fmt: skip
@@ -206,6 +213,10 @@ def check_ready(dp: DataPlan) -> None:
     if not blocked:
         return
     r = dp.recipe
+    if r.manifest is not None:
+        items = "\n".join("  missing " + ", ".join(s.manifests) for s in blocked)
+        why = "shards built elsewhere: build them with python -m ditscale data build, or fix data.manifest"
+        raise LaunchError(f"grid {r.grid_file!r}: data.manifest {r.manifest} does not exist ({why}):\n{items}")
     give = f"--var {r.src_vars[0]}=PATH" if r.src_vars else "data.src in the grid file"
     lines = [f"grid {r.grid_file!r}: data is missing and the {r.source} source's location is not given ({give}):"]
     for s in blocked:
