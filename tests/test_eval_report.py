@@ -105,3 +105,4 @@ def test_report_spread_and_paired_difference(tmp_path):
     assert "| 3x2@head | 3 | 1.23 ± 0.31 [0.90..1.50] | -0.27 ± 0.21 [-0.50..-0.10] (3/3 lower) |" in text
     assert "| 3x2@tail | 3 | 1.63 ± 0.75 [1.20..2.50] | 0.13 ± 0.40 [-0.30..0.50] (1/3 lower) |" in text
     assert "5.000 ± 1.000 [4.000..6.000]" in text  # global's pixel FID over its three shuffles
+    assert (tmp_path / "out" / "psnr_gap_paired.png").stat().st_size > 0 and "psnr_gap_paired.png" in text

@@ -424,6 +424,34 @@ def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
     return common.save_figure(fig, path)
 
 
+def plot_paired(runs: list[RunInfo], path: str) -> str | None:
+    """The PSNR gap of every run, per N: windows on the x axis, one line per seed (data shuffle), so that the
+    paired structure (which configuration is lower on the same shuffle) is visible next to the spread."""
+    by = _by_seed(runs, "psnr_gap", "avg_gap")
+    groups = sorted({(k[0], k[2]) for k in by}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+    groups = [g for g in groups if any(len(v) > 1 for k, v in by.items() if (k[0], k[2]) == g)]  # several seeds
+    if not groups:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (v, n) in zip(axes[0], groups, strict=True):
+        ws = _windows_order(k[1] for k in by if (k[0], k[2]) == (v, n))
+        seeds = sorted({s for w in ws for s in by.get((v, w, n), {})})
+        for i, seed in enumerate(seeds):
+            pts = [(j, by[(v, w, n)][seed]) for j, w in enumerate(ws) if seed in by.get((v, w, n), {})]
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", alpha=0.7, label=f"seed {seed}"
+            )
+        means = [_mean_std(list(by.get((v, w, n), {}).values()))[0] for w in ws]
+        ax.plot(range(len(ws)), means, marker="_", markersize=24, ls="none", color="black", label="mean")
+        ax.set_xticks(range(len(ws)), ws, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{v} {_n_label(n)}")
+        ax.set_ylabel("average PSNR gap (dB)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
 def plot_locality(means: dict, uniform_note: bool, path: str) -> str | None:
     if not means:
         return None
@@ -470,6 +498,8 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     sp = spread_table(runs)
     if sp:
         md += ["## Per configuration: mean, spread, paired difference to global", "", sp, ""]
+        if plot_paired(runs, common.join(out, "psnr_gap_paired.png")):
+            md += ["![PSNR gap of every run, one line per data shuffle](psnr_gap_paired.png)", ""]
     if loc_md:
         md += ["## Attention locality per block", "", loc_md, ""]
         if plot_locality(loc_means, True, common.join(out, "locality.png")):
