@@ -21,7 +21,15 @@ axes:                               # the runs are the cartesian product, in thi
     celeba: {data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"}
 set:                                # dotted keys, formatted per run with axis values, vars, grid and id
                                     # (strings in `config` and `base` are formatted the same way)
-  data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"
+  checkpoint.every: 5000
+data:                               # optional: the recipe of the grid's data (DataRecipe); sets data.train/test
+  source: celeba                    # a shards/build.py source (or `manifest: URL` of shards built elsewhere)
+  src: "{celeba_src}"               # where it is: --var celeba_src=/datasets/celeba
+  root: "{data_root}/celeba32"      # <root>/full, <root>/n<N>-s<seed>/ (+ test/), <root>/pair<N>-s<seed>/
+  resolution: 32
+  sizes: [1000, 10000, 100000]
+  seeds: [0, 1, 2]
+  runs: {size: "{n}", seed: "{shuffle}"}   # the subset each run trains on
 ```
 
 Ids use each axis value's label: numbers that are round powers of ten print as `1e4`, model variants as
