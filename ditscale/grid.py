@@ -21,7 +21,15 @@ axes:                               # the runs are the cartesian product, in thi
     celeba: {data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"}
 set:                                # dotted keys, formatted per run with axis values, vars, grid and id
                                     # (strings in `config` and `base` are formatted the same way)
-  data.train: "{data_root}/celeba32/n{n}-s{shuffle}/manifest.json"
+  checkpoint.every: 5000
+data:                               # optional: the recipe of the grid's data (DataRecipe); sets data.train/test
+  source: celeba                    # a shards/build.py source (or `manifest: URL` of shards built elsewhere)
+  src: "{celeba_src}"               # where it is: --var celeba_src=/datasets/celeba
+  root: "{data_root}/celeba32"      # <root>/full, <root>/n<N>-s<seed>/ (+ test/), <root>/pair<N>-s<seed>/
+  resolution: 32
+  sizes: [1000, 10000, 100000]
+  seeds: [0, 1, 2]
+  runs: {size: "{n}", seed: "{shuffle}"}   # the subset each run trains on
 ```
 
 Ids use each axis value's label: numbers that are round powers of ten print as `1e4`, model variants as
@@ -36,6 +44,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +62,7 @@ DEFAULT_RESOURCES: dict[str, Any] = {
     "mem_gb": None,
     "timeout_min": 60,
 }
-_GRID_KEYS = {"name", "base", "config", "vars", "run_dir", "id", "resources", "axes", "set", "description"}
+_GRID_KEYS = {"name", "base", "config", "vars", "run_dir", "id", "resources", "axes", "set", "description", "data"}
 _ID_OK = re.compile(r"[^A-Za-z0-9@._+=-]")
 
 
@@ -65,6 +74,8 @@ class RunSpec:
     resources: dict[str, Any]
     values: dict[str, Any] = field(default_factory=dict)  # axis name -> value of this run
     grid: str = ""
+    recipe: DataRecipe | None = None  # the grid's data recipe (shared by its runs), when it has one
+    subset: str | None = None  # the recipe's subset this run trains on, e.g. "n1000-s0"
 
     @property
     def tasks_per_node(self) -> int:
@@ -221,6 +232,7 @@ def expand(
         extra = parse_overrides(overrides)
     except ConfigError as e:
         raise LaunchError(f"{origin}: {e}") from None
+    recipe = parse_recipe(grid["data"], gvars, str(p), name) if grid.get("data") is not None else None
     id_template = grid.get("id") or "-".join(["{grid}"] + [f"{a.prefix}{{{a.name}}}" for a in axes])
     run_dir_template = f"{run_root.rstrip('/')}/{{id}}" if run_root else grid.get("run_dir", "runs/{grid}/{id}")
 
@@ -245,6 +257,11 @@ def expand(
             elif a.key:
                 dotted.append((a.key, a.values[i]))
         dotted += list(sets.items())
+        if recipe is not None:
+            for key, _ in dotted:
+                if key in ("data.train", "data.test"):
+                    raise LaunchError(f"{where}: {key} is derived from the grid's data recipe (data.runs picks each "
+                                      f"run's subset); remove {key} from 'set' and 'axes'")  # fmt: skip
         for key, value in dotted:
             value = _fmt(value, ctx, f"{where}: key {key!r}")
             if key.startswith("resources."):
@@ -257,6 +274,12 @@ def expand(
                     _set_dotted(run_tree, key, value)
                 except ConfigError as e:
                     raise LaunchError(f"{where}: {e}") from None
+        subset = None
+        if recipe is not None:
+            sub, role = recipe.select_for(ctx, where)
+            _set_dotted(run_tree, "data.train", recipe.train_url(sub, role))
+            _set_dotted(run_tree, "data.test", recipe.test_url(sub))
+            subset = sub.name + (f"/{role}" if role else "")
         run_tree = _merge(run_tree, extra)
         run_dir = str(_fmt(run_dir_template, ctx, f"{where}: run_dir"))
         if "://" not in run_dir:
@@ -270,7 +293,7 @@ def expand(
         for rkey in ("nodes", "cpus_per_task", "timeout_min"):
             if not isinstance(resources.get(rkey), int) or resources[rkey] < 1:
                 raise LaunchError(f"{where}: resources.{rkey} must be a positive integer (got {resources[rkey]!r})")
-        runs.append(RunSpec(run_id, cfg, run_dir, resources, values, name))
+        runs.append(RunSpec(run_id, cfg, run_dir, resources, values, name, recipe, subset))
     if validate:
         check_models(runs)
     return runs
@@ -311,9 +334,10 @@ def check_data(runs: list[RunSpec]) -> None:
     """Every run's data.train (and data.test when set) manifest can be read. Errors name the run and the key."""
     ok: dict[str, str | None] = {}
     for r in runs:
+        made = r.recipe.outputs() if r.recipe is not None else set()  # checked by the recipe's data plan
         for key in ("train", "test"):
             url = getattr(r.config.data, key)
-            if not url and key == "test":
+            if (not url and key == "test") or url in made:
                 continue
             if not url:
                 raise LaunchError(f"run {r.id!r}: data.train is empty (expected a manifest.json URL)")
@@ -362,3 +386,225 @@ def parse_vars(items: list[str]) -> dict:
         k, v = item.split("=", 1)
         out[k.strip()] = yaml.safe_load(v) if v else ""
     return out
+
+
+# --- the data recipe ------------------------------------------------------------------------------------------
+RECIPE_KEYS = {"source", "src", "manifest", "root", "resolution", "channels", "build", "sizes", "seeds", "pairs",
+               "test_size", "runs", "resources"}  # fmt: skip
+BUILD_OPTIONS = {"format": "--format", "workers": "--workers", "shard_size": "--shard-size",
+                 "png_level": "--png-level", "class_folders": "--class-folders", "limit": "--limit"}  # fmt: skip
+PREP_RESOURCES: dict[str, Any] = {"cpus": 4, "mem_gb": None, "timeout_min": 240}
+PAIR_ROLES = ("s1", "s2")
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One study subset of the recipe: N images drawn with a seed (or a disjoint pair of N each)."""
+
+    size: int
+    seed: int
+    pair: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'pair' if self.pair else 'n'}{self.size}-s{self.seed}"
+
+
+@dataclass
+class DataRecipe:
+    """How a grid's data is made: the full shard set of a source, its study subsets and their held-out test set.
+
+    Layout under `root`: `full/` (the source's shards; `manifest` names prebuilt ones instead), `n<N>-s<seed>/`
+    for each subset (its held-out test set in `.../test/`, the same images for every N and seed) and
+    `pair<N>-s<seed>/{s1,s2}/` for disjoint pairs. The runs' data.train and data.test are derived from it.
+    """
+
+    grid_file: str
+    root: str
+    source: str | None
+    src: str | None  # the source's location; None when not given
+    src_vars: list[str]  # the --var names that give it
+    manifest: str | None  # prebuilt full shards: no build step
+    resolution: int | None
+    channels: int
+    build: dict[str, Any]
+    subsets: list[Subset]
+    test_size: int
+    select: dict[str, Any]  # data.runs: templates picking each run's subset
+    resources: dict[str, Any]
+
+    @property
+    def full_dir(self) -> str:
+        return _join(self.root, "full")
+
+    @property
+    def full_manifest(self) -> str:
+        return self.manifest or _join(self.full_dir, "manifest.json")
+
+    def subset_dir(self, sub: Subset) -> str:
+        return _join(self.root, sub.name)
+
+    def train_url(self, sub: Subset, role: str | None = None) -> str:
+        return _join(self.subset_dir(sub), *([role] if role else []), "manifest.json")
+
+    def test_url(self, sub: Subset) -> str:
+        return _join(self.subset_dir(sub), "test", "manifest.json")
+
+    def outputs(self) -> set[str]:
+        """Every manifest the recipe writes (the full set's, each subset's and test set's)."""
+        out = {self.full_manifest}
+        for sub in self.subsets:
+            out |= {self.train_url(sub, r) for r in (PAIR_ROLES if sub.pair else (None,))} | {self.test_url(sub)}
+        return out
+
+    def src_placeholder(self) -> str:
+        return f"<{self.src_vars[0]}>" if self.src_vars else "<path of the dataset>"
+
+    def build_command(self) -> list[str]:
+        """`python -m ditscale data build ...` for the full shard set (the src placeholder when not given)."""
+        cmd = ["python", "-m", "ditscale", "data", "build", str(self.source)]
+        if self.source != "digits":
+            cmd += ["--src", self.src or self.src_placeholder()]
+        cmd += ["--out", self.full_dir, "--resolution", str(self.resolution), "--channels", str(self.channels)]
+        for key, flag in BUILD_OPTIONS.items():
+            value = self.build.get(key)
+            if key == "class_folders":
+                cmd += [flag] if value else []
+            elif value is not None:
+                cmd += [flag, str(value)]
+        return cmd + ["--no-progress"]
+
+    def subset_command(self, sub: Subset) -> list[str]:
+        cmd = ["python", "-m", "ditscale", "data", "subset", "--manifest", self.full_manifest, "--size", str(sub.size),
+               "--seed", str(sub.seed), "--out", self.subset_dir(sub), "--test-size", str(self.test_size)]  # fmt: skip
+        return cmd + (["--pair"] if sub.pair else [])
+
+    def select_for(self, ctx: dict, where: str) -> tuple[Subset, str | None]:
+        """The subset (and pair role) a run trains on, from data.runs formatted with the run's values."""
+        got = {k: _fmt(v, ctx, f"{where}: data.runs.{k}") for k, v in self.select.items()}
+        role = got.get("pair")
+        role = None if role in (None, "", "None") else str(role)
+        if role is not None and role not in PAIR_ROLES:
+            raise LaunchError(f"{where}: data.runs.pair is {role!r} (expected one of {', '.join(PAIR_ROLES)})")
+        try:
+            size, seed = int(float(got.get("size"))), int(float(got.get("seed", 0)))
+        except (TypeError, ValueError):
+            raise LaunchError(f"{where}: data.runs: size {got.get('size')!r} / seed {got.get('seed')!r} "
+                              "are not integers") from None  # fmt: skip
+        sub = Subset(size, seed, role is not None)
+        if sub not in self.subsets:
+            have = ", ".join(s.name for s in self.subsets)
+            raise LaunchError(f"{where}: data.runs picks subset {sub.name!r}, which the recipe does not make "
+                              f"(data.sizes/seeds/pairs give: {have})")  # fmt: skip
+        return sub, role
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else str(Path(url).absolute())
+
+
+def _int_list(raw: Any, where: str, minimum: int) -> list[int]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise LaunchError(f"{where}: expected a non-empty list of integers >= {minimum}")
+    out = []
+    for v in raw:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise LaunchError(f"{where}: {v!r} is not an integer >= {minimum}")
+        out.append(v)
+    return out
+
+
+def _src_of(template: Any, gvars: dict, where: str) -> tuple[str | None, list[str]]:
+    """The source location and the vars that give it; None when a var it names is unset or empty."""
+    if template in (None, ""):
+        return None, []
+    if not isinstance(template, str):
+        raise LaunchError(f'{where}: expected a path or URL (e.g. "{{celeba_src}}", given with --var)')
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    if any(gvars.get(n) in (None, "") for n in names):
+        return None, names
+    return _absolute(_fmt(template, gvars, where)), names
+
+
+def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataRecipe:
+    """The grid's `data:` recipe, validated; errors name the grid file and the key."""
+    origin = f"grid {grid_file!r}"
+    if not isinstance(raw, dict):
+        raise LaunchError(f"{origin}: 'data' must be a mapping (source, root, resolution, sizes, seeds, ...)")
+    unknown = set(raw) - RECIPE_KEYS
+    if unknown:
+        raise LaunchError(f"{origin}: unknown key(s) {sorted('data.' + k for k in unknown)} "
+                          f"(expected data.{', data.'.join(sorted(RECIPE_KEYS))})")  # fmt: skip
+    ctx = {**gvars, "grid": grid_name}
+    source, manifest = raw.get("source"), raw.get("manifest")
+    if (source is None) == (manifest is None):
+        raise LaunchError(f"{origin}: data: give either data.source (a dataset to build shards from) or "
+                          "data.manifest (prebuilt shards), not both or neither")  # fmt: skip
+    if source is not None:
+        from ditscale.data.sources import SOURCES
+
+        if source not in SOURCES:
+            raise LaunchError(f"{origin}: data.source {source!r} is unknown (expected one of {', '.join(SOURCES)})")
+    src, src_vars = _src_of(raw.get("src"), gvars, f"{origin}: data.src")
+    if source not in (None, "digits") and "src" not in raw:
+        raise LaunchError(f"{origin}: data.src is missing: where the {source} dataset is, e.g. \"{{{source}_src}}\" "
+                          f"given with --var {source}_src=/datasets/{source}")  # fmt: skip
+    if manifest is not None:
+        manifest = _absolute(str(_fmt(manifest, ctx, f"{origin}: data.manifest")))
+    root = raw.get("root")
+    if not isinstance(root, str) or not root:
+        raise LaunchError(f"{origin}: data.root is missing: the folder or URL the recipe writes to, "
+                          "e.g. \"{data_root}/celeba32\"")  # fmt: skip
+    root = _absolute(str(_fmt(root, ctx, f"{origin}: data.root")).rstrip("/"))
+    resolution = raw.get("resolution")
+    if source is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1):
+        raise LaunchError(f"{origin}: data.resolution must be a positive integer (got {resolution!r})")
+    channels = raw.get("channels", 3)
+    if channels not in (1, 3):
+        raise LaunchError(f"{origin}: data.channels must be 1 or 3 (got {channels!r})")
+    build = raw.get("build") or {}
+    if not isinstance(build, dict) or set(build) - set(BUILD_OPTIONS):
+        raise LaunchError(f"{origin}: data.build must be a mapping of {', '.join(sorted(BUILD_OPTIONS))}")
+    sizes = _int_list(raw.get("sizes"), f"{origin}: data.sizes", 1)
+    seeds = _int_list(raw.get("seeds", [0]), f"{origin}: data.seeds", 0)
+    subsets = [Subset(n, s) for n in sizes for s in seeds]
+    pairs = raw.get("pairs") or []
+    if isinstance(pairs, dict):
+        extra = set(pairs) - {"sizes", "seeds"}
+        if extra:
+            raise LaunchError(f"{origin}: data.pairs: unknown key(s) {sorted(extra)} (expected sizes, seeds)")
+        p_sizes = _int_list(pairs.get("sizes"), f"{origin}: data.pairs.sizes", 1)
+        p_seeds = _int_list(pairs.get("seeds", [0]), f"{origin}: data.pairs.seeds", 0)
+    else:
+        p_sizes, p_seeds = (_int_list(pairs, f"{origin}: data.pairs", 1) if pairs else []), [0]
+    subsets += [Subset(n, s, True) for n in p_sizes for s in p_seeds]
+    test_size = raw.get("test_size", 10_000)
+    if not isinstance(test_size, int) or isinstance(test_size, bool) or test_size < 1:
+        raise LaunchError(f"{origin}: data.test_size must be a positive integer (got {test_size!r})")
+    select = raw.get("runs")
+    if select is None:
+        if len(subsets) != 1:
+            raise LaunchError(f"{origin}: data.runs is missing: which subset each run trains on, e.g. "
+                              "{size: \"{n}\", seed: \"{shuffle}\"} (the recipe makes several)")  # fmt: skip
+        select = {"size": subsets[0].size, "seed": subsets[0].seed}
+    if not isinstance(select, dict) or "size" not in select or set(select) - {"size", "seed", "pair"}:
+        raise LaunchError(f"{origin}: data.runs must be a mapping with size (and seed, pair), "
+                          "e.g. {size: \"{n}\", seed: \"{shuffle}\"}")  # fmt: skip
+    resources = dict(PREP_RESOURCES)
+    res = raw.get("resources") or {}
+    if not isinstance(res, dict) or set(res) - set(PREP_RESOURCES):
+        raise LaunchError(f"{origin}: data.resources must be a mapping of {', '.join(PREP_RESOURCES)}")
+    resources.update(res)
+    for key in ("cpus", "timeout_min"):
+        if not isinstance(resources[key], int) or resources[key] < 1:
+            raise LaunchError(f"{origin}: data.resources.{key} must be a positive integer (got {resources[key]!r})")
+    return DataRecipe(grid_file, root, source, src, src_vars, manifest, resolution, channels, dict(build), subsets,
+                      test_size, dict(select), resources)  # fmt: skip

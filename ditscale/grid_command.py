@@ -10,10 +10,13 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grid", help="grid file (configs/grids/*.yaml)")
+    p.add_argument("grid", help="grid file, or a name in configs/grids (e.g. celeba32)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="override a grid template var")
     p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
-    p.add_argument("--check-data", action="store_true", help="also check that every data URL can be read")
+    p.add_argument(
+        "--check-data", action="store_true",
+        help="also check that every data URL can be read (for a data recipe: show what exists and what is missing)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the runs as JSON (id, run_dir, resources, config)")
     p.add_argument("--status", action="store_true", help="show each run's state from its run dir")
     p.add_argument("--collect", metavar="OUT", help="write results.{csv,json,md} into OUT and print the markdown")
@@ -23,10 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ditscale import grid as G
     from ditscale import results
+    from ditscale.launch.common import resolve_grid
 
-    runs = G.expand(args.grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides)
+    runs = G.expand(
+        resolve_grid(args.grid)[0], vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides
+    )
     if args.check_data:
         G.check_data(runs)
+        if runs and runs[0].recipe is not None:  # the recipe's outputs: what exists, what the launchers would build
+            from ditscale.launch.prepare import format_data_plan, plan_data
+
+            print(format_data_plan(plan_data(runs[0].recipe)) + "\n")
     if args.json:
         out = [
             {"id": r.id, "run_dir": r.run_dir, "resources": r.resources, "values": r.values, "config": r.config_dict()}

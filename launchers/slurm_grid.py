@@ -6,10 +6,12 @@ submitit's job environment. Runs are requeued on preemption and on timeout and r
 checkpoint; runs that already finished (final.json) are skipped, so re-running the same command after a
 failure only resubmits what is missing.
 
-  python launchers/slurm_grid.py --partition gpu --grid configs/grids/celeba32.yaml --dry-run
-  python launchers/slurm_grid.py --partition gpu --grid configs/grids/celeba32.yaml
-  python launchers/slurm_grid.py --partition gpu --grid configs/grids/celeba32.yaml --status
-  python launchers/slurm_grid.py --partition gpu --grid configs/grids/celeba32.yaml --collect
+The grid's missing data (its `data:` recipe) is prepared first by CPU jobs that the training arrays wait for.
+
+  python launchers/slurm_grid.py --partition gpu --grid celeba32 --var celeba_src=/datasets/celeba --dry-run
+  python launchers/slurm_grid.py --partition gpu --grid celeba32 --var celeba_src=/datasets/celeba
+  python launchers/slurm_grid.py --grid celeba32 --status
+  python launchers/slurm_grid.py --grid celeba32 --collect
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--partition", required=True, help="Slurm partition (checked with sinfo before submitting)")
+    p.add_argument(
+        "--partition", help="Slurm partition (checked with sinfo; needed to submit and for --dry-run, not for "
+        "--status or --collect)",
+    )  # fmt: skip
+    p.add_argument("--prepare-partition", help="partition of the data-preparation CPU jobs (default: --partition)")
     p.add_argument("--nodes", type=int, help="nodes per run (default: the grid's resources.nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node (default: the grid's)")
     p.add_argument("--time", help="time limit per job: minutes or H:MM:SS (default: the grid's timeout_min)")
@@ -68,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from ditscale.launch import results_dir
     from ditscale.launch import slurm as S
 
+    if not (args.status or args.collect or args.partition):
+        mode = "--dry-run" if args.dry_run else "submitting"
+        print(f"error: --partition is required for {mode} (sinfo lists the partitions)", file=sys.stderr)
+        return 2
     try:
         resources = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": parse_time(args.time)}
         plan = plan_from_args(args, resources)
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = S.SlurmOptions(
             partition=args.partition, log_dir=Path(args.log_dir or base / "_slurm").absolute(),
             account=args.account, qos=args.qos, array_parallelism=args.array_parallelism,
-            max_num_timeout=args.max_timeouts, setup=args.setup,
+            max_num_timeout=args.max_timeouts, setup=args.setup, prepare_partition=args.prepare_partition,
         )  # fmt: skip
         if args.status:
             print(S.status(plan, opts))

@@ -56,8 +56,11 @@ def test_study_grids(name, tmp_path):
     assert f"{name}-xs1-localstar@tail-n1e5-s2" in ids
     assert {r.config.model.windows for r in runs} == set(WINDOWS)
     r = next(r for r in runs if r.id == f"{name}-xs1-local@mix-n1e3-s1")
-    assert r.config.data.train == f"data/{name}/n1000-s1/manifest.json"
-    assert r.config.data.test == f"data/{name}/n1000-s1/test/manifest.json"
+    data = Path("data").absolute() / name  # the data recipe's root: {data_root}/<grid name>, from the cwd
+    assert r.config.data.train == str(data / "n1000-s1" / "manifest.json") and r.subset == "n1000-s1"
+    assert r.config.data.test == str(data / "n1000-s1" / "test" / "manifest.json")
+    assert [s.name for s in r.recipe.subsets][:3] == ["n1000-s0", "n1000-s1", "n1000-s2"]
+    assert len(r.recipe.subsets) == 9 and r.recipe.src is None and r.recipe.resolution == 32
     assert r.config.run.seed == 1 and r.config.run.name == r.id
     assert r.config.model.variant == "DiT-XS/1"
     assert r.run_dir == str(tmp_path / r.id) and r.config.run.dir == r.run_dir

@@ -44,7 +44,10 @@ class RunInfo:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", required=True, help="a directory of run dirs, or a grid file (configs/grids/*.yaml)")
+    parser.add_argument(
+        "--grid", required=True, nargs="+",
+        help="directories of run dirs, or grid files (configs/grids/*.yaml); several are reported together",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="output directory for report.md and PNGs")
     parser.add_argument("--title", default=None)
 
@@ -360,6 +363,63 @@ def placement_table(gap: dict, fid: dict) -> str:
     return _md_table(header, rows)
 
 
+def _by_seed(runs: list[RunInfo], metric: str, key: str) -> dict[tuple, dict[int, float]]:
+    """{(variant, windows, n): {seed: value}} of evals[metric][key]."""
+    out: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        ev = r.evals.get(metric)
+        if isinstance(ev, dict) and isinstance(ev.get(key), (int, float)) and math.isfinite(ev[key]):
+            out.setdefault((r.variant, r.windows, r.n), {})[r.seed] = float(ev[key])
+    return out
+
+
+def _spread(vals: list[float], digits: int = 2) -> str:
+    """'mean ± std [min..max]' (sample std); one value alone as it is."""
+    m, sd, k = _mean_std(vals)
+    if k == 0:
+        return ""
+    if k == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f} [{min(vals):.{digits}f}..{max(vals):.{digits}f}]"
+
+
+def spread_table(runs: list[RunInfo]) -> str:
+    """Per configuration (variant, windows, N) over its seeds/shuffles: mean ± std [min..max] of the PSNR gap, the
+    test PSNR and the FID, and the gap's difference to global attention paired by seed (same data shuffle)."""
+    gap = _by_seed(runs, "psnr_gap", "avg_gap")
+    if not gap:
+        return ""
+    test = _by_seed(runs, "psnr_gap", "avg_test_psnr")
+    fid_metric = "fid" if _by_seed(runs, "fid", "fid") else "fid_pixels"
+    fid = _by_seed(runs, fid_metric, "fid")
+    keys = sorted(gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1], "global"]).index(k[1]),
+                                      k[1]))  # fmt: skip
+
+    def paired(table: dict, v: str, w: str, n, better: str) -> str:
+        """This configuration minus global, per seed (same data shuffle), and how often it is lower/higher."""
+        mine, base = table.get((v, w, n), {}), table.get((v, "global", n), {})
+        d = [mine[s] - base[s] for s in sorted(mine) if s in base] if w != "global" else []
+        if not d:
+            return ""
+        count = sum(x < 0 for x in d) if better == "lower" else sum(x > 0 for x in d)
+        return f"{_spread(d)} ({count}/{len(d)} {better})"
+
+    rows = []
+    for v, w, n in keys:
+        rows.append([
+            v, _n_label(n), w, str(len(gap[(v, w, n)])), _spread(list(gap[(v, w, n)].values())),
+            paired(gap, v, w, n, "lower"), _spread(list(test.get((v, w, n), {}).values())),
+            paired(test, v, w, n, "higher"), _spread(list(fid.get((v, w, n), {}).values()), 3),
+        ])  # fmt: skip
+    fid_name = "FID" if fid_metric == "fid" else "pixel FID"
+    header = ["variant", "N", "windows", "runs", "PSNR gap (dB)", "gap − global (dB)", "test PSNR (dB)",
+              "test PSNR − global (dB)", fid_name]  # fmt: skip
+    return (
+        "mean ± sample std [min..max] over the runs of each configuration (seeds / data shuffles); the "
+        '"− global" columns subtract the global run trained on the same shuffle\n\n' + _md_table(header, rows)
+    )
+
+
 def locality_table(runs: list[RunInfo]) -> tuple[str, dict]:
     groups: dict[tuple, list[list[float]]] = {}
     uniform = None
@@ -491,6 +551,34 @@ def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
     return common.save_figure(fig, path)
 
 
+def plot_paired(runs: list[RunInfo], path: str) -> str | None:
+    """The PSNR gap of every run, per N: windows on the x axis, one line per seed (data shuffle), so that the
+    paired structure (which configuration is lower on the same shuffle) is visible next to the spread."""
+    by = _by_seed(runs, "psnr_gap", "avg_gap")
+    groups = sorted({(k[0], k[2]) for k in by}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+    groups = [g for g in groups if any(len(v) > 1 for k, v in by.items() if (k[0], k[2]) == g)]  # several seeds
+    if not groups:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (v, n) in zip(axes[0], groups, strict=True):
+        ws = _windows_order(k[1] for k in by if (k[0], k[2]) == (v, n))
+        seeds = sorted({s for w in ws for s in by.get((v, w, n), {})})
+        for i, seed in enumerate(seeds):
+            pts = [(j, by[(v, w, n)][seed]) for j, w in enumerate(ws) if seed in by.get((v, w, n), {})]
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", alpha=0.7, label=f"seed {seed}"
+            )
+        means = [_mean_std(list(by.get((v, w, n), {}).values()))[0] for w in ws]
+        ax.plot(range(len(ws)), means, marker="_", markersize=24, ls="none", color="black", label="mean")
+        ax.set_xticks(range(len(ws)), ws, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{v} {_n_label(n)}")
+        ax.set_ylabel("average PSNR gap (dB)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
 def plot_locality(means: dict, uniform_note: bool, path: str) -> str | None:
     if not means:
         return None
@@ -544,6 +632,11 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     pl = placement_table(gap, fid)
     if pl:
         md += ["## Placement (head / mix / tail)", "", pl, ""]
+    sp = spread_table(runs)
+    if sp:
+        md += ["## Per configuration: mean, spread, paired difference to global", "", sp, ""]
+        if plot_paired(runs, common.join(out, "psnr_gap_paired.png")):
+            md += ["![PSNR gap of every run, one line per data shuffle](psnr_gap_paired.png)", ""]
     if loc_md:
         md += ["## Attention locality per block", "", loc_md, ""]
         if plot_locality(loc_means, True, common.join(out, "locality.png")):
@@ -560,10 +653,17 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
 
 
 def run(args) -> int:
-    runs, name = discover(args.grid)
+    grids = [args.grid] if isinstance(args.grid, str) else list(args.grid)
+    runs, names = [], []
+    for g in grids:
+        found, name = discover(g)
+        runs += found
+        names.append(name)
+    name = "+".join(names)
     if not runs:
-        raise ConfigError(f"--grid {args.grid!r}: no runs found (no config.yaml below it)")
-    out = args.out or (str(Path(args.grid) / "report") if Path(args.grid).is_dir() else str(Path("reports") / name))
+        raise ConfigError(f"--grid {' '.join(grids)}: no runs found (no config.yaml below it)")
+    first = grids[0]
+    out = args.out or (str(Path(first) / "report") if Path(first).is_dir() else str(Path("reports") / name))
     build_report(runs, out, args.title or f"Study report: {name}")
     print(f"wrote {common.join(out, 'report.md')} ({len(runs)} runs)")
     return 0

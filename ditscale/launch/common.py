@@ -5,17 +5,48 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditscale import grid as G
 from ditscale import results
+from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
 from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.launch")
 
-DEFAULT_GRID = "configs/grids/celeba32.yaml"
+DEFAULT_GRID = "configs/grids/celeba32.yaml"  # relative to the checkout that holds the ditscale package
+
+
+def checkout_root() -> Path:
+    """The folder holding the ditscale package: the checkout (run from it, or an editable install)."""
+    import ditscale
+
+    return Path(ditscale.__file__).resolve().parents[1]
+
+
+def resolve_grid(grid: str | None) -> tuple[str, bool]:
+    """(grid file, is it the default). A path is taken as given (absolute, or from the working directory), else
+    from the checkout; a bare name ('celeba32') is configs/grids/<name>.yaml. None: the default grid, from the
+    checkout that holds the ditscale package (whatever the working directory)."""
+    root = checkout_root()
+    if grid is None:
+        p = root / DEFAULT_GRID
+        if p.is_file():
+            return str(p), True
+        raise LaunchError(f"the default grid {DEFAULT_GRID} is not in {root} (ditscale installed without its "
+                          "checkout?): give --grid FILE")  # fmt: skip
+    p = Path(grid).expanduser()
+    tries = [p] if p.is_absolute() else [p, root / p]
+    if len(p.parts) == 1 and p.suffix not in (".yaml", ".yml"):
+        tries += [Path("configs/grids") / f"{grid}.yaml", root / "configs" / "grids" / f"{grid}.yaml"]
+    for t in tries:
+        if t.is_file():
+            return str(t), False
+    looked = ", ".join(dict.fromkeys(str(t) for t in tries))
+    raise LaunchError(f"grid file {grid!r} not found (looked at {looked})")
 
 
 @dataclass
@@ -24,10 +55,17 @@ class Plan:
     runs: list[RunSpec]
     done: list[RunSpec] = field(default_factory=list)
     todo: list[RunSpec] = field(default_factory=list)
+    data: object | None = None  # ditscale.launch.prepare.DataPlan when the grid has a data recipe
+    default_grid: bool = False
 
     @property
     def name(self) -> str:
         return self.runs[0].grid if self.runs else Path(self.grid_file).stem
+
+    def header(self) -> str:
+        """The plan's first line: the grid (saying when it is the default one) and its runs."""
+        default = ", the default grid: --grid FILE picks another" if self.default_grid else ""
+        return f"grid {self.name!r} ({self.grid_file}{default}): {len(self.runs)} runs, {len(self.done)} finished"
 
 
 def plan_grid(
@@ -47,11 +85,16 @@ def plan_grid(
     runs = G.expand(grid_file, vars=vars, run_root=run_root, overrides=overrides)
     for r in runs:
         r.resources.update({k: v for k, v in (resources or {}).items() if v is not None})
-    if check_data:
-        G.check_data(runs)
     p = Plan(str(grid_file), runs)
     for r in runs:
         (p.done if RunDir(r.run_dir).is_done(r.config.train.steps) else p.todo).append(r)
+    if check_data:
+        recipe = runs[0].recipe if runs else None
+        if recipe is not None:  # the recipe's outputs are checked (and prepared) by its data plan
+            from ditscale.launch.prepare import plan_data
+
+            p.data = plan_data(recipe, p.todo)
+        G.check_data(runs)
     return p
 
 
@@ -65,7 +108,9 @@ def results_dir(runs: list[RunSpec], default_name: str) -> Path:
 
 def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_help: str) -> None:
     """The options both launchers share: which grid, where its runs go, and the plan/status/collect modes."""
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"grid file (default: {DEFAULT_GRID})")
+    p.add_argument(
+        "--grid", help=f"grid file, or a name in configs/grids (default: {DEFAULT_GRID} of the ditscale checkout)"
+    )
     p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a grid template var")
     p.add_argument("--skip-data-check", action="store_true", help="do not check that data URLs can be read")
@@ -80,10 +125,15 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
 def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> Plan:
     """Expand and validate the grid the shared options name (data URLs are not read for --status/--collect)."""
     check_data = not (args.skip_data_check or args.status or args.collect)
-    return plan_grid(
-        args.grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
+    grid, is_default = resolve_grid(args.grid)
+    if is_default:
+        print(f"grid: {grid} (the default grid; --grid FILE picks another)", file=sys.stderr, flush=True)
+    plan = plan_grid(
+        grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
         resources=resources, check_data=check_data,
     )  # fmt: skip
+    plan.default_grid = is_default
+    return plan
 
 
 def collect_and_print(plan: Plan, results_dir_arg: str | None) -> None:

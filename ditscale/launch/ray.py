@@ -98,13 +98,45 @@ def connect(address: str | None) -> None:
 
 
 def format_plan(plan: Plan, opts: RayOptions) -> str:
-    lines = [f"grid {plan.name!r} ({plan.grid_file}): {len(plan.runs)} runs, {len(plan.done)} finished, "
-             f"{len(plan.todo)} to train on Ray ({opts.address or 'local'})"]  # fmt: skip
+    lines = [f"{plan.header()}, {len(plan.todo)} to train on Ray ({opts.address or 'local'})"]
+    if plan.data is not None:
+        from ditscale.launch.prepare import format_data_plan
+
+        how = {s.name: "Ray task before the runs" + (", after build" if s.needs else "") for s in plan.data.todo}
+        lines += ["", format_data_plan(plan.data, how), ""]
     for r in plan.runs:
         workers = opts.workers_per_run or r.num_tasks
         what = "done" if r in plan.done else "train"
         lines.append(f"  {r.id:<40} {what:<6} workers={workers} gpu={opts.use_gpu}  {r.run_dir}")
     return "\n".join(lines)
+
+
+def prepare_on_ray(plan: Plan) -> dict[str, str]:
+    """Run the grid's missing data steps as Ray tasks before any run starts: the build, then the subsets side by
+    side; each through ditscale.launch.prepare.run_step (its `python -m ditscale data ...` command, under the data
+    folder's lease, skipped once its output verifies). Step name -> 'built' or 'ready'."""
+    dp = plan.data
+    if dp is None or not dp.todo:
+        return {}
+    import ray
+
+    from ditscale.launch.prepare import run_step
+
+    cpus = max(1, min(int(dp.recipe.resources["cpus"]), int(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(num_cpus=cpus, max_retries=0)(run_step)
+    out: dict[str, str] = {}
+    for wave in ([s for s in dp.todo if s.kind == "build"], [s for s in dp.todo if s.kind != "build"]):
+        refs = {s.name: (s, task.remote(s)) for s in wave}
+        failed = []
+        for name, (step, ref) in refs.items():
+            print(f"data {name}: {step.shell} (Ray task)", flush=True)
+            try:
+                out[name] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a task's error arrives wrapped; name the step
+                failed.append(f"  {name}: {type(e).__name__}: {e}")
+        if failed:
+            raise LaunchError("data preparation failed on Ray:\n" + "\n".join(failed))
+    return out
 
 
 def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str, dict[str, Any]]:
@@ -118,7 +150,12 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
     if not plan.todo:
         print(f"grid {plan.name!r}: nothing to train ({len(plan.done)} finished)")
         return {}
+    if plan.data is not None:
+        from ditscale.launch.prepare import check_ready
+
+        check_ready(plan.data)  # before connecting: missing data without its source, conflicts
     connect(opts.address)
+    prepare_on_ray(plan)
 
     def one(run: RunSpec) -> tuple[str, dict[str, Any]]:
         log.info("run %s: training on Ray", run.id)

@@ -31,7 +31,7 @@ LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", 
 
 @dataclass
 class SlurmOptions:
-    partition: str
+    partition: str | None  # None: --status and --collect only
     log_dir: Path
     account: str | None = None
     qos: str | None = None
@@ -41,6 +41,7 @@ class SlurmOptions:
     constraint: str | None = None
     exclude: str | None = None
     setup: list[str] | None = None  # shell lines run before srun (module load, conda activate, ...)
+    prepare_partition: str | None = None  # where data-preparation (CPU) jobs run; default: partition
 
 
 def _slurm_cmd(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -183,19 +184,29 @@ def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
 # --- submit -------------------------------------------------------------------------------------------------
 def format_plan(plan: Plan, opts: SlurmOptions, queued: dict[str, str]) -> str:
     todo = [r for r in plan.todo if r.id not in queued]
-    lines = [f"grid {plan.name!r} ({plan.grid_file}): {len(plan.runs)} runs, {len(plan.done)} finished, "
-             f"{len(plan.todo) - len(todo)} already queued, {len(todo)} to submit"]  # fmt: skip
+    lines = [f"{plan.header()}, {len(plan.todo) - len(todo)} already queued, {len(todo)} to submit"]
+    if plan.data is not None:
+        from ditscale.launch.slurm_prepare import format_preparation
+
+        lines += ["", format_preparation(plan, opts, bool(todo)), ""]
     for r in plan.runs:
         what = "done" if r in plan.done else (f"queued ({queued[r.id]})" if r.id in queued else "submit")
         lines.append(
             f"  {r.id:<40} {what:<22} nodes={r.resources['nodes']} tasks/node={r.tasks_per_node} "
             f"gpus/node={r.resources['gpus_per_node']} time={r.resources['timeout_min']}min  {r.run_dir}"
         )
+    after = ["<data jobs>"] if todo and plan.data is not None and plan.data.todo else []
     for i, (params, group) in enumerate(group_runs(todo, opts)):
         lines.append(f"\njob array {i}: {len(group)} run(s): {', '.join(r.id for r in group)}")
-        lines.append(sbatch_preview(params, len(group), opts))
+        lines.append(sbatch_preview(_after(params, after), len(group), opts))
     lines.append(f"\nsubmitit logs: {opts.log_dir}")
     return "\n".join(lines)
+
+
+def _after(params: dict[str, Any], jobs: list[str]) -> dict[str, Any]:
+    from ditscale.launch.slurm_prepare import with_dependency
+
+    return with_dependency(params, jobs)
 
 
 def queued_runs(plan: Plan, opts: SlurmOptions) -> dict[str, str]:
@@ -239,13 +250,15 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
     if not todo:
         print(f"grid {plan.name!r}: nothing to submit ({len(plan.done)} finished, {len(queued)} queued)")
         return {}
+    from ditscale.launch.slurm_prepare import submit_preparation, with_dependency
     from ditscale.launch.task import TrainTask
 
     opts.log_dir.mkdir(parents=True, exist_ok=True)
+    after = submit_preparation(plan, opts)  # the data jobs the training arrays wait for (afterok)
     jobs = load_jobs(opts.log_dir)
     submitted: dict[str, str] = {}
     for params, group in group_runs(todo, opts):
-        ex = _executor(params, opts)
+        ex = _executor(with_dependency(params, after), opts)
         use_gpus = int(params.get("gpus_per_node") or 0) > 0
         task = TrainTask(use_gpus=use_gpus)
         handles = ex.map_array(task, [r.id for r in group], [r.config_dict() for r in group])
