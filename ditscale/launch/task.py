@@ -169,6 +169,27 @@ def handle_failure(log_dir: str | Path, job_id: str, run_id: str, reason: str, m
     return action
 
 
+def kill_local_srun() -> list[int]:
+    """SIGKILL this job's srun if it runs on this node (the batch node). After a node died, srun waits for tasks
+    that will never report; once the job is requeued Slurm stops tracking it (proctrack/linuxproc loses orphans),
+    and when it finally gives up it cancels step 0 of the job id, which by then is the next life's step."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    killed = []
+    for d in Path("/proc").iterdir() if job else ():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() != "srun":
+                continue
+            if f"SLURM_JOB_ID={job}".encode() not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(d.name), signal.SIGKILL)
+            killed.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 def remove_targets(log_dir: str | Path, run_id: str) -> None:
     """Drop a run's Prometheus file_sd targets (ranks that died cannot remove their own)."""
     for f in (Path(log_dir) / TARGETS).glob(f"{run_id}-rank*.json"):
@@ -271,6 +292,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         job = job_id_from_env()
         action = handle_failure(self.log_dir, job, run_id, f"rank {rank}: {what}", self.max_failures, retry) \
             if self.log_dir and job else None  # fmt: skip
+        if action is not None:
+            kill_local_srun()  # the step is over: an srun left waiting would later cancel the requeued job's step
         tag = rundir.latest_tag() or "none"
         if action == "requeued":
             n = len([r for r in failure_records(self.log_dir, job) if r.get("action") == "requeued"])
