@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,26 +234,44 @@ def test_two_node_run_under_faults(slurm_cluster, prometheus_server, digits8_dir
 
     # node n2 dies: the rank on n1 sees its peer go, requeues the job at once; n2 comes back, the job resumes
     wait_for("a checkpoint", lambda: (run_dir / "checkpoints" / "latest").exists(), 120, slurm_cluster)
-    killed_at = time.monotonic()
+    t = {"killed": time.monotonic()}
     assert slurm_cluster.kill_node("n2"), "no process of the job ran on n2"
     rec = wait_for("the requeue", lambda: T.failure_records(log_dir, job), 120, slurm_cluster)
-    detected_s = time.monotonic() - killed_at
+    t["requeued"] = time.monotonic()
     assert rec[0]["action"] == "requeued" and rec[0]["reason"].startswith("rank 0: ")
     step_at_failure = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     slurm_cluster.start_node("n2")
+    t["node back"] = time.monotonic()
     wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout
              .strip() == "PENDING", 300, slurm_cluster)  # fmt: skip
+    t["pending"] = time.monotonic()
     slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")  # skip Slurm's 2-minute requeue hold
+    err_file = log_dir / job / f"{job}_0_log.err"
+    resumed = wait_for("the resumed trainer", lambda: re.search(r"resumed at step (\d+)", err_file.read_text()),
+                       300, slurm_cluster)  # fmt: skip
+    t["resumed"], wall = time.monotonic(), time.time()
+
+    def new_step():
+        try:
+            last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        except (ValueError, IndexError):  # a line being written
+            return False
+        return last["step"] > int(resumed.group(1)) and last["time"] >= wall - 1
+
+    wait_for("a step after the resume", new_step, 120, slurm_cluster)
+    t["first step"] = time.monotonic()
     wait_for("the run to finish", lambda: (run_dir / "final.json").exists(), 420, slurm_cluster)
     final = json.loads((run_dir / "final.json").read_text())
     assert final["step"] == 80 and final["world_size"] == 2
-    err = (log_dir / job / f"{job}_0_log.err").read_text()
+    err = err_file.read_text()
     assert "failure 1 of 3 allowed (--max-failures): requeued job" in err
     assert f"{RUN2}: resuming from checkpoint step_" in err
     steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 80, "a step logged twice"
     assert not list((log_dir / "targets").glob("*.json")), "finished ranks removed their file_sd targets"
-    print(f"\n[faults] node death -> requeue recorded in {detected_s:.1f} s (step {step_at_failure})")
+    marks = list(t.items())
+    gaps = ", ".join(f"{b} +{t1 - t0:.1f} s" for (_, t0), (b, t1) in zip(marks, marks[1:], strict=False))
+    print(f"\n[faults] node n2 killed at step {step_at_failure}; {gaps}")
     wait_for("the queue to drain", lambda: _queue(slurm_cluster) == "", 120, slurm_cluster)
     st = launcher(*common, *steps, "--status")
     assert f"ended job {job}, 1 failure" in st.stdout and "1 runs: 1 done" in st.stdout
