@@ -163,15 +163,27 @@ def test_killed_driver_and_lost_head(digits8_dir, tmp_path):
             tag = (run_dir / "checkpoints" / "latest").read_text().strip()
             wait_for("a newer checkpoint", lambda: (run_dir / "checkpoints" / "latest").read_text().strip() != tag, 120)
 
-            ended = []
+            ended, gcs_gone = [], []
+
+            def watch_gcs() -> None:
+                while not ended:
+                    try:
+                        socket.create_connection(("127.0.0.1", head.port), timeout=1).close()
+                    except OSError:
+                        gcs_gone.append(time.monotonic())
+                        return
+                    time.sleep(0.1)
+
             watcher = threading.Thread(target=lambda: ended.append((second.wait(), time.monotonic())), daemon=True)
             watcher.start()
+            threading.Thread(target=watch_gcs, daemon=True).start()
             t0 = time.monotonic()
             left = head.stop()  # the head goes away mid-run (SIGTERM to all its processes, SIGKILL after 10 s)
             assert not left, f"processes of the head survived: {sorted(left)}"
             watcher.join(timeout=120)
             rc, t_end = ended[0]
-            print(f"\n[faults] head stop began; the driver ended {t_end - t0:.1f} s later")
+            gone = f", {t_end - gcs_gone[0]:.1f} s after its GCS stopped answering" if gcs_gone else ""
+            print(f"\n[faults] head stop began; the driver ended {t_end - t0:.1f} s later{gone}")
         finally:
             if second.poll() is None:
                 second.kill()

@@ -374,7 +374,10 @@ def run_config(run: RunSpec, opts: RayOptions) -> dict[str, Any]:
     cfg = run.config_dict()
     log_cfg = cfg.get("log", {})
     if log_cfg.get("metrics_port") and "prometheus" in log_cfg.get("loggers", []) and not log_cfg.get("file_sd"):
-        log_cfg["file_sd"] = str(Path(opts.storage).absolute() / TARGETS)
+        storage = str(opts.storage)
+        log_cfg["file_sd"] = (
+            f"{storage.rstrip('/')}/{TARGETS}" if "://" in storage else str(Path(storage).absolute() / TARGETS)
+        )
     return cfg
 
 

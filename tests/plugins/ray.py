@@ -135,7 +135,10 @@ class RayCluster:
     def stop(self) -> set[int]:
         """Stop every process of the cluster; returns those still alive afterwards (should be none)."""
         stop_pids(self.processes())
-        return {p for p in self.processes() if _alive(p)}
+        deadline = time.monotonic() + 10  # a SIGKILLed process takes a moment to go (its memory is freed first)
+        while (left := {p for p in self.processes() if _alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
 
 
 def start_ray_head(num_cpus: int = 4) -> RayCluster:
