@@ -116,10 +116,12 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
     if target == "auto":
         raise LaunchError("--address auto: no running Ray cluster found (start one with `ray start --head`, or set "
                           "RAY_ADDRESS / --address HOST:PORT)")  # fmt: skip
-    if target is not None:
-        why = probe(target, timeout_s=min(5.0, timeout_s))
-        if why:
-            raise LaunchError(f"--address {target}: cannot reach a Ray cluster there ({why})")
+    if target is None:  # a Ray of our own in this process: nothing remote to wait for
+        ray.init(log_to_driver=True, configure_logging=False)
+        return ray.get_runtime_context().gcs_address
+    why = probe(target, timeout_s=min(5.0, timeout_s))
+    if why:
+        raise LaunchError(f"--address {target}: cannot reach a Ray cluster there ({why})")
     # Ray's own connect: bounded by its GCS timeout (default 60 s, retried forever in some paths); keep ours.
     os.environ.setdefault("RAY_py_gcs_connect_timeout_s", str(max(5, int(timeout_s * 2 / 3))))
     os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "5")
@@ -146,7 +148,10 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
     if done.get("error") is not None:
         e = done["error"]
         raise LaunchError(f"--address {target}: cannot connect to a Ray cluster: {type(e).__name__}: {e}") from None
-    gcs = ray.get_runtime_context().gcs_address
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - Ray Client (ray://) has no GCS address here: watch the client server instead
+        return target
     remove_stale_actors()
     return gcs
 
