@@ -127,7 +127,8 @@ def _non_loopback_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
-def test_killed_driver_and_lost_head(digits8_dir, tmp_path):
+def test_killed_driver_and_lost_head(ray_cluster, digits8_dir, tmp_path):
+    """(ray_cluster: the session's head is not used here, but its fixture decides whether Ray tests can run.)"""
     head = start_ray_head(num_cpus=2)
     try:
         ip = _non_loopback_ip()

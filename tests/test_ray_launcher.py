@@ -116,7 +116,7 @@ def test_ray_grid_end_to_end(ray_cluster, digits_data, tmp_path):
         final = json.loads((runs_root / name / "final.json").read_text())
         assert final["step"] == 60 and final["world_size"] == world and final["finished"] is True
     assert "2 runs: 2 done" in text
-    assert not _targets(targets_dir), "finished ranks removed their targets"
+    wait_for("finished ranks to remove their targets", lambda: not _targets(targets_dir), 180)
 
     r = launcher("--address", ray_cluster.address, *common, *overrides)
     assert r.returncode == 0 and "nothing to train (2 finished" in r.stdout

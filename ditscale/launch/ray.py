@@ -14,7 +14,8 @@ Faults, and what the driver does about them:
   run starts (also by --dry-run); the driver never starts more runs at once than the cluster holds; a run that
   fits but finds the cluster busy waits at most `resource_wait_s` (Ray Train's worker-group start timeout, with
   a bounded number of controller retries), then fails with a named error;
-- the cluster is lost (head stopped): no further run is started, ClusterLostError names the address and the runs;
+- the cluster is lost (head stopped): the GCS stops answering the driver's probes (GcsWatch) or a run fails with
+  the GCS gone; no further run is started, ClusterLostError names the address and the runs;
 - metrics: a run with metrics on publishes each rank's exporter under `<storage>/targets/` (file_sd), on the Ray
   node's address; a busy port falls back to a free one (trainer), so concurrent runs never clash;
 - SIGTERM to a worker: the worker's actor thread forwards it to the trainer (ditscale.train.stop.request), which
@@ -33,6 +34,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,9 +463,27 @@ def _wait_error(run: RunSpec, opts: RayOptions, e: BaseException) -> str | None:
             f"on the Ray cluster (free now: {free}); not started: rerun when the cluster has room")  # fmt: skip
 
 
-def _run_all(runs: list[RunSpec], one, k: int) -> dict[str, dict[str, Any]]:
-    """one(run) for every run, k at a time, on daemon threads: the main thread only waits (in short joins), so
-    SIGTERM / Ctrl-C end the driver at once instead of after every running fit() has returned."""
+class GcsWatch:
+    """Whether the cluster is still there, from the driver's side: a TCP probe of the GCS every `every_s`; lost
+    after `misses` probes in a row fail (a few seconds: before Ray's own reaction, which is to end the driver
+    process once the GCS has been gone for 60 s, or at once when its node's raylet went with the head)."""
+
+    def __init__(self, gcs: str | None, every_s: float = 1.5, misses: int = 3):
+        self.gcs, self.every_s, self.misses = gcs, every_s, misses
+        self.failed, self.next = 0, time.monotonic() + every_s
+
+    def lost(self) -> bool:
+        if self.gcs is None or time.monotonic() < self.next:
+            return self.failed >= self.misses
+        self.next = time.monotonic() + self.every_s
+        self.failed = 0 if probe(self.gcs, timeout_s=min(3.0, self.every_s)) is None else self.failed + 1
+        return self.failed >= self.misses
+
+
+def _run_all(runs: list[RunSpec], one, k: int, lost: threading.Event, watch: GcsWatch) -> dict[str, dict[str, Any]]:
+    """one(run) for every run, k at a time, on daemon threads: the main thread only waits (in short joins) and
+    watches the cluster, so SIGTERM / Ctrl-C end the driver at once, and so does the loss of the cluster, without
+    waiting for fit() calls that would return late or never."""
     todo: queue.Queue = queue.Queue()
     for r in runs:
         todo.put(r)
@@ -482,8 +502,11 @@ def _run_all(runs: list[RunSpec], one, k: int) -> dict[str, dict[str, Any]]:
     for t in threads:
         t.start()
     for t in threads:
-        while t.is_alive():
+        while t.is_alive() and not lost.is_set():
             t.join(0.5)
+            if watch.lost():
+                log.error("the Ray cluster at %s does not answer any more", watch.gcs)
+                lost.set()
     return {r.id: out[r.id] for r in runs if r.id in out}
 
 
@@ -547,12 +570,12 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
             ledger.release(run.id)
 
     try:
-        out = _run_all(todo, one, opts.max_concurrent)
+        out = _run_all(todo, one, opts.max_concurrent, lost, GcsWatch(gcs))
     finally:
         if not lost.is_set() and alive(gcs):
             remove_own_actors()
     if lost.is_set():
-        hit = [rid for rid, m in out.items() if m.get("lost")]
+        hit = [rid for rid, m in out.items() if m.get("lost")] or [r.id for r in todo if r.id in ledger.held]
         during = ", ".join(hit) or "?"
         raise ClusterLostError(f"lost the Ray cluster at {gcs} during run(s) {during}; their checkpoints are in the "
                                "run dirs: rerun the command once the cluster is back", out)  # fmt: skip
