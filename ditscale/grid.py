@@ -191,12 +191,14 @@ def expand(
     run_root: str | None = None,
     overrides: list[str] | None = None,
     validate: bool = True,
+    problems: list[str] | None = None,
 ) -> list[RunSpec]:
     """Expand a grid file into its runs (cartesian product of the axes, in file order).
 
     vars override the grid's template variables; run_root replaces the grid's run_dir with `{run_root}/{id}`;
     overrides are dotted `key=value` applied to every run (after the axes). With validate (default), each run's
-    window spec is also checked against its model's depth.
+    window spec is also checked against its model's depth. Every invalid run is reported in one LaunchError; pass
+    a `problems` list to collect them there instead (and get the valid runs back).
     """
     from ditscale.config import parse_overrides
 
@@ -238,113 +240,158 @@ def expand(
 
     runs: list[RunSpec] = []
     seen: dict[str, dict] = {}
+    bad: list[str] = []  # every invalid run is reported, not only the first
     for combo in itertools.product(*[range(len(a.values)) for a in axes]):
-        values = {a.name: a.values[i] for a, i in zip(axes, combo, strict=True)}
-        labels = {a.name: format_label(a.values[i]) for a, i in zip(axes, combo, strict=True)}
-        ctx_values = {**gvars, "grid": name, **values}
-        run_id = _fmt(id_template, {**gvars, "grid": name, **labels}, f"{origin}: id")
-        where = f"{origin}: run {run_id!r}"
-        if run_id in seen:
-            raise LaunchError(f"{where}: duplicate run id (values {values} and {seen[run_id]}); make 'id' unique")
-        seen[run_id] = values
-        ctx = {**ctx_values, "id": run_id}
-        run_tree = _fmt(copy.deepcopy(tree), ctx, f"{where}: config")
-        resources = dict(resources0)
-        dotted: list[tuple[str, Any]] = []
-        for a, i in zip(axes, combo, strict=True):
-            if a.overrides is not None:
-                dotted += list(a.overrides[i].items())
-            elif a.key:
-                dotted.append((a.key, a.values[i]))
-        dotted += list(sets.items())
-        if recipe is not None:
-            for key, _ in dotted:
-                if key in ("data.train", "data.test"):
-                    raise LaunchError(f"{where}: {key} is derived from the grid's data recipe (data.runs picks each "
-                                      f"run's subset); remove {key} from 'set' and 'axes'")  # fmt: skip
-        for key, value in dotted:
-            value = _fmt(value, ctx, f"{where}: key {key!r}")
-            if key.startswith("resources."):
-                rkey = key.split(".", 1)[1]
-                if rkey not in DEFAULT_RESOURCES:
-                    raise LaunchError(f"{where}: unknown key {key!r} (resources: {sorted(DEFAULT_RESOURCES)})")
-                resources[rkey] = value
-            else:
-                try:
-                    _set_dotted(run_tree, key, value)
-                except ConfigError as e:
-                    raise LaunchError(f"{where}: {e}") from None
-        subset = None
-        if recipe is not None:
-            sub, role = recipe.select_for(ctx, where)
-            _set_dotted(run_tree, "data.train", recipe.train_url(sub, role))
-            _set_dotted(run_tree, "data.test", recipe.test_url(sub))
-            subset = sub.name + (f"/{role}" if role else "")
-        run_tree = _merge(run_tree, extra)
-        run_dir = str(_fmt(run_dir_template, ctx, f"{where}: run_dir"))
-        if "://" not in run_dir:
-            run_dir = str(Path(run_dir).absolute())
-        _set_dotted(run_tree, "run.dir", run_dir)
-        _set_dotted(run_tree, "run.name", run_id)
         try:
-            cfg = config_from_dict(run_tree, origin=f"({where})")
-        except ConfigError as e:
-            raise LaunchError(f"{where}: {e}") from None
-        for rkey in ("nodes", "cpus_per_task", "timeout_min"):
-            if not isinstance(resources.get(rkey), int) or resources[rkey] < 1:
-                raise LaunchError(f"{where}: resources.{rkey} must be a positive integer (got {resources[rkey]!r})")
+            values = {a.name: a.values[i] for a, i in zip(axes, combo, strict=True)}
+            labels = {a.name: format_label(a.values[i]) for a, i in zip(axes, combo, strict=True)}
+            ctx_values = {**gvars, "grid": name, **values}
+            run_id = _fmt(id_template, {**gvars, "grid": name, **labels}, f"{origin}: id")
+            where = f"{origin}: run {run_id!r}"
+            if run_id in seen:
+                raise LaunchError(f"{where}: duplicate run id (values {values} and {seen[run_id]}); make 'id' unique")
+            seen[run_id] = values
+            ctx = {**ctx_values, "id": run_id}
+            run_tree = _fmt(copy.deepcopy(tree), ctx, f"{where}: config")
+            resources = dict(resources0)
+            dotted: list[tuple[str, Any]] = []
+            for a, i in zip(axes, combo, strict=True):
+                if a.overrides is not None:
+                    dotted += list(a.overrides[i].items())
+                elif a.key:
+                    dotted.append((a.key, a.values[i]))
+            dotted += list(sets.items())
+            if recipe is not None:
+                for key, _ in dotted:
+                    if key in ("data.train", "data.test"):
+                        raise LaunchError(f"{where}: {key} is derived from the grid's data recipe (data.runs picks "
+                                          f"each run's subset); remove {key} from 'set' and 'axes'")  # fmt: skip
+            for key, value in dotted:
+                value = _fmt(value, ctx, f"{where}: key {key!r}")
+                if key.startswith("resources."):
+                    rkey = key.split(".", 1)[1]
+                    if rkey not in DEFAULT_RESOURCES:
+                        raise LaunchError(f"{where}: unknown key {key!r} (resources: {sorted(DEFAULT_RESOURCES)})")
+                    resources[rkey] = value
+                else:
+                    try:
+                        _set_dotted(run_tree, key, value)
+                    except ConfigError as e:
+                        raise LaunchError(f"{where}: {e}") from None
+            subset = None
+            if recipe is not None:
+                sub, role = recipe.select_for(ctx, where)
+                _set_dotted(run_tree, "data.train", recipe.train_url(sub, role))
+                _set_dotted(run_tree, "data.test", recipe.test_url(sub))
+                subset = sub.name + (f"/{role}" if role else "")
+            run_tree = _merge(run_tree, extra)
+            run_dir = str(_fmt(run_dir_template, ctx, f"{where}: run_dir"))
+            if "://" not in run_dir:
+                run_dir = str(Path(run_dir).absolute())
+            _set_dotted(run_tree, "run.dir", run_dir)
+            _set_dotted(run_tree, "run.name", run_id)
+            try:
+                cfg = config_from_dict(run_tree, origin=f"({where})")
+            except ConfigError as e:
+                raise LaunchError(f"{where}: {e}") from None
+            for rkey in ("nodes", "cpus_per_task", "timeout_min"):
+                if not isinstance(resources.get(rkey), int) or resources[rkey] < 1:
+                    raise LaunchError(f"{where}: resources.{rkey} must be a positive integer (got {resources[rkey]!r})")
+        except LaunchError as e:
+            bad.append(str(e).removeprefix(f"{origin}: "))
+            continue
         runs.append(RunSpec(run_id, cfg, run_dir, resources, values, name, recipe, subset))
     if validate:
-        check_models(runs)
+        runs = check_models(runs, problems=bad)
+    if problems is None:
+        raise_problems(bad, origin)
+    else:
+        problems += bad
     return runs
 
 
-def check_models(runs: list[RunSpec]) -> None:
-    """Each run's model variant exists and its window spec fits the model depth (cheap: built on the meta device)."""
+def raise_problems(problems: list[str], origin: str = "") -> None:
+    """One LaunchError naming every invalid run (one line each; repeated lines once)."""
+    problems = list(dict.fromkeys(problems))
+    where = f"{origin}: " if origin else ""
+    if len(problems) == 1:
+        raise LaunchError(where + problems[0])
+    if problems:
+        raise LaunchError(f"{where}{len(problems)} problems in the grid:\n  " + "\n  ".join(problems))
+
+
+def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list[RunSpec]:
+    """Each run's model variant exists and its window spec fits the model depth (cheap: built on the meta device).
+    Returns the valid runs; the others are reported together (or appended to `problems`)."""
     try:
         import torch
 
         from ditscale.model import DiT_models, parse_windows
     except ImportError:  # model package not available: the trainer validates at start
-        return
-    depths: dict[str, int] = {}
+        return runs
+    depths: dict[str, int | str] = {}  # variant -> depth, or why it cannot be built
+    ok, bad = [], []
     for r in runs:
         m = r.config.model
         where = f"run {r.id!r}"
         if m.variant not in DiT_models:
-            raise LaunchError(f"{where}: model.variant {m.variant!r} is unknown (expected one of {sorted(DiT_models)})")
-        if m.variant not in depths:
+            bad.append(f"{where}: model.variant {m.variant!r} is unknown (expected one of {sorted(DiT_models)})")
+            continue
+        key = f"{m.variant}@{m.input_size}x{m.in_channels}"
+        if key not in depths:
             try:
                 with torch.device("meta"):
                     model = DiT_models[m.variant](input_size=m.input_size, in_channels=m.in_channels, num_classes=1)
-                depths[m.variant] = int(model.depth)
+                depths[key] = int(model.depth)
             except DitscaleError as e:
-                raise LaunchError(f"{where}: model: {e}") from None
+                depths[key] = f"model: {e}"
             except Exception as e:  # noqa: BLE001 - e.g. input_size not divisible by the patch size
-                raise LaunchError(f"{where}: model.variant {m.variant!r} with input_size {m.input_size}: {e}") from None
+                depths[key] = f"model.variant {m.variant!r} with input_size {m.input_size}: {e}"
+        if isinstance(depths[key], str):
+            bad.append(f"{where}: {depths[key]}")
+            continue
         try:
-            parse_windows(m.windows, depths[m.variant])
-        except DitscaleError as e:
-            raise LaunchError(f"{where}: model.windows {m.windows!r}: {e}") from None
-        except (ValueError, TypeError) as e:
-            raise LaunchError(f"{where}: model.windows {m.windows!r}: {e}") from None
+            parse_windows(m.windows, depths[key])
+        except (DitscaleError, ValueError, TypeError) as e:
+            bad.append(f"{where}: model.windows {m.windows!r}: {e}")
+            continue
+        ok.append(r)
+    if problems is None:
+        raise_problems(bad)
+    else:
+        problems += bad
+    return ok
 
 
-def check_data(runs: list[RunSpec]) -> None:
-    """Every run's data.train (and data.test when set) manifest can be read. Errors name the run and the key."""
-    ok: dict[str, str | None] = {}
+def check_data(runs: list[RunSpec], problems: list[str] | None = None) -> list[RunSpec]:
+    """Every run's data.train (and data.test when set) manifest can be read. Errors name the run and the key; every
+    bad run is reported together (or appended to `problems`). Returns the runs whose data can be read."""
+    seen: dict[str, str | None] = {}
+    ok, bad = [], []
     for r in runs:
         made = r.recipe.outputs() if r.recipe is not None else set()  # checked by the recipe's data plan
+        errors = []
         for key in ("train", "test"):
             url = getattr(r.config.data, key)
             if (not url and key == "test") or url in made:
                 continue
             if not url:
-                raise LaunchError(f"run {r.id!r}: data.train is empty (expected a manifest.json URL)")
-            if url not in ok:
-                ok[url] = _manifest_problem(url)
-            if ok[url]:
-                raise LaunchError(f"run {r.id!r}: data.{key} {url!r} cannot be read: {ok[url]}")
+                errors.append(f"run {r.id!r}: data.train is empty (expected a manifest.json URL)")
+                continue
+            if url not in seen:
+                seen[url] = _manifest_problem(url)
+                if seen[url]:
+                    errors.append(f"run {r.id!r}: data.{key} {url!r} cannot be read: {seen[url]}")
+            elif seen[url]:
+                errors.append(f"run {r.id!r}: data.{key} {url!r} cannot be read (as above)")
+        bad += errors
+        if not errors:
+            ok.append(r)
+    if problems is None:
+        raise_problems(bad)
+    else:
+        problems += bad
+    return ok
 
 
 def _manifest_problem(url: str) -> str | None:

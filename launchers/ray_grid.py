@@ -9,12 +9,17 @@ on-premises cluster, or KubeRay on Kubernetes (ray://HOST:10001). The driver blo
   python launchers/ray_grid.py --address auto --grid configs/grids/celeba32.yaml --workers-per-run 8 --gpus
   python launchers/ray_grid.py --grid configs/grids/celeba32.yaml --status
   python launchers/ray_grid.py --grid configs/grids/celeba32.yaml --collect
+
+Exit codes: 0 every run finished, 1 some runs did not finish, 2 nothing started (a bad grid, an unreachable
+address, a run that can never fit the cluster), 3 the Ray cluster was lost (the status table is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ditscale.errors import DitscaleError  # noqa: E402
 from ditscale.launch.common import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
+
+EXIT_CLUSTER_LOST = 3  # 1: runs did not finish, 2: a user error (nothing started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: the grid's)")
     p.add_argument("--max-concurrent", type=int, default=1, help="runs trained at the same time (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per run (default: 3)")
-    p.add_argument("--storage", help="Ray Train bookkeeping dir (default: <runs parent>/_ray)")
+    p.add_argument("--storage", help="Ray Train bookkeeping and file_sd targets (default: <runs parent>/_ray)")
+    p.add_argument(
+        "--connect-timeout", type=float, default=30, metavar="SECONDS",
+        help="give up on an --address that does not answer after this long (30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resource-wait", type=float, default=600, metavar="SECONDS",
+        help="how long a run that fits the cluster may wait for busy resources before it fails (600)",
+    )  # fmt: skip
     add_grid_arguments(
         p, dry_run_help="print the plan; start nothing", status_help="show each run's state (from the run dirs)"
     )
@@ -50,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM ends the driver at once, through its clean-up (Ray's exit hooks, this driver's leftover actors)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from ditscale import results
     from ditscale.launch import ray as R
     from ditscale.launch import results_dir
@@ -67,15 +84,22 @@ def main(argv: list[str] | None = None) -> int:
             address=None if args.address in ("", "local") else args.address,
             workers_per_run=args.workers_per_run, use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker,
             max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-            storage=Path(args.storage or base / "_ray"),
+            storage=Path(args.storage or base / "_ray"), connect_timeout_s=args.connect_timeout,
+            resource_wait_s=args.resource_wait,
         )  # fmt: skip
-        out = R.run_grid(plan, opts, dry_run=args.dry_run)
+        try:
+            out = R.run_grid(plan, opts, dry_run=args.dry_run)
+        except R.ClusterLostError as e:
+            print(results.format_status(results.run_states(plan.runs)), flush=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(EXIT_CLUSTER_LOST)  # nothing more to say to a dead cluster (Ray's exit hooks would wait on it)
         if args.dry_run:
             return 0
         print(results.format_status(results.run_states(plan.runs)))
         failed = [rid for rid, m in out.items() if not m.get("finished")]
         if failed:
-            print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+            errors = "".join(f"\n  {rid}: {out[rid]['error']}" for rid in failed if out[rid].get("error"))
+            print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}{errors}", file=sys.stderr)
             return 1
         return 0
     except DitscaleError as e:

@@ -41,11 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-partition", help="partition of the data-preparation CPU jobs (default: --partition)")
     p.add_argument("--nodes", type=int, help="nodes per run (default: the grid's resources.nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node (default: the grid's)")
-    p.add_argument("--time", help="time limit per job: minutes or H:MM:SS (default: the grid's timeout_min)")
+    p.add_argument(
+        "--time", help="time limit per job in a Slurm format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+        "(default: the grid's timeout_min)",
+    )  # fmt: skip
     p.add_argument("--account", help="Slurm account (sbatch --account)")
     p.add_argument("--qos", help="Slurm QOS (sbatch --qos)")
     p.add_argument("--array-parallelism", type=int, default=64, help="max array tasks running at once (64)")
     p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time-limit hit per run (3)")
+    p.add_argument(
+        "--max-failures", type=int, default=3,
+        help="requeues after a failure (a rank crashed, a node or the network was lost) per run (3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stall-after", type=float, default=600, metavar="SECONDS",
+        help="--status: call a running run stalled when it logged no step for this long (600)",
+    )  # fmt: skip
     p.add_argument("--log-dir", help="submitit logs and jobs.json (default: <runs parent>/_slurm)")
     p.add_argument("--setup", action="append", help="shell line run in the job before srun (repeatable)")
     add_grid_arguments(
@@ -54,18 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--wait", action="store_true", help="after submitting, wait until every run ends")
     return p
-
-
-def parse_time(text: str | None) -> int | None:
-    if text is None:
-        return None
-    parts = [int(x) for x in text.split(":")]
-    if len(parts) == 1:
-        return parts[0]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return h * 60 + m + (1 if s else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --partition is required for {mode} (sinfo lists the partitions)", file=sys.stderr)
         return 2
     try:
-        resources = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": parse_time(args.time)}
+        timeout = S.parse_time(args.time)
+        resources = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": timeout}
         plan = plan_from_args(args, resources)
         base = results_dir(plan.runs, plan.name)
         opts = S.SlurmOptions(
             partition=args.partition, log_dir=Path(args.log_dir or base / "_slurm").absolute(),
             account=args.account, qos=args.qos, array_parallelism=args.array_parallelism,
-            max_num_timeout=args.max_timeouts, setup=args.setup, prepare_partition=args.prepare_partition,
+            max_num_timeout=args.max_timeouts, setup=args.setup, max_failures=args.max_failures,
+            stall_after_s=args.stall_after, prepare_partition=args.prepare_partition,
         )  # fmt: skip
         if args.status:
             print(S.status(plan, opts))

@@ -150,6 +150,28 @@ def test_check_data_names_run_and_key(tmp_path):
     assert "t-0" in str(e.value) and "data.train" in str(e.value) and "/nonexistent/manifest.json" in str(e.value)
 
 
+def test_every_bad_run_reported_at_once(tmp_path):
+    """Config, window-spec and data problems of several runs come back in one error, one line per run."""
+    from ditscale.launch.common import plan_grid
+
+    axes = (
+        "axes:\n  windows: {key: model.windows, values: [global, local@head, 3x2@head]}\n"
+        "  steps: {key: train.steps, values: [10, -1], prefix: steps}\n"
+    )
+    with pytest.raises(LaunchError) as e:
+        plan_grid(_grid(tmp_path, BASE + axes))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "6 problems in the grid:", lines
+    body = "\n".join(lines[1:])
+    for bad_steps in ("t-global-steps-1", "t-local@head-steps-1", "t-3x2@head-steps-1"):
+        (line,) = [x for x in lines if x.startswith(f"  run '{bad_steps}': ")]
+        assert "train.steps" in line
+    assert "run 't-local@head-steps10': model.windows 'local@head'" in body
+    # data: the first unreadable manifest is explained once, later runs point at it
+    assert "run 't-global-steps10': data.train '/nonexistent/manifest.json' cannot be read: " in body
+    assert "run 't-3x2@head-steps10': data.train '/nonexistent/manifest.json' cannot be read (as above)" in body
+
+
 # --- results table on synthetic run dirs ---------------------------------------------------------------------
 def _fake_runs(tmp_path):
     p = _grid(tmp_path, BASE + "axes:\n  s: {key: run.seed, values: [0, 1, 2, 3], prefix: s}\n")

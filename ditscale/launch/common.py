@@ -82,9 +82,13 @@ def plan_grid(
     resources (e.g. {"nodes": 2, "gpus_per_node": 8, "timeout_min": 60}) override every run's resources.
     Raises LaunchError naming the run and the key before anything is submitted.
     """
-    runs = G.expand(grid_file, vars=vars, run_root=run_root, overrides=overrides)
+    problems: list[str] = []  # every bad run in one error: config, window spec, data
+    runs = G.expand(grid_file, vars=vars, run_root=run_root, overrides=overrides, problems=problems)
     for r in runs:
         r.resources.update({k: v for k, v in (resources or {}).items() if v is not None})
+    if check_data:  # a recipe's outputs are left to its data plan (below)
+        G.check_data(runs, problems=problems)
+    G.raise_problems(problems)
     p = Plan(str(grid_file), runs)
     for r in runs:
         (p.done if RunDir(r.run_dir).is_done(r.config.train.steps) else p.todo).append(r)
@@ -94,7 +98,6 @@ def plan_grid(
             from ditscale.launch.prepare import plan_data
 
             p.data = plan_data(recipe, p.todo)
-        G.check_data(runs)
     return p
 
 

@@ -1,15 +1,28 @@
 """Slurm launcher: one submitit job array per resource shape, one array task per run, requeue on preemption.
 
-`submit(plan, opts)` checks the partition, groups the runs that are not finished (and not already queued) by
-their resources, and submits one array per group with TrainTask (ditscale.launch.task). The submission is
-recorded in `<log dir>/jobs.json` (run id -> Slurm job id), which `--status` joins with `squeue`.
+`submit(plan, opts)` checks the partition and what its nodes have (GPUs, CPUs, memory, node count: `sinfo`) and the
+time limit against the checkpoint signal's margin, skips runs that already have a writer (a live trainer holding
+the run dir, or a queued/running job of any log dir: ditscale.launch.guard), groups the rest by their resources,
+and submits one array per group with TrainTask (ditscale.launch.task). The submission is recorded in
+`<log dir>/jobs.json` (run id -> Slurm job id) and in each run dir's `launch.json`; `--status` joins them with
+`squeue` and shows runs whose ranks stopped making progress as stalled.
+
+Faults: every step runs under `srun --kill-on-bad-exit=1` (one rank exiting abnormally ends the whole step at
+once), and a failed job is requeued from the task or the job script, at most `max_failures` times per job
+(ditscale.launch.task). Runs with metrics on publish each rank's exporter under `<log dir>/targets/` for
+Prometheus' file_sd (trainer: log.file_sd).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,9 +33,11 @@ from typing import Any
 
 from ditscale import results
 from ditscale.errors import LaunchError
-from ditscale.grid import RunSpec
+from ditscale.grid import RunSpec, raise_problems
 from ditscale.io.rundir import PENDING, STARTED, RunDir
+from ditscale.launch import guard
 from ditscale.launch.common import Plan
+from ditscale.launch.task import TARGETS, failure_records
 
 log = logging.getLogger("ditscale.launch")
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -41,7 +56,59 @@ class SlurmOptions:
     constraint: str | None = None
     exclude: str | None = None
     setup: list[str] | None = None  # shell lines run before srun (module load, conda activate, ...)
+    max_failures: int = 3  # requeues after a failure (a rank, a node, the network), per job
+    stall_after_s: float = 600.0  # --status: a running job without a new step for this long is "stalled"
+    min_train_s: float = 600.0  # warn when a job life leaves less training time than this
     prepare_partition: str | None = None  # where data-preparation (CPU) jobs run; default: partition
+
+
+# --- time limits ----------------------------------------------------------------------------------------------
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_time(text: str | int | None, option: str = "--time") -> int | None:
+    """A Slurm time limit in whole minutes (seconds round up). Slurm's formats: minutes, MM:SS, HH:MM:SS,
+    D-HH, D-HH:MM, D-HH:MM:SS. Raises LaunchError naming the option and the value otherwise."""
+    if text is None or isinstance(text, int):
+        return text
+    m = _TIME.match(str(text).strip())
+    if not m:
+        raise LaunchError(
+            f"{option} {text!r}: not a Slurm time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
+    days, a, b, c = m.groups()
+    if days is None and b is None:  # M
+        h, mins, secs = 0, int(a), 0
+    elif days is None:  # M:S | H:M:S
+        h, mins, secs = (0, int(a), int(b)) if c is None else (int(a), int(b), int(c))
+    else:  # D-H | D-H:M | D-H:M:S
+        h, mins, secs = int(a), int(b or 0), int(c or 0)
+    total = (int(days or 0) * 24 + h) * 60 + mins + math.ceil(secs / 60)
+    if total < 1:
+        raise LaunchError(f"{option} {text!r}: the time limit must be at least one minute")
+    return total
+
+
+def check_time(runs: list[RunSpec], opts: SlurmOptions) -> list[str]:
+    """Each job life trains from its start until the checkpoint signal, `signal_delay_s` before the time limit.
+    Raises LaunchError when that leaves nothing; returns warnings when it leaves less than `min_train_s`."""
+    warnings, errors = [], []
+    for minutes in sorted({int(r.resources["timeout_min"]) for r in runs}):
+        ids = [r.id for r in runs if int(r.resources["timeout_min"]) == minutes]
+        who = f"{len(ids)} run(s)" if len(ids) > 3 else ", ".join(ids)
+        train_s = minutes * 60 - opts.signal_delay_s
+        if train_s <= 0:
+            errors.append(f"--time {minutes} min ({who}): the checkpoint signal comes {opts.signal_delay_s} s "
+                          "before the limit, which leaves no time to train")  # fmt: skip
+        elif train_s < opts.min_train_s:
+            advice = math.ceil((opts.min_train_s + opts.signal_delay_s) / 60)
+            warnings.append(f"--time {minutes} min ({who}) leaves about {train_s / 60:.0f} min of training per job "
+                            f"life (start-up included; the checkpoint signal comes {opts.signal_delay_s} s before "
+                            f"the limit): expect a requeue every few minutes; --time {advice} or more is "
+                            "better")  # fmt: skip
+    if errors:
+        raise LaunchError("; ".join(errors))
+    return warnings
 
 
 def _slurm_cmd(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -64,13 +131,79 @@ def check_partition(partition: str, gpus_per_node: int = 0) -> None:
     if partition not in known:
         raise LaunchError(f"--partition {partition!r}: unknown Slurm partition (known: {', '.join(known) or 'none'})")
     if gpus_per_node > 0:
-        r = _slurm_cmd("sinfo", "-h", "-p", partition, "-o", "%G")
-        gres = r.stdout.strip()
-        if r.returncode == 0 and "gpu" not in gres:
+        nodes = partition_nodes(partition)
+        if nodes and not any(n["gpus"] for n in nodes):
+            gres = ", ".join(sorted({n["gres"] for n in nodes}))
             raise LaunchError(
                 f"--partition {partition!r}: its nodes have no GPU gres ({gres or 'none'}) but the runs ask for "
                 f"{gpus_per_node} GPU(s) per node (use --gpus-per-node 0 for CPU runs)"
             )
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a node's gres string: 'gpu:2', 'gpu:a100:4(S:0-1)', 'gpu:2,shard:8' -> 2, 4, 2; '(null)' -> 0."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres or ""):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def partition_nodes(partition: str) -> list[dict[str, Any]]:
+    """The nodes of a partition as sinfo reports them: name, CPUs, memory (MB), gres, GPUs, state."""
+    r = _slurm_cmd("sinfo", "-h", "-N", "-p", partition, "-o", "%N|%c|%m|%G|%t")
+    if r.returncode != 0:
+        raise LaunchError(f"sinfo -p {partition} failed: {r.stderr.strip()}")
+    nodes: dict[str, dict[str, Any]] = {}
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        name, cpus, mem, gres, state = parts
+        nodes[name] = {"name": name, "cpus": int(cpus) if cpus.isdigit() else 0,
+                       "mem_mb": int(mem) if mem.isdigit() else 0, "gres": gres, "gpus": _gpu_count(gres),
+                       "state": state}  # fmt: skip
+    return list(nodes.values())
+
+
+def check_resources(runs: list[RunSpec], partition: str) -> None:
+    """Every run fits the partition's nodes (node count, GPUs, CPUs and memory per node, from sinfo); else one
+    LaunchError naming each run that can never start and what it asks for."""
+    nodes = partition_nodes(partition)
+    if not nodes:
+        return
+    most = {k: max(n[k] for n in nodes) for k in ("gpus", "cpus", "mem_mb")}
+    inventory = ", ".join(f"{n['name']}: {n['cpus']} CPUs, {n['gres']}" for n in nodes[:4])
+    inventory += f", ... ({len(nodes)} nodes)" if len(nodes) > 4 else ""
+    problems = []
+    for r in runs:
+        res, where = r.resources, f"run {r.id!r}"
+        gpus, cpus = int(res.get("gpus_per_node") or 0), r.tasks_per_node * int(res.get("cpus_per_task") or 1)
+        if int(res["nodes"]) > len(nodes):
+            problems.append(f"{where}: {res['nodes']} nodes asked (--nodes), partition {partition!r} has "
+                            f"{len(nodes)} ({inventory})")  # fmt: skip
+        if gpus > most["gpus"]:
+            problems.append(f"{where}: {gpus} GPUs per node asked (--gpus-per-node), the nodes of partition "
+                            f"{partition!r} have at most {most['gpus']} ({inventory})")  # fmt: skip
+        if cpus > most["cpus"]:
+            problems.append(f"{where}: {cpus} CPUs per node asked ({r.tasks_per_node} tasks x cpus_per_task "
+                            f"{res.get('cpus_per_task')}), the nodes of partition {partition!r} have at most "
+                            f"{most['cpus']} ({inventory})")  # fmt: skip
+        if res.get("mem_gb") and most["mem_mb"] and int(res["mem_gb"]) * 1024 > most["mem_mb"]:
+            problems.append(f"{where}: {res['mem_gb']} GB per node asked (resources.mem_gb), the nodes of "
+                            f"partition {partition!r} have at most {most['mem_mb'] // 1024} GB")  # fmt: skip
+    if len(problems) > 1:
+        raise LaunchError(f"{len(problems)} requests cannot fit partition {partition!r}:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
+
+
+def teardown_lines(opts: SlurmOptions) -> list[str]:
+    """The job script's last lines, after srun: a failed step that no rank could report is requeued there."""
+    cmd = [sys.executable, "-m", "ditscale.launch.task", "after-srun", "--log-dir", str(opts.log_dir),
+           "--max-failures", str(opts.max_failures)]  # fmt: skip
+    return [f'ditscale_rc=$?; if [ "$ditscale_rc" -ne 0 ]; then {shlex.join(cmd)} --rc "$ditscale_rc"; fi; '
+            'exit "$ditscale_rc"']  # fmt: skip
 
 
 def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
@@ -86,6 +219,8 @@ def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
         "array_parallelism": opts.array_parallelism,
         "signal_delay_s": opts.signal_delay_s,
         "additional_parameters": {"requeue": True},
+        "srun_args": ["--kill-on-bad-exit=1"],  # one rank exiting abnormally ends the step: no half-dead jobs
+        "teardown": teardown_lines(opts),
     }
     if int(res.get("gpus_per_node") or 0) > 0:
         params["gpus_per_node"] = int(res["gpus_per_node"])
@@ -124,7 +259,7 @@ def sbatch_preview(params: dict[str, Any], n: int, opts: SlurmOptions) -> str:
     if n > 1:
         p["map_count"] = n
     text = _make_sbatch_string(command=ex._submitit_command_str, folder=str(opts.log_dir / "%j"), **p)
-    return "\n".join(line for line in text.splitlines() if line.startswith("#SBATCH"))
+    return "\n".join(line for line in text.splitlines() if line.startswith(("#SBATCH", "srun ")))
 
 
 # --- job records --------------------------------------------------------------------------------------------
@@ -150,47 +285,66 @@ def _save_jobs(opts: SlurmOptions, jobs: dict[str, dict[str, Any]]) -> None:
     os.replace(tmp, f)
 
 
-def squeue_states() -> dict[str, str]:
-    """Slurm job id (array tasks as '12_3') -> state, for this user's queued and running jobs."""
+def squeue_jobs() -> dict[str, dict[str, Any]]:
+    """Slurm job id (array tasks as '12_3') -> {"state", "start" (epoch s or None), "nodes"} for this user's jobs."""
     user = os.environ.get("USER") or __import__("getpass").getuser()
-    r = _slurm_cmd("squeue", "-h", "-r", "-u", user, "-o", "%i|%T")
+    r = _slurm_cmd("squeue", "-h", "-r", "-u", user, "-o", "%i|%T|%S|%N")
     if r.returncode != 0:
         raise LaunchError(f"squeue failed: {r.stderr.strip()}")
     out = {}
     for line in r.stdout.splitlines():
-        if "|" in line:
-            jid, state = line.strip().split("|", 1)
-            out[jid] = state
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        jid, state, start, nodes = parts
+        try:
+            t = time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            t = None
+        out[jid] = {"state": state, "start": t, "nodes": nodes}
     return out
 
 
-def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
-    """run id -> 'RUNNING job 12_0' for runs whose recorded job is still known to squeue."""
+def squeue_states() -> dict[str, str]:
+    """Slurm job id (array tasks as '12_3') -> state, for this user's queued and running jobs."""
+    return {jid: j["state"] for jid, j in squeue_jobs().items()}
+
+
+def scheduler_view(runs: list[RunSpec], log_dir: Path, live: dict[str, str] | None = None) -> dict[str, str]:
+    """run id -> 'RUNNING job 12_0' (or 'ended job 12_0'), with the failures recorded for that job."""
     jobs = load_jobs(log_dir)
-    try:
-        live = squeue_states()
-    except LaunchError:
-        live = {}
+    if live is None:
+        try:
+            live = squeue_states()
+        except LaunchError:
+            live = {}
     view = {}
     for r in runs:
         rec = jobs.get(r.id)
         if not rec:
             continue
-        state = live.get(rec["job_id"])
-        view[r.id] = f"{state} job {rec['job_id']}" if state else f"ended job {rec['job_id']}"
+        jid = rec["job_id"]
+        state = live.get(jid)
+        view[r.id] = f"{state} job {jid}" if state else f"ended job {jid}"
+        fails = [f for f in failure_records(log_dir, jid) if f.get("action") != "not retried"]
+        if fails:
+            last = fails[-1]["action"]
+            view[r.id] += f", {len(fails)} failure{'s' if len(fails) > 1 else ''}" + (
+                f" ({last})" if last != "requeued" else ""
+            )
     return view
 
 
 # --- submit -------------------------------------------------------------------------------------------------
 def format_plan(plan: Plan, opts: SlurmOptions, queued: dict[str, str]) -> str:
     todo = [r for r in plan.todo if r.id not in queued]
-    lines = [f"{plan.header()}, {len(plan.todo) - len(todo)} already queued, {len(todo)} to submit"]
+    lines = [f"{plan.header()}, {len(plan.todo) - len(todo)} already queued or running, {len(todo)} to submit"]
     if plan.data is not None:
         from ditscale.launch.slurm_prepare import format_preparation
 
         lines += ["", format_preparation(plan, opts, bool(todo)), ""]
     for r in plan.runs:
-        what = "done" if r in plan.done else (f"queued ({queued[r.id]})" if r.id in queued else "submit")
+        what = "done" if r in plan.done else (f"skip: {queued[r.id]}" if r.id in queued else "submit")
         lines.append(
             f"  {r.id:<40} {what:<22} nodes={r.resources['nodes']} tasks/node={r.tasks_per_node} "
             f"gpus/node={r.resources['gpus_per_node']} time={r.resources['timeout_min']}min  {r.run_dir}"
@@ -209,18 +363,46 @@ def _after(params: dict[str, Any], jobs: list[str]) -> dict[str, Any]:
     return with_dependency(params, jobs)
 
 
-def queued_runs(plan: Plan, opts: SlurmOptions) -> dict[str, str]:
-    """Runs of this grid whose recorded Slurm job is still pending or running (never submitted twice)."""
+def queued_runs(plan: Plan, opts: SlurmOptions, live: dict[str, str] | None = None) -> dict[str, str]:
+    """Runs of this grid that already have a writer, never submitted twice: a live trainer holds the run dir, or a
+    job of any log dir (the run dir's launch.json, or this log dir's jobs.json) is still queued or running."""
+    live = {jid: st for jid, st in (squeue_states() if live is None else live).items() if st in LIVE_STATES}
+    out = guard.busy(plan.todo, live)
     jobs = load_jobs(opts.log_dir)
-    if not jobs:
-        return {}
-    live = squeue_states()
-    out = {}
     for r in plan.todo:
         rec = jobs.get(r.id)
-        if rec and live.get(rec["job_id"]) in LIVE_STATES:
-            out[r.id] = f"{live[rec['job_id']]} job {rec['job_id']}"
+        if r.id not in out and rec and rec["job_id"] in live:
+            out[r.id] = f"{live[rec['job_id']]} as Slurm job {rec['job_id']}"
     return out
+
+
+def with_file_sd(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
+    """The run's config for its job: with metrics on, every rank publishes its exporter as a Prometheus file_sd
+    target under <log dir>/targets (removed when the rank ends)."""
+    cfg = run.config_dict()
+    log_cfg = cfg.get("log", {})
+    if log_cfg.get("metrics_port") and "prometheus" in log_cfg.get("loggers", []) and not log_cfg.get("file_sd"):
+        log_cfg["file_sd"] = str(opts.log_dir / TARGETS)
+    return cfg
+
+
+def _submit_group(ex, task, group: list[RunSpec], opts: SlurmOptions):
+    """map_array with sbatch's complaint turned into a LaunchError and submitit's leftovers removed."""
+    import submitit
+
+    before = set(opts.log_dir.iterdir()) if opts.log_dir.is_dir() else set()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return ex.map_array(task, [r.id for r in group], [with_file_sd(r, opts) for r in group])
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+        for leftover in set(opts.log_dir.iterdir()) - before:  # the job pickles and script of the refused array
+            if leftover.is_file() and (leftover.suffix == ".pkl" or leftover.name.startswith(".submission_file")):
+                leftover.unlink(missing_ok=True)
+        detail = (str(e).strip() or err.getvalue().strip()).splitlines()
+        ids = ", ".join(r.id for r in group)
+        why = detail[-1] if detail else type(e).__name__
+        raise LaunchError(f"sbatch refused the job array of {ids}: {why}") from None
 
 
 def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str, str]:
@@ -237,7 +419,10 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
         reachable = False
     if reachable:
         check_partition(opts.partition, gpus)
+        check_resources(plan.todo, opts.partition)
         queued = queued_runs(plan, opts)
+    for w in check_time(plan.todo, opts):
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     if dry_run:
         print(format_plan(plan, opts, queued))
         print("\ndry run: nothing submitted")
@@ -246,9 +431,9 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
     for r in plan.done:
         log.info("skip %s: finished", r.id)
     for rid, what in queued.items():
-        log.info("skip %s: %s", rid, what)
+        print(f"skip {rid}: {what}", flush=True)
     if not todo:
-        print(f"grid {plan.name!r}: nothing to submit ({len(plan.done)} finished, {len(queued)} queued)")
+        print(f"grid {plan.name!r}: nothing to submit ({len(plan.done)} finished, {len(queued)} queued or running)")
         return {}
     from ditscale.launch.slurm_prepare import submit_preparation, with_dependency
     from ditscale.launch.task import TrainTask
@@ -260,11 +445,13 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
     for params, group in group_runs(todo, opts):
         ex = _executor(with_dependency(params, after), opts)
         use_gpus = int(params.get("gpus_per_node") or 0) > 0
-        task = TrainTask(use_gpus=use_gpus)
-        handles = ex.map_array(task, [r.id for r in group], [r.config_dict() for r in group])
+        task = TrainTask(use_gpus=use_gpus, log_dir=str(opts.log_dir), max_failures=opts.max_failures,
+                         max_timeouts=opts.max_num_timeout)  # fmt: skip
+        handles = _submit_group(ex, task, group, opts)
         for r, h in zip(group, handles, strict=True):
             submitted[r.id] = h.job_id
             jobs[r.id] = {"job_id": h.job_id, "submitted": time.time(), "log_dir": str(opts.log_dir)}
+            guard.record(r.run_dir, launcher="slurm", job_id=h.job_id, log_dir=str(opts.log_dir))
         _save_jobs(opts, jobs)
         print(f"submitted job array {handles[0].job_id.split('_')[0]}: {len(group)} run(s)", flush=True)
     for rid, jid in submitted.items():
@@ -272,16 +459,58 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
     return submitted
 
 
+# --- status -------------------------------------------------------------------------------------------------
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h{(s % 3600) // 60:02d}m")
+
+
+def stall(run: RunSpec, job: dict[str, Any] | None, opts: SlurmOptions, now: float | None = None) -> str | None:
+    """Why a run counts as stalled ("last step 86 7m ago", "no step since the job started 12m ago, no live
+    trainer"), or None: its job runs but no step was logged since the later of the last step and the job's start
+    for `stall_after_s` (or 5 logging intervals, if longer)."""
+    if not job or job.get("state") != "RUNNING":
+        return None
+    now = time.time() if now is None else now
+    st = RunDir(run.run_dir).status(run.config.train.steps)
+    if st.state == "done":
+        return None
+    last = st.last or {}
+    marks = [t for t in (last.get("time"), job.get("start")) if isinstance(t, (int, float))]
+    if not marks:
+        return None
+    interval = float(last.get("step_time") or 0) * run.config.log.every
+    if now - max(marks) <= max(opts.stall_after_s, 5 * interval):
+        return None
+    if isinstance(last.get("time"), (int, float)) and last["time"] >= (job.get("start") or 0):
+        why = f"last step {last.get('step')} {_age(now - last['time'])} ago"
+    else:
+        why = f"no step since the job started {_age(now - job['start'])} ago"
+    return why + ("" if st.holder else ", no live trainer")
+
+
 def status(plan: Plan, opts: SlurmOptions) -> str:
     """Each run's state from its run dir joined with squeue; a run whose job ended without final.json is
-    'failed' (no checkpoint: look at the submitit log) or 'resumable' (rerun the launcher to resume it)."""
-    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir))
+    'failed' (no checkpoint: look at the submitit log) or 'resumable' (rerun the launcher to resume it); a run
+    whose job runs without progress is 'stalled' with the age of its last step."""
+    try:
+        live_jobs = squeue_jobs()
+    except LaunchError:
+        live_jobs = {}
+    live = {jid: j["state"] for jid, j in live_jobs.items()}
+    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir, live))
     jobs = load_jobs(opts.log_dir)
+    by_id = {r.id: r for r in plan.runs}
     for row in rows:
+        rec = jobs.get(row["run"])
         if row["scheduler"].startswith("ended") and row["state"] in (PENDING, STARTED):
             row["state"] = "failed"
-            jid = jobs[row["run"]]["job_id"]
+            jid = rec["job_id"]
             row["checkpoint"] = f"see {opts.log_dir}/{jid}/{jid}_0_log.err"
+        elif rec:
+            why = stall(by_id[row["run"]], live_jobs.get(rec["job_id"]), opts)
+            if why:
+                row["state"], row["scheduler"] = "stalled", f"{row['scheduler']}; {why}"
     return results.format_status(rows)
 
 
@@ -296,9 +525,7 @@ def wait(plan: Plan, opts: SlurmOptions, poll_s: float = 5.0, timeout_s: float |
         jobs = load_jobs(opts.log_dir)
         live = squeue_states()
         waiting = [
-            r.id
-            for r in plan.runs
-            if not _done(r) and live.get(jobs.get(r.id, {}).get("job_id", "")) in LIVE_STATES
+            r.id for r in plan.runs if not _done(r) and live.get(jobs.get(r.id, {}).get("job_id", "")) in LIVE_STATES
         ]
         if not waiting:
             return all(_done(r) for r in plan.runs)

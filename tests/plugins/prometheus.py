@@ -83,6 +83,7 @@ class PrometheusServer:
     proc: subprocess.Popen | None = None
     targets: dict[str, list[str]] = field(default_factory=dict)
     rule_files: list[Path] = field(default_factory=list)
+    file_sd: dict[str, list[str]] = field(default_factory=dict)  # job -> file_sd_configs files (globs)
 
     @property
     def url(self) -> str:
@@ -112,7 +113,14 @@ class PrometheusServer:
                 "    static_configs:",
                 f"      - targets: {json.dumps(targets)}",
             ]
-        if not self.targets:
+        for job, files in self.file_sd.items():
+            lines += [
+                f"  - job_name: {json.dumps(job)}",
+                "    file_sd_configs:",
+                f"      - files: {json.dumps(files)}",
+                "        refresh_interval: 1s",
+            ]
+        if not self.targets and not self.file_sd:
             lines[-1] = "scrape_configs: []"
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -170,9 +178,11 @@ class PrometheusServer:
         if status != 200:
             raise RuntimeError(f"prometheus reload failed ({status}): {body[:500]!r}\n{self.log_tail()}")
 
-    def set_targets(self, targets: dict[str, list[str]]) -> None:
-        """Replace the scrape config with `{job_name: ["host:port", ...]}` and reload."""
+    def set_targets(self, targets: dict[str, list[str]], file_sd: dict[str, list[str]] | None = None) -> None:
+        """Replace the scrape config with `{job_name: ["host:port", ...]}` (and file_sd jobs: `{job_name:
+        ["<dir>/*.json", ...]}`, the only way to find targets whose ports are picked at run time) and reload."""
         self.targets = {job: list(t) for job, t in targets.items()}
+        self.file_sd = {job: list(f) for job, f in (file_sd or {}).items()}
         self._write_config()
         self.reload()
 

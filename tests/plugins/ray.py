@@ -1,17 +1,28 @@
 """A real local Ray cluster for tests: `ray start --head` on loopback with a unique --temp-dir.
 
+Loopback: `ray start` turns --node-ip-address=127.0.0.1 into the host's address, unless Ray's single-machine mode
+is on (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows): then every server of the head
+(GCS, raylet, agents, client server) binds 127.0.0.1 only.
+
 Every process the head spawned (gcs_server, raylet, dashboard agents, workers, ...) is found by the temp dir in
-its command line or by descent from such a process, and stopped by PID at the end: SIGTERM, a grace period,
-then SIGKILL for survivors (`ray stop` matches by process name and could hit other clusters). Skips when Ray
-is not installed (it is an extra: pip install 'ditscale[ray]').
+its command line, by the GCS port it was given (the Ray client server, re-parented to init, names neither the
+temp dir nor a parent of ours), or by descent from such a process, and stopped by PID at the end: SIGTERM, a grace
+period, then SIGKILL for survivors (`ray stop` matches by process name and could hit other clusters). Skips when
+Ray is not installed (it is an extra: pip install 'ditscale[ray]').
+
+Clients of a loopback head must be in the same mode (else they turn 127.0.0.1 into the host's address, where
+nothing listens): `ray_cluster` sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in os.environ for the session, and
+`RayCluster.env` holds it for subprocesses.
 
 Fixtures: `ray_cluster` (session; yields an object with `.address` "127.0.0.1:PORT") and `ray_local` (session;
-in-process `ray.init` for unit tests that need no separate cluster).
+in-process `ray.init` for unit tests that need no separate cluster). `start_ray_head()` starts another head, e.g.
+one that a test stops on purpose.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,11 +63,14 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return out
 
 
-def cluster_pids(marker: str, roots: set[int] | None = None) -> set[int]:
-    """PIDs whose command line contains marker, plus all their descendants (and those of roots)."""
+def cluster_pids(marker: str, roots: set[int] | None = None, pattern: str | None = None) -> set[int]:
+    """PIDs whose command line contains marker (or matches the regex pattern), plus all their descendants (and
+    those of roots)."""
     table = _proc_table()
     me = os.getpid()
-    pids = {p for p, (_, cmd) in table.items() if marker in cmd and p != me} | (roots or set())
+    rx = re.compile(pattern) if pattern else None
+    pids = {p for p, (_, cmd) in table.items() if p != me and (marker in cmd or (rx and rx.search(cmd)))}
+    pids |= roots or set()
     changed = True
     while changed:
         changed = False
@@ -108,9 +122,23 @@ class RayCluster:
     temp_dir: Path
     pids: set[int]
 
-    def stop(self) -> None:
-        pids = cluster_pids(str(self.temp_dir), self.pids)
-        stop_pids(pids)
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # what a client of this loopback head needs
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def processes(self) -> set[int]:
+        """Every live process of this cluster (see the module docstring)."""
+        return cluster_pids(str(self.temp_dir), self.pids, pattern=rf"--(?:gcs-)?address=\S+:{self.port}(?:\s|$)")
+
+    def stop(self) -> set[int]:
+        """Stop every process of the cluster; returns those still alive afterwards (should be none)."""
+        stop_pids(self.processes())
+        deadline = time.monotonic() + 10  # a SIGKILLed process takes a moment to go (its memory is freed first)
+        while (left := {p for p in self.processes() if _alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
 
 
 def start_ray_head(num_cpus: int = 4) -> RayCluster:
@@ -123,11 +151,11 @@ def start_ray_head(num_cpus: int = 4) -> RayCluster:
         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
         f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
     ]  # fmt: skip
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # loopback only
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # workers use this venv's python
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     cluster = RayCluster(f"127.0.0.1:{port}", temp_dir, set())
-    cluster.pids = cluster_pids(str(temp_dir))
+    cluster.pids = cluster.processes()
     if proc.returncode != 0:
         cluster.stop()
         raise RuntimeError(f"ray start --head failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -144,11 +172,19 @@ def ray_cluster():
     if not _ray_bin():
         pytest.skip("the `ray` command is not installed")
     cluster = start_ray_head()
+    old = {k: os.environ.get(k) for k in RayCluster.env}
+    os.environ.update(RayCluster.env)
     try:
         yield cluster
     finally:
-        cluster.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        left = cluster.stop()
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        assert not left, f"processes of the Ray test cluster survived SIGKILL: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

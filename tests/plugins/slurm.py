@@ -89,6 +89,47 @@ class SlurmCluster:
                 continue
         return pids
 
+    def node_pids(self, node: str) -> tuple[subprocess.Popen | None, set[int]]:
+        """The slurmd of a node and the job processes running on it (tasks and their slurmstepd)."""
+        slurmd = next((p for p in self.procs if p.poll() is None and p.args[:4] == ["slurmd", "-D", "-N", node]), None)
+        tasks = set()
+        for pid in self.job_pids():
+            try:
+                env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"SLURMD_NODENAME={node}".encode() in env:
+                tasks.add(pid)
+        stepds = set()
+        for pid in tasks:  # the slurmstepd of each task is its parent
+            try:
+                ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if (Path("/proc") / str(ppid) / "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    stepds.add(ppid)
+            except (OSError, ValueError, IndexError):
+                continue
+        return slurmd, tasks | stepds
+
+    def kill_node(self, node: str) -> set[int]:
+        """A node dies: SIGKILL its slurmd, then every slurmstepd and task of it. Returns the job pids killed."""
+        slurmd, pids = self.node_pids(node)
+        if slurmd is not None:
+            slurmd.kill()
+            slurmd.wait(timeout=10)
+            self.procs.remove(slurmd)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def start_node(self, node: str) -> None:
+        """The node comes back: a fresh slurmd for it (ReturnToService=2 returns it to service)."""
+        log = open(self.log_dir / "daemons.out", "ab")
+        self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(self.conf)], env=self.env,
+                                           stdout=log, stderr=log))  # fmt: skip
+
     def stop(self) -> None:
         """Cancel every job, stop the daemons, then stop any job process left behind (SIGTERM, then SIGKILL)."""
         if any(p.poll() is None for p in self.procs):
