@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
 from ditscale.errors import DitscaleError  # noqa: E402
-from ditscale.launch.common import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

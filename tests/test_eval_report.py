@@ -56,12 +56,8 @@ def test_report_tables_and_plots(tmp_path):
 def test_report_errors(tmp_path):
     with pytest.raises(ConfigError):
         report.discover(str(tmp_path / "nothing"))
-    import argparse
-
-    p = argparse.ArgumentParser()
-    report.add_arguments(p)
     with pytest.raises(ConfigError, match="no runs"):
-        report.run(p.parse_args(["--grid", str(tmp_path)]))
+        report.report([str(tmp_path)])
 
 
 def test_study_plan_is_disjoint_and_consistent():
@@ -166,11 +162,9 @@ def test_report_spread_and_paired_difference(tmp_path):
         _run(a, f"g-n30-s{s}", "global", 30, s, g, fid=4.0 + s)
         _run(a, f"h-n30-s{s}", "3x2@head", 30, s, h, fid=4.0)
         _run(b, f"t-n30-s{s}", "3x2@tail", 30, s, t)
-    import argparse
+    from ditscale.cli import main
 
-    p = argparse.ArgumentParser()
-    report.add_arguments(p)
-    assert report.run(p.parse_args(["--grid", str(a), str(b), "--out", str(tmp_path / "out")])) == 0
+    assert main(["report", "--grid", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Per configuration: mean, spread, paired difference to global" in text
     assert "| DiT-T/1 | N=30 | global | 3 | 1.50 ± 0.50 [1.00..2.00] |  | 20.00 ± 0.00 [20.00..20.00] |  |" in text

@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("ditscale.cli.sample", "draw a grid of samples from a run's checkpoint"),
     "data": ("ditscale.cli.data", "build shards and study subsets (same as shards/build.py, shards/subset.py)"),
     "eval": ("ditscale.cli.eval", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
-    "report": ("ditscale.eval.report", "the study's tables and plots for a grid of runs"),
-    "grid": ("ditscale.grid_command", "expand a grid file and show its runs"),
+    "report": ("ditscale.cli.report", "the study's tables and plots for a grid of runs"),
+    "grid": ("ditscale.cli.grid", "expand a grid file and show its runs"),
     "bench": ("ditscale.cli.bench", "benchmarks: attention, data, train, storage, gpu"),
 }
 

@@ -13,7 +13,6 @@ Writes `report.md` and PNGs into --out (default: DIR/report, or reports/<grid na
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass, field
@@ -41,15 +40,6 @@ class RunInfo:
     n: int | None
     evals: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)  # the grid's axis values of this run (grid files only)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--grid", required=True, nargs="+",
-        help="directories of run dirs, or grid files (configs/grids/*.yaml); several are reported together",
-    )  # fmt: skip
-    parser.add_argument("--out", default=None, help="output directory for report.md and PNGs")
-    parser.add_argument("--title", default=None)
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -652,8 +642,9 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     return text
 
 
-def run(args) -> int:
-    grids = [args.grid] if isinstance(args.grid, str) else list(args.grid)
+def report(grids: list[str] | str, out: str | None = None, title: str | None = None) -> str:
+    """Discover the runs of one or more grid files / folders of run dirs, build the report; the report.md URL."""
+    grids = [grids] if isinstance(grids, str) else list(grids)
     runs, names = [], []
     for g in grids:
         found, name = discover(g)
@@ -663,7 +654,7 @@ def run(args) -> int:
     if not runs:
         raise ConfigError(f"--grid {' '.join(grids)}: no runs found (no config.yaml below it)")
     first = grids[0]
-    out = args.out or (str(Path(first) / "report") if Path(first).is_dir() else str(Path("reports") / name))
-    build_report(runs, out, args.title or f"Study report: {name}")
-    print(f"wrote {common.join(out, 'report.md')} ({len(runs)} runs)")
-    return 0
+    out = out or (str(Path(first) / "report") if Path(first).is_dir() else str(Path("reports") / name))
+    build_report(runs, out, title or f"Study report: {name}")
+    log.info("wrote %s (%d runs)", common.join(out, "report.md"), len(runs))
+    return common.join(out, "report.md")

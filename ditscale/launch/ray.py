@@ -461,7 +461,7 @@ def _busy(runs: list[RunSpec]) -> dict[str, str]:
 
     live = None
     if shutil.which("squeue"):
-        from ditscale.launch import slurm
+        from ditscale.launch import slurm_jobs as slurm
 
         try:
             live = {j: s for j, s in slurm.squeue_states().items() if s in slurm.LIVE_STATES}

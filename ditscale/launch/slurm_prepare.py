@@ -19,7 +19,7 @@ from typing import Any
 from ditscale.errors import LaunchError
 from ditscale.launch.common import Plan
 from ditscale.launch.prepare import check_ready, format_data_plan, run_step_job
-from ditscale.launch.slurm import LIVE_STATES, SlurmOptions, _executor, sbatch_preview, squeue_states
+from ditscale.launch.slurm_jobs import LIVE_STATES, SlurmOptions, executor, sbatch_preview, squeue_states
 
 
 def prepare_parameters(plan: Plan, opts: SlurmOptions) -> dict[str, Any]:
@@ -126,11 +126,11 @@ def submit_preparation(plan: Plan, opts: SlurmOptions) -> list[str]:
 
     build_job = queued.get("build")
     for step in (s for s in dp.todo if s.kind == "build" and s.name not in queued):
-        build_job = _executor(params, opts).submit(run_step_job, step).job_id
+        build_job = executor(params, opts).submit(run_step_job, step).job_id
         record(step, build_job)
     rest = [s for s in dp.todo if s.kind != "build" and s.name not in queued]
     if rest:
-        ex = _executor(with_dependency(params, [build_job] if build_job else []), opts)
+        ex = executor(with_dependency(params, [build_job] if build_job else []), opts)
         for step, h in zip(rest, ex.map_array(run_step_job, rest), strict=True):
             record(step, h.job_id)
     f = opts.log_dir / "prepare.json"

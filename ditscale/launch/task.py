@@ -12,7 +12,7 @@ the run's latest checkpoint on its own. Requeue:
   stays resumable.
 - a failure (a rank crashed, a peer or its node was lost, a collective broke): srun runs with
   --kill-on-bad-exit, so the whole step ends as soon as one rank exits abnormally; the first rank that sees the
-  failure (or, when no rank could, the job script after srun: `python -m ditscale.launch.task after-srun`)
+  failure (or, when no rank could, the job script after srun: `python -m ditscale.cli.after_srun`)
   requeues the job, at most `max_failures` times per job; each decision is one file under
   `<log dir>/failures/`. Errors that would fail again (a config change, another trainer holding the run dir)
   are not retried.
@@ -20,7 +20,6 @@ the run's latest checkpoint on its own. Requeue:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -204,22 +203,18 @@ def _run_of_job(log_dir: str | Path, job_id: str) -> str:
     return next((rid for rid, rec in jobs.items() if rec.get("job_id") == job_id), "?")
 
 
-def after_srun(argv: list[str] | None = None) -> int:
-    """The job script's last step (submitit `teardown`): srun ended with an error while the job still runs (no
-    rank could report it, e.g. the only rank was killed): requeue within the budget. Prints one line."""
-    p = argparse.ArgumentParser(prog="python -m ditscale.launch.task after-srun")
-    p.add_argument("--rc", type=int, required=True)
-    p.add_argument("--log-dir", required=True)
-    p.add_argument("--max-failures", type=int, required=True)
-    a = p.parse_args(argv)
+def after_srun(rc: int, log_dir: str, max_failures: int) -> int:
+    """The job script's last step (submitit `teardown`, `python -m ditscale.cli.after_srun`): srun ended with an
+    error while the job still runs (no rank could report it, e.g. the only rank was killed): requeue within the
+    budget. Prints one line."""
     job = job_id_from_env()
-    if a.rc == 0 or not job:
-        return a.rc
-    run = _run_of_job(a.log_dir, job)
-    action = handle_failure(a.log_dir, job, run, f"srun exited with code {a.rc}", a.max_failures)
+    if rc == 0 or not job:
+        return rc
+    run = _run_of_job(log_dir, job)
+    action = handle_failure(log_dir, job, run, f"srun exited with code {rc}", max_failures)
     if action:
-        print(f"ditscale: run {run}: job {job} failed (srun exit code {a.rc}): {action}", file=sys.stderr, flush=True)
-    return a.rc
+        print(f"ditscale: run {run}: job {job} failed (srun exit code {rc}): {action}", file=sys.stderr, flush=True)
+    return rc
 
 
 # --- the task -------------------------------------------------------------------------------------------------
@@ -338,8 +333,3 @@ class TrainTask(submitit.helpers.Checkpointable):
         self._timeout_signal = False
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
-
-if __name__ == "__main__":  # python -m ditscale.launch.task after-srun --rc RC --log-dir DIR --max-failures N
-    if sys.argv[1:2] != ["after-srun"]:
-        sys.exit("usage: python -m ditscale.launch.task after-srun --rc RC --log-dir DIR --max-failures N")
-    sys.exit(after_srun(sys.argv[2:]))
