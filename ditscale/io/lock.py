@@ -36,7 +36,8 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (signal 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +82,7 @@ class Holder:
 
     def alive(self) -> bool:
         """Live: a fresh heartbeat, and (on this host) a running process."""
-        if self.host == socket.gethostname() and self.boot == _boot_id() and not _pid_alive(self.pid):
+        if self.host == socket.gethostname() and self.boot == _boot_id() and not pid_alive(self.pid):
             return False
         return self.age < self.lease_s
 

@@ -28,6 +28,7 @@ import yaml
 
 from ditscale import results
 from ditscale.grid import RunSpec
+from ditscale.io.lock import pid_alive
 from ditscale.io.rundir import PENDING, STARTED, RunDir
 from ditscale.launch.common import Plan
 
@@ -59,16 +60,6 @@ def _state_file(run_id: str, log_dir: Path) -> Path:
     return log_dir / f"{run_id}.state.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
     """run id -> 'pid 123' while this machine's process for it runs, 'exited 1' after a failure."""
     view = {}
@@ -78,7 +69,7 @@ def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
             st = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if st.get("rc") is None and _pid_alive(int(st.get("pid", 0) or 0)):
+        if st.get("rc") is None and pid_alive(int(st.get("pid", 0) or 0)):
             view[r.id] = f"pid {st['pid']}"
         elif st.get("stopped"):
             view[r.id] = "stopped (Ctrl-C/SIGTERM)"
