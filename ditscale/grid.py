@@ -395,18 +395,10 @@ def check_data(runs: list[RunSpec], problems: list[str] | None = None) -> list[R
 
 
 def _manifest_problem(url: str) -> str | None:
-    try:
-        from ditscale.data import read_manifest
-    except ImportError:
-        read_manifest = None
-    try:
-        if read_manifest is not None:
-            read_manifest(url)
-            return None
-        import fsspec
+    from ditscale.data import read_manifest
 
-        with fsspec.open(url, "rb") as f:
-            f.read(1)
+    try:
+        read_manifest(url)
         return None
     except Exception as e:  # noqa: BLE001 - any failure to reach the URL is reported the same way
         return f"{type(e).__name__}: {e}"
