@@ -86,7 +86,7 @@ def test_slurm_grid_prepares_missing_data_first(slurm_cluster, tmp_path):
 
     # the same command while the jobs are queued or running: nothing new
     again = launcher(*common)
-    assert again.returncode == 0 and "nothing to submit (0 finished, 1 queued)" in again.stdout
+    assert again.returncode == 0 and "nothing to submit (0 finished, 1 queued or running)" in again.stdout
     assert json.loads((runs / "_slurm" / "prepare.json").read_text()) == recs
 
     final = runs / "prep-3x2@head" / "final.json"
@@ -101,7 +101,7 @@ def test_slurm_grid_prepares_missing_data_first(slurm_cluster, tmp_path):
     assert all(s[0] == "COMPLETED" for s in states.values()), states
     assert states[build_job][2] <= states[subset_job][1] and states[subset_job][2] <= states[train_job][1], states
     last = launcher(*common)
-    assert last.returncode == 0 and "nothing to submit (1 finished, 0 queued)" in last.stdout
+    assert last.returncode == 0 and "nothing to submit (1 finished, 0 queued or running)" in last.stdout
     assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == ""
     st = launcher("--grid", grid, "--run-root", runs, "--status")  # no --partition needed
     assert st.returncode == 0 and "1 runs: 1 done" in st.stdout

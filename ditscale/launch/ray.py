@@ -158,8 +158,18 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
     return gcs
 
 
-def alive(gcs_address: str | None) -> bool:
-    return gcs_address is None or probe(gcs_address, timeout_s=3.0) is None
+def alive(gcs_address: str | None, settle_s: float = 0.0) -> bool:
+    """Whether the cluster's GCS answers. With settle_s, keep probing for that long and say lost as soon as a probe
+    fails: a run that failed because its node crashed may see the error a moment before the GCS goes."""
+    if gcs_address is None:
+        return True
+    deadline = time.monotonic() + settle_s
+    while True:
+        if probe(gcs_address, timeout_s=3.0) is not None:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.5)
 
 
 # --- leftovers of drivers -----------------------------------------------------------------------------------
@@ -590,7 +600,7 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
             try:
                 result = make_trainer(run, opts).fit()
             except Exception as e:  # noqa: BLE001 - one failed run must not stop the grid
-                if not alive(gcs):
+                if not alive(gcs, settle_s=15.0):
                     lost.set()
                     log.error("run %s: the Ray cluster at %s was lost (%s)", run.id, gcs, type(e).__name__)
                     return run.id, {"finished": False, "error": f"the Ray cluster at {gcs} was lost", "lost": True}
