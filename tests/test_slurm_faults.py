@@ -168,7 +168,7 @@ def test_job_script_requeues_a_step_no_rank_could_report(slurm_cluster, tmp_path
     assert records()[0]["action"] == "requeued" and "srun exited with code" in records()[0]["reason"]
     wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout
              .strip() == "PENDING", 120, slurm_cluster)  # fmt: skip
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    slurm_cluster.start_now(job)
     wait_for("the second failure", lambda: len(records()) == 2, 120, slurm_cluster)
     assert records()[1]["action"] == "gave up"
     wait_for("the job to end", lambda: job not in _queue(slurm_cluster).split(), 60, slurm_cluster)
@@ -245,7 +245,7 @@ def test_two_node_run_under_faults(slurm_cluster, prometheus_server, digits8_dir
     wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout
              .strip() == "PENDING", 300, slurm_cluster)  # fmt: skip
     t["pending"] = time.monotonic()
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")  # skip Slurm's 2-minute requeue hold
+    slurm_cluster.start_now(job)  # skip Slurm's 2-minute requeue hold
     err_file = log_dir / job / f"{job}_0_log.err"
     resumed = wait_for("the resumed trainer", lambda: re.search(r"resumed at step (\d+)", err_file.read_text()),
                        300, slurm_cluster)  # fmt: skip

@@ -134,7 +134,7 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     assert st.returncode == 0 and f"job {job2}" in st.stdout and "digits-t2-3x2@head-nodes1" in st.stdout
     for job in (job1, job2):  # Slurm holds a requeued job ~2 minutes (BeginTime); let it start now
         _wait_for(f"job {job} requeued", lambda j=job: _job_state(slurm_cluster, j) == "PENDING", 120, slurm_cluster)
-        slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")
+        slurm_cluster.start_now(job)
 
     _wait_for("both runs to finish", lambda: (one / "final.json").exists() and (two / "final.json").exists(), 420,
               slurm_cluster)  # fmt: skip

@@ -68,6 +68,18 @@ class SlurmCluster:
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), env=self.env, check=check, timeout=timeout, capture_output=True, text=True)
 
+    def start_now(self, job: str, timeout: float = 120) -> None:
+        """Skip Slurm's hold on a requeued job (Reason=BeginTime, ~2 minutes): set its start time to now, again
+        while the requeue is still settling, until the job no longer waits for its begin time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
+            r = self.run("squeue", "-h", "-j", job, "-o", "%T|%r", check=False)
+            state, _, reason = r.stdout.strip().partition("|")
+            if state != "PENDING" or reason != "BeginTime" or time.monotonic() > deadline:
+                return
+            time.sleep(1)
+
     def logs(self) -> str:
         out = []
         for f in sorted(self.log_dir.glob("*.log")):
