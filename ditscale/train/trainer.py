@@ -132,11 +132,18 @@ class Trainer:
     def __init__(self, cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunDir, manifest: dict,
                  allow_config_change: bool = False):  # fmt: skip
         self.cfg, self.denv, self.device, self.rundir = cfg, denv, device, rundir
-        rank, world = denv.rank, denv.world_size
         self.lease = None
-        self.stop = stopping.StopSignal(world, on_exit=self._release_lease)
+        self.stop = stopping.StopSignal(denv.world_size, on_exit=self._release_lease)
         self._claim_run_dir(allow_config_change)
+        try:
+            self._build_parts(manifest)
+        except BaseException:
+            self.close()  # never keep the lock of a trainer that could not start
+            raise
 
+    def _build_parts(self, manifest: dict) -> None:
+        cfg, denv, device, rundir = self.cfg, self.denv, self.device, self.rundir
+        rank, world = denv.rank, denv.world_size
         t = cfg.train
         self.precision = eng.resolve_precision(cfg)
         eng.set_tf32(t.tf32)
