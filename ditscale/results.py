@@ -14,28 +14,35 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ditscale.io.rundir import EVAL, RunDir
+from ditscale.io.rundir import EVAL, RUNNING, RunDir
 
 _BASE_COLUMNS = ["run", "state", "step", "loss", "images_per_second"]
 
 
-def run_states(runs: Iterable, scheduler: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def run_states(
+    runs: Iterable, scheduler: dict[str, str] | None = None, stall_after_s: float | None = 600.0
+) -> list[dict[str, Any]]:
     """One row per run: id, state, step, total steps, checkpoint, plus the scheduler's state when known.
 
     The state is the run dir's own (ditscale.io.rundir.RunDir.status: done, running, resumable, started,
-    pending); scheduler maps run id -> a launcher's view (e.g. 'RUNNING 12_0', 'PENDING 12_1').
+    pending), or 'stalled' for a running run that logged no step for `stall_after_s` (RunStatus.stall; None: not
+    checked); scheduler maps run id -> a launcher's view (e.g. 'RUNNING 12_0', 'PENDING 12_1').
     """
     rows = []
     for r in runs:
         st = RunDir(r.run_dir).status(r.config.train.steps)
+        state, view = st.state, (scheduler or {}).get(r.id, "")
+        why = st.stall(stall_after_s, r.config.log.every) if stall_after_s is not None and state == RUNNING else None
+        if why:
+            state, view = "stalled", "; ".join(v for v in (view, why) if v)
         rows.append(
             {
                 "run": r.id,
-                "state": st.state,
+                "state": state,
                 "step": st.step,
                 "steps": r.config.train.steps,
                 "checkpoint": st.checkpoint,
-                "scheduler": (scheduler or {}).get(r.id, ""),
+                "scheduler": view,
                 "loss": (st.final or st.last or {}).get("loss"),
                 "run_dir": r.run_dir,
                 "holder": st.holder.describe() if st.holder else "",

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_from_args(args)
         base = results_dir(plan.runs, plan.name)
         opts = L.LocalOptions(log_dir=Path(args.log_dir or base / "_local").absolute(), parallel=args.parallel,
-                              threads=args.threads)  # fmt: skip
+                              threads=args.threads, stall_after_s=args.stall_after)  # fmt: skip
         if args.status:
             print(L.status(plan, opts))
             return 0

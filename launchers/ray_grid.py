@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_from_args(args)
         base = results_dir(plan.runs, plan.name)
         if args.status:
-            print(results.format_status(results.run_states(plan.runs)))
+            print(results.format_status(results.run_states(plan.runs, stall_after_s=args.stall_after)))
             return 0
         if args.collect:
             collect_and_print(plan, args.results_dir)

@@ -53,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=3,
         help="requeues after a failure (a rank crashed, a node or the network was lost) per run (3)",
     )  # fmt: skip
-    p.add_argument(
-        "--stall-after", type=float, default=600, metavar="SECONDS",
-        help="--status: call a running run stalled when it logged no step for this long (600)",
-    )  # fmt: skip
     p.add_argument("--log-dir", help="submitit logs and jobs.json (default: <runs parent>/_slurm)")
     p.add_argument("--setup", action="append", help="shell line run in the job before srun (repeatable)")
     add_grid_arguments(

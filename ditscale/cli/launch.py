@@ -24,6 +24,10 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
     mode.add_argument("--status", action="store_true", help=status_help)
     mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
     p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
+    p.add_argument(
+        "--stall-after", type=float, default=600, metavar="SECONDS",
+        help="--status: call a running run stalled when it logged no step for this long (600)",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
 
 

@@ -79,6 +79,41 @@ class RunStatus:
         t = (self.last or {}).get("time")
         return max(0.0, time.time() - float(t)) if isinstance(t, (int, float)) else None
 
+    def stall(
+        self, after_s: float, log_every: int, started: float | None = None, now: float | None = None
+    ) -> str | None:
+        """Why a run that should be training counts as stalled, or None.
+
+        Stalled: no step was logged for `after_s` seconds (or 5 logging intervals, if longer) since the later of
+        its last step and `started` (its job's start; default: since the live trainer took the lock). The lock's
+        heartbeat comes from a thread of its own, so a trainer hung in a collective or a data read still holds
+        the lock: only the steps tell. E.g. "last step 86 7m ago", "no step since it started 12m ago".
+        """
+        if self.state == DONE:
+            return None
+        now = time.time() if now is None else now
+        if started is None and self.holder is not None:
+            started = self.holder.since
+        last_t = (self.last or {}).get("time")
+        last_t = float(last_t) if isinstance(last_t, (int, float)) else None
+        marks = [t for t in (last_t, started) if t is not None]
+        if not marks:
+            return None
+        interval = float((self.last or {}).get("step_time") or 0) * log_every
+        if now - max(marks) <= max(after_s, 5 * interval):
+            return None
+        if last_t is not None and last_t >= (started or 0):
+            why = f"last step {(self.last or {}).get('step')} {age_text(now - last_t)} ago"
+        else:
+            why = f"no step since it started {age_text(now - (started or now))} ago"
+        return why + ("" if self.holder else ", no live trainer")
+
+
+def age_text(seconds: float) -> str:
+    """90 -> "90s", 600 -> "10m", 7500 -> "2h05m"."""
+    s = int(seconds)
+    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h{(s % 3600) // 60:02d}m")
+
 
 class RunDir:
     def __init__(self, url: str):

@@ -41,6 +41,7 @@ class LocalOptions:
     parallel: int = 1  # runs at the same time
     threads: int | None = None  # OMP_NUM_THREADS of each process (default: the run's cpus_per_task)
     poll_s: float = 0.5
+    stall_after_s: float = 600.0  # --status: a running run without a new step for this long is "stalled"
 
 
 def train_command(run: RunSpec, config_file: Path | str) -> list[str]:
@@ -79,7 +80,7 @@ def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
 
 
 def status(plan: Plan, opts: LocalOptions) -> str:
-    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir))
+    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir), opts.stall_after_s)
     for row in rows:
         if row["scheduler"].startswith("exited") and row["state"] in (PENDING, STARTED):
             row["state"] = "failed"

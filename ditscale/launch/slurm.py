@@ -288,33 +288,13 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
 
 
 # --- status -------------------------------------------------------------------------------------------------
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h{(s % 3600) // 60:02d}m")
-
-
 def stall(run: RunSpec, job: dict[str, Any] | None, opts: SlurmOptions, now: float | None = None) -> str | None:
-    """Why a run counts as stalled ("last step 86 7m ago", "no step since the job started 12m ago, no live
-    trainer"), or None: its job runs but no step was logged since the later of the last step and the job's start
-    for `stall_after_s` (or 5 logging intervals, if longer)."""
+    """Why a run whose Slurm job is RUNNING counts as stalled (RunStatus.stall, counted from the later of its last
+    step and the job's start), or None."""
     if not job or job.get("state") != "RUNNING":
         return None
-    now = time.time() if now is None else now
     st = RunDir(run.run_dir).status(run.config.train.steps)
-    if st.state == "done":
-        return None
-    last = st.last or {}
-    marks = [t for t in (last.get("time"), job.get("start")) if isinstance(t, (int, float))]
-    if not marks:
-        return None
-    interval = float(last.get("step_time") or 0) * run.config.log.every
-    if now - max(marks) <= max(opts.stall_after_s, 5 * interval):
-        return None
-    if isinstance(last.get("time"), (int, float)) and last["time"] >= (job.get("start") or 0):
-        why = f"last step {last.get('step')} {_age(now - last['time'])} ago"
-    else:
-        why = f"no step since the job started {_age(now - job['start'])} ago"
-    return why + ("" if st.holder else ", no live trainer")
+    return st.stall(opts.stall_after_s, run.config.log.every, started=job.get("start"), now=now)
 
 
 def status(plan: Plan, opts: SlurmOptions) -> str:
@@ -326,7 +306,7 @@ def status(plan: Plan, opts: SlurmOptions) -> str:
     except LaunchError:
         live_jobs = {}
     live = {jid: j["state"] for jid, j in live_jobs.items()}
-    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir, live))
+    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir, live), stall_after_s=None)
     jobs = load_jobs(opts.log_dir)
     by_id = {r.id: r for r in plan.runs}
     for row in rows:
