@@ -303,10 +303,7 @@ def expand(
         runs.append(RunSpec(run_id, cfg, run_dir, resources, values, name, recipe, subset))
     if validate:
         runs = check_models(runs, problems=bad)
-    if problems is None:
-        raise_problems(bad, origin)
-    else:
-        problems += bad
+    _report(bad, problems, origin)
     return runs
 
 
@@ -318,6 +315,14 @@ def raise_problems(problems: list[str], origin: str = "") -> None:
         raise LaunchError(where + problems[0])
     if problems:
         raise LaunchError(f"{where}{len(problems)} problems in the grid:\n  " + "\n  ".join(problems))
+
+
+def _report(bad: list[str], problems: list[str] | None, origin: str = "") -> None:
+    """Raise for the bad runs now, or hand them to the caller that collects every problem (`problems`)."""
+    if problems is None:
+        raise_problems(bad, origin)
+    else:
+        problems += bad
 
 
 def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list[RunSpec]:
@@ -356,10 +361,7 @@ def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list
             bad.append(f"{where}: model.windows {m.windows!r}: {e}")
             continue
         ok.append(r)
-    if problems is None:
-        raise_problems(bad)
-    else:
-        problems += bad
+    _report(bad, problems)
     return ok
 
 
@@ -387,10 +389,7 @@ def check_data(runs: list[RunSpec], problems: list[str] | None = None) -> list[R
         bad += errors
         if not errors:
             ok.append(r)
-    if problems is None:
-        raise_problems(bad)
-    else:
-        problems += bad
+    _report(bad, problems)
     return ok
 
 

@@ -136,30 +136,22 @@ def plan_data(recipe: DataRecipe, runs: list[RunSpec] | None = None, *, check: b
         if check:
             st.state, st.problem = verify(st)
         st.needed = wanted is None or st.name in wanted
-    steps = list(subsets)
+    # the step the subsets are cut from: the shard build, or shards built elsewhere (checked, never built here)
     if recipe.manifest is None:
-        build = _build_step(recipe)
-        if check:
-            build.state, build.problem = verify(build)
-        build.needed = any(s.state != READY and s.needed for s in subsets)
-        for st in subsets:
-            if build.state != READY:
-                st.needs = ["build"]
-        steps.insert(0, build)
-    else:  # shards built elsewhere (data.manifest): checked, never built here
+        head = _build_step(recipe)
+    else:
         from ditscale.io import storage
 
-        shards = Step("shards", "external", storage.dirname(recipe.manifest), [recipe.manifest],
-                      ["python", "-m", "ditscale", "data", "build", "SOURCE", "--src", "<dataset>", "--out",
-                       storage.dirname(recipe.manifest), "--resolution", "N"], runnable=False)  # fmt: skip
-        if check:
-            shards.state, shards.problem = verify(shards)
-        shards.needed = any(s.state != READY and s.needed for s in subsets)
+        head = Step("shards", "external", storage.dirname(recipe.manifest), [recipe.manifest],
+                    ["python", "-m", "ditscale", "data", "build", "SOURCE", "--src", "<dataset>", "--out",
+                     storage.dirname(recipe.manifest), "--resolution", "N"], runnable=False)  # fmt: skip
+    if check:
+        head.state, head.problem = verify(head)
+    head.needed = any(s.state != READY and s.needed for s in subsets)
+    if head.state != READY:
         for st in subsets:
-            if shards.state != READY:
-                st.needs = ["shards"]
-        steps.insert(0, shards)
-    return DataPlan(recipe, steps)
+            st.needs = [head.name]
+    return DataPlan(recipe, [head, *subsets])
 
 
 # --- printing and errors ----------------------------------------------------------------------------------------
