@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,24 @@ class RunStatus:
         else:
             why = f"no step since it started {age_text(now - (started or now))} ago"
         return why + ("" if self.holder else ", no live trainer")
+
+
+def _finished(rec: Any, steps: int | None = None) -> bool:
+    """A final.json record of a finished run, at `steps` or beyond when given."""
+    if not (isinstance(rec, dict) and rec.get("finished")):
+        return False
+    return steps is None or int(rec.get("step", 0)) >= int(steps)
+
+
+def _records(lines: Iterable[str]) -> Iterator[dict]:
+    """The metrics records among `lines` (a torn line, written while the run writes, is skipped)."""
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield rec
 
 
 def age_text(seconds: float) -> str:
@@ -222,38 +241,22 @@ class RunDir:
     # --- state ------------------------------------------------------------------------------------------------
     def final(self) -> dict | None:
         rec = self.read_json(FINAL)
-        return rec if isinstance(rec, dict) and rec.get("finished") else None
+        return rec if _finished(rec) else None
 
     def is_done(self, steps: int) -> bool:
         """The one definition of done: final.json says finished at a step >= `steps`."""
-        rec = self.final()
-        return rec is not None and int(rec.get("step", 0)) >= int(steps)
+        return _finished(self.read_json(FINAL), steps)
 
     def write_final(self, rec: dict) -> None:
         self.write_json(FINAL, rec)
 
     def last_record(self) -> dict | None:
         """The last complete line of metrics.jsonl (a torn last line while the run writes is skipped)."""
-        text = self.read_text(METRICS)
-        for line in reversed((text or "").splitlines()):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                return rec
-        return None
+        lines = (self.read_text(METRICS) or "").splitlines()
+        return next(_records(reversed(lines)), None)
 
     def records(self) -> list[dict]:
-        out = []
-        for line in (self.read_text(METRICS) or "").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        return list(_records((self.read_text(METRICS) or "").splitlines()))
 
     def holder(self) -> Holder | None:
         """The live trainer holding this run dir, or None."""
@@ -264,11 +267,11 @@ class RunDir:
         """done (final.json at >= steps) > running (a live lock) > resumable (a complete checkpoint) > started
         (config or metrics written) > pending."""
         st = RunStatus(PENDING, steps=steps)
-        st.final = self.read_json(FINAL) if self.exists(FINAL) else None
+        st.final = self.read_json(FINAL)
         st.last = self.last_record()
         st.holder = self.holder()
         st.checkpoint = self.latest_tag()
-        if st.final and st.final.get("finished") and (steps is None or st.final.get("step", 0) >= steps):
+        if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
             return st
         if st.holder is not None:
