@@ -66,7 +66,7 @@ def write_failure(path: Path, exc: BaseException) -> str:
     """Why writing under `path` failed, in OS terms: torch.save reports a full disk as 'basic_ios::clear' or
     'inline_container.cc', so when the exception carries no errno the directory is probed with a small write."""
     if isinstance(exc, OSError) and exc.errno:
-        return f"{exc.strerror or os.strerror(exc.errno)} ({exc.filename or path})"
+        return f"{storage.describe(exc)} ({exc.filename or path})"
     probe = path / f".probe-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -139,13 +139,12 @@ class Checkpointer:
         return self.last_saved
 
     # -- save ----------------------------------------------------------------------------------------------------
-    def due(self, step: int) -> bool:
-        return step % self.every == 0 or step >= self.cfg.train.steps
-
-    def maybe_save(self, step: int, loader_state: dict) -> str | None:
-        if not self.due(step) or self.last_saved == step:
-            return None
-        return self.save(step, loader_state)
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether step `step` should be saved: every `checkpoint.every` steps, the last step, or `force` (a stop),
+        unless it is saved already."""
+        if self.last_saved == step:
+            return False
+        return force or step % self.every == 0 or step >= self.cfg.train.steps
 
     def save(self, step: int, loader_state: dict) -> str:
         """Write, then publish, checkpoint `step`. Raises CheckpointError naming the path and the OS error."""

@@ -293,7 +293,7 @@ class Trainer:
         return total / len(batches)
 
     def _maybe_checkpoint(self, step: int, loader_state: dict | None = None, force: bool = False) -> None:
-        if not (force or self.checkpointer.due(step)) or self.checkpointer.last_saved == step:
+        if not self.checkpointer.due(step, force):
             return
         t0 = time.perf_counter()
         self.checkpointer.save(step, loader_state if loader_state is not None else self.loader.state_dict())
