@@ -30,6 +30,7 @@ from ditscale import results
 from ditscale.grid import RunSpec
 from ditscale.io.lock import pid_alive
 from ditscale.io.rundir import PENDING, STARTED, RunDir
+from ditscale.launch import guard
 from ditscale.launch.common import Plan
 
 log = logging.getLogger("ditscale.launch")
@@ -91,7 +92,7 @@ def status(plan: Plan, opts: LocalOptions) -> str:
 def format_plan(plan: Plan, opts: LocalOptions) -> str:
     from ditscale.launch.prepare import format_data_plan
 
-    held = _held(plan.todo)
+    held = guard.busy(plan.todo)  # a live trainer (started by another launcher) holds the run dir
     lines = [f"{plan.header()}, {len(held)} running elsewhere, {len(plan.todo) - len(held)} to train on this "
              f"machine, {opts.parallel} at a time"]  # fmt: skip
     if plan.data is not None:
@@ -104,16 +105,6 @@ def format_plan(plan: Plan, opts: LocalOptions) -> str:
             lines.append(f"  {'':<40}   {cmd}")
     lines.append(f"\nlogs and run configs: {opts.log_dir}")
     return "\n".join(lines)
-
-
-def _held(runs: list[RunSpec]) -> dict[str, str]:
-    """Runs whose run dir a live trainer holds (started by another launcher): never started twice."""
-    out = {}
-    for r in runs:
-        h = RunDir(r.run_dir).holder()
-        if h is not None:
-            out[r.id] = h.describe()
-    return out
 
 
 @dataclass
@@ -197,9 +188,9 @@ class LocalExecutor:
         self.opts.log_dir.mkdir(parents=True, exist_ok=True)
         for r in self.plan.done:
             log.info("skip %s: finished", r.id)
-        held = _held(self.plan.todo)
-        for rid, who in held.items():
-            print(f"{rid}: skipped, a live trainer holds its run dir ({who})", flush=True)
+        held = guard.busy(self.plan.todo)  # never started twice
+        for rid, why in held.items():
+            print(f"{rid}: skipped, {why}", flush=True)
         queue = [r for r in self.plan.todo if r.id not in held]
         if not queue:
             print(f"grid {self.plan.name!r}: nothing to train ({len(self.plan.done)} finished, {len(held)} running)")
