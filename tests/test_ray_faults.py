@@ -24,6 +24,7 @@ import pytest
 
 from tests.plugins.prometheus import free_port
 from tests.plugins.ray import RayCluster, start_ray_head
+from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "grids" / "digits-test.yaml"
@@ -68,16 +69,6 @@ def _live_actors(address: str) -> list[list]:
     r = subprocess.run([sys.executable, "-c", ACTORS, address], capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def wait_for(what, check, timeout, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_unreachable_oversized_and_busy(ray_cluster, digits8_dir, tmp_path):

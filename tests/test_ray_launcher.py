@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.plugins.prometheus import free_port
+from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "grids" / "digits-test.yaml"
@@ -38,18 +38,6 @@ def launcher(*args, timeout=420, env=None):
         [sys.executable, str(LAUNCHER), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
         cwd=ROOT,
     )  # fmt: skip
-
-
-def wait_for(what, check, timeout, proc=None, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the launcher ended (rc {proc.returncode}) while waiting for {what}")
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_ray_bad_input_and_dry_run(digits_data, tmp_path):

@@ -28,6 +28,7 @@ from ditscale.errors import LaunchError
 from ditscale.launch import slurm as S
 from ditscale.launch import task as T
 from tests.plugins.prometheus import free_port
+from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "grids" / "digits-test.yaml"
@@ -41,16 +42,6 @@ def launcher(*args, env=None, timeout=240):
         [sys.executable, str(LAUNCHER), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
         cwd=ROOT,
     )  # fmt: skip
-
-
-def wait_for(what, check, timeout, cluster=None, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{cluster.logs() if cluster else ''}")
 
 
 def _queue(cluster) -> str:

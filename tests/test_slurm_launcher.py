@@ -10,10 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "grids" / "digits-test.yaml"
@@ -102,15 +103,6 @@ def test_dry_run(slurm_cluster, digits_data, tmp_path):
     assert _queue(slurm_cluster) == ""
 
 
-def _wait_for(what, check, timeout, slurm_cluster):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{slurm_cluster.logs()}")
-
-
 def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     runs_root = tmp_path / "runs"
     common = ["--partition", "gpu", "--grid", GRID, "--var", f"data_root={digits_data}", "--run-root", runs_root]
@@ -125,18 +117,18 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
 
     # preemption notice (USR2, what submitit also gets before the time limit) to the 1-node run, and
     # `scontrol requeue` to the 2-node run, each once it has a checkpoint
-    _wait_for("a checkpoint of the 1-node run", lambda: (one / "checkpoints" / "latest").exists(), 300, slurm_cluster)
+    wait_for("a checkpoint of the 1-node run", lambda: (one / "checkpoints" / "latest").exists(), 300, slurm_cluster)
     slurm_cluster.run("scancel", "--signal=USR2", job1)
-    _wait_for("a checkpoint of the 2-node run", lambda: (two / "checkpoints" / "latest").exists(), 300, slurm_cluster)
+    wait_for("a checkpoint of the 2-node run", lambda: (two / "checkpoints" / "latest").exists(), 300, slurm_cluster)
     slurm_cluster.run("scontrol", "requeue", job2)
     assert not (one / "final.json").exists() and not (two / "final.json").exists(), "finished before the requeue"
     st = launcher(*common, *overrides, "--status")
     assert st.returncode == 0 and f"job {job2}" in st.stdout and "digits-t2-3x2@head-nodes1" in st.stdout
     for job in (job1, job2):  # Slurm holds a requeued job ~2 minutes (BeginTime); let it start now
-        _wait_for(f"job {job} requeued", lambda j=job: _job_state(slurm_cluster, j) == "PENDING", 120, slurm_cluster)
+        wait_for(f"job {job} requeued", lambda j=job: _job_state(slurm_cluster, j) == "PENDING", 120, slurm_cluster)
         slurm_cluster.start_now(job)
 
-    _wait_for("both runs to finish", lambda: (one / "final.json").exists() and (two / "final.json").exists(), 420,
+    wait_for("both runs to finish", lambda: (one / "final.json").exists() and (two / "final.json").exists(), 420,
               slurm_cluster)  # fmt: skip
     for run_dir, job, world in ((one, job1, 1), (two, job2, 2)):
         final = json.loads((run_dir / "final.json").read_text())
@@ -151,7 +143,7 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     assert "after the time-limit signal" in log1 and "Requeued job" in log1
 
     # re-running the command submits nothing: both runs are finished
-    _wait_for("the queue to drain", lambda: _queue(slurm_cluster) == "", 60, slurm_cluster)
+    wait_for("the queue to drain", lambda: _queue(slurm_cluster) == "", 60, slurm_cluster)
     r = launcher(*common, *overrides)
     assert r.returncode == 0 and "nothing to submit (2 finished, 0 queued or running)" in r.stdout
 

@@ -8,10 +8,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "slurm_grid.py"
@@ -52,15 +53,6 @@ def _job_times(slurm_cluster, job: str) -> tuple[str, str, str]:
     return get.get("JobState", ""), get.get("StartTime", ""), get.get("EndTime", "")
 
 
-def _wait_for(what, check, timeout, slurm_cluster):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{slurm_cluster.logs()}")
-
-
 def test_slurm_grid_prepares_missing_data_first(slurm_cluster, tmp_path):
     grid = tmp_path / "prep.yaml"
     grid.write_text(GRID.replace("DATA", str(tmp_path / "data")))
@@ -90,11 +82,11 @@ def test_slurm_grid_prepares_missing_data_first(slurm_cluster, tmp_path):
     assert json.loads((runs / "_slurm" / "prepare.json").read_text()) == recs
 
     final = runs / "prep-3x2@head" / "final.json"
-    _wait_for("the run to finish", final.exists, 420, slurm_cluster)
+    wait_for("the run to finish", final.exists, 420, slurm_cluster)
     assert json.loads(final.read_text())["step"] == 6
     assert json.loads((data / "n40-s0" / "manifest.json").read_text())["num_samples"] == 40
     assert (data / "n40-s0" / "test" / "manifest.json").is_file() and (data / "full" / "manifest.json").is_file()
-    _wait_for("the queue to drain", lambda: slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == "", 120,
+    wait_for("the queue to drain", lambda: slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == "", 120,
               slurm_cluster)  # fmt: skip
     # order: build, then subset, then training (Slurm's own start/end times)
     states = {j: _job_times(slurm_cluster, j) for j in (build_job, subset_job, train_job)}
