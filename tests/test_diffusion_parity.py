@@ -90,7 +90,7 @@ REF_FILE = Path(__file__).parent / "data" / "reference_diffusion.pt"
 
 @pytest.fixture(scope="module")
 def ref():
-    data = torch.load(REF_FILE, weights_only=False)
+    data = torch.load(REF_FILE, weights_only=True)
     models = ref_data.toy_models()
     for name, m in models.items():
         m.load_state_dict(data["models"][name])
@@ -100,6 +100,14 @@ def ref():
 
 def _maxdiff(a, b) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+# The stored outputs were computed on one CPU (an AVX-512 Xeon); the toy model's convolution rounds differently on
+# another (oneDNN picks kernels by instruction set), while ditscale and the reference run on the same CPU agree
+# exactly (make_reference_diffusion.py --compare). So the bound is float32 rounding relative to the values' scale:
+# 1e-5 of max(1, |reference|), e.g. 2.3e-5 on samples near 216 (1.1e-7 relative) on an AMD EPYC.
+def _close(got, want) -> bool:
+    return _maxdiff(got, want) <= 1e-5 * max(1.0, float(want.detach().abs().max()))
 
 
 @pytest.mark.parametrize("case", list(ref_data.LOSS_CASES))
@@ -114,7 +122,7 @@ def test_training_losses_equal_reference(ref, case):
     want = ref["losses"][case]
     assert set(want) <= set(out), (case, set(want), set(out))
     for key, value in want.items():
-        assert _maxdiff(out[key], value) <= 1e-5 * max(1.0, float(value.abs().max())), (case, key)
+        assert _close(out[key], value), (case, key, _maxdiff(out[key], value))
 
 
 def test_rescale_vb_is_the_reference_rescale_learned_sigmas(ref):
@@ -124,8 +132,8 @@ def test_rescale_vb_is_the_reference_rescale_learned_sigmas(ref):
         plain = create_diffusion(diffusion_steps=500).training_losses(*args)
         scaled = create_diffusion(diffusion_steps=500, rescale_vb=True).training_losses(*args)
     assert torch.allclose(scaled["vb"], plain["vb"] * 0.5)
-    assert _maxdiff(scaled["loss"], ref["losses"]["T500_rescaled"]["loss"]) < 1e-5
-    assert _maxdiff(plain["loss"], ref["losses"]["T500"]["loss"]) < 1e-5
+    assert _close(scaled["loss"], ref["losses"]["T500_rescaled"]["loss"])
+    assert _close(plain["loss"], ref["losses"]["T500"]["loss"])
     with pytest.raises(ConfigError, match="one switch"):
         create_diffusion(rescale_learned_sigmas=True, rescale_vb=False)
 
@@ -139,7 +147,7 @@ def test_sampling_loops_equal_reference(ref, case):
     # the reference draws from the global generator; a generator seeded alike gives the same noise
     got = fn(ref["toy"][model], inp["noise"].shape, inp["noise"], model_kwargs=dict(y=inp["y"]),
              generator=torch.Generator().manual_seed(seed), **loop_kw)  # fmt: skip
-    assert _maxdiff(got, ref["samples"][case]) < 1e-5, case
+    assert _close(got, ref["samples"][case]), (case, _maxdiff(got, ref["samples"][case]))
 
 
 def test_sampling_loops_take_the_reference_positional_arguments(ref):
@@ -149,11 +157,11 @@ def test_sampling_loops_take_the_reference_positional_arguments(ref):
     # (model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress)
     got = d.p_sample_loop(model, inp["noise"].shape, inp["noise"], True, None, ref_data.cond_fn, dict(y=inp["y"]),
                           "cpu", False, generator=g)  # fmt: skip
-    assert _maxdiff(got, ref["samples"]["ddpm_cond"]) < 1e-5
+    assert _close(got, ref["samples"]["ddpm_cond"])
     d = create_diffusion("ddim10")
     got = d.ddim_sample_loop(model, inp["noise"].shape, inp["noise"], True, None, ref_data.cond_fn,
                              dict(y=inp["y"]), None, False, 0.0)  # fmt: skip
-    assert _maxdiff(got, ref["samples"]["ddim_cond"]) < 1e-5
+    assert _close(got, ref["samples"]["ddim_cond"])
     # the reference's default device is the model's: no noise given, nothing else says where to sample
     out = d.ddim_sample_loop(model, (1, 2, 4, 4), model_kwargs=dict(y=torch.tensor([1])))
     assert out.device == next(model.parameters()).device
@@ -169,7 +177,7 @@ def test_ddim_reverse_sample_equals_reference(ref):
     for i in range(ref_data.REVERSE_STEPS):
         t = torch.full((x.shape[0],), i, dtype=torch.long)
         x = d.ddim_reverse_sample(model, x, t, True, None, ref_data.cond_fn, dict(y=inp["y"]))["sample"]
-        assert _maxdiff(x, ref["ddim_reverse"][i]) < 1e-5, i
+        assert _close(x, ref["ddim_reverse"][i]), i
     with pytest.raises(ConfigError, match="eta"):
         d.ddim_reverse_sample(model, x, t, model_kwargs=dict(y=inp["y"]), eta=0.5)
 

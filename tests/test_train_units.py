@@ -45,7 +45,7 @@ def test_rundir_roundtrip(tmp_path, kind):
         dest = tmp_path / "dl"
         rd.download_tree("checkpoints/step_00000001", dest)
         assert (dest / "sub" / "b.pt").read_bytes() == b"B"
-        (rd.local / "metrics.jsonl").write_text("{}\n")
+        rd.local_file("metrics.jsonl").write_text("{}\n")  # the writer makes the node-local mirror
         rd.upload("metrics.jsonl")
         assert rd.read_text("metrics.jsonl") == "{}\n"
     assert rd.listdir("checkpoints") == (["step_00000001"] if rd.remote else [])

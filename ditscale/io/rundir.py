@@ -153,6 +153,14 @@ class RunDir:
         """The URL (or local path) of `rel` inside the run dir."""
         return storage.join(self.url, rel) if rel else self.url
 
+    def local_file(self, rel: str) -> Path:
+        """Where a writer puts `rel` on this node (the run dir itself, or the node-local mirror of a URL run dir),
+        with its folder made: nothing creates the mirror but the writers that use it, so a RunDir made only to
+        read a run (status of a thousand runs) leaves nothing behind."""
+        path = self.local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     # --- files ------------------------------------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes | None:
         return storage.read_bytes_or_none(self.path(rel))

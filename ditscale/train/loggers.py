@@ -34,8 +34,7 @@ class JsonlLogger:
         from ditscale.io.rundir import METRICS
 
         self.rundir, self.rel = rundir, METRICS
-        self.path = rundir.local / METRICS
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = rundir.local_file(METRICS)
         text = rundir.read_text(METRICS) if rundir.remote else None
         if text is not None:
             self.path.write_text(text)
@@ -161,7 +160,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.rundir, self.rel = rundir, "tensorboard"
-        self.writer = SummaryWriter(str(rundir.local / self.rel), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(rundir.local_file(self.rel)), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, record: dict) -> None:
         for k in SCALARS:
@@ -193,10 +192,10 @@ class WandbLogger:
         import hashlib
 
         self.wandb = _require("wandb", "wandb")
-        rundir.local.mkdir(parents=True, exist_ok=True)
+        where = rundir.local_file("wandb").parent  # W&B writes its wandb/ folder there
         self.run = self.wandb.init(
             project=cfg.log.wandb_project, name=cfg.run.name, id=hashlib.sha1(rundir.url.encode()).hexdigest()[:16],
-            resume="allow", dir=str(rundir.local), config=cfg.model_dump(mode="json"),
+            resume="allow", dir=str(where), config=cfg.model_dump(mode="json"),
         )  # fmt: skip
 
     def log(self, step: int, record: dict) -> None:

@@ -75,6 +75,7 @@ class SampleGrids:
 
         rel = f"{SAMPLES}/step_{step:08d}.png"
         images = draw(model, self.cfg, self.labels, seed=self.cfg.run.seed)
-        path = save_grid(images, self.rundir.local / rel, nrow=4, scale=max(1, 128 // (4 * self.cfg.model.input_size)))
+        scale = max(1, 128 // (4 * self.cfg.model.input_size))
+        path = save_grid(images, self.rundir.local_file(rel), nrow=4, scale=scale)
         self.rundir.upload(rel)
         return path

@@ -2,10 +2,16 @@
 
     git clone https://github.com/facebookresearch/DiT /tmp/DiT   # written from ed81ce2229091fd4ecc9a223645f95cf379d582b
     python tests/data/make_reference_diffusion.py --dit /tmp/DiT
+    python tests/data/make_reference_diffusion.py --dit /tmp/DiT --compare   # writes nothing: see below
 
 Imports `diffusion` (create_diffusion, gaussian_diffusion.py, respace.py: DiT's copy of openai/improved-diffusion
 and guided-diffusion) from the checkout, runs it on a toy model with fixed inputs, and stores inputs and outputs.
 tests/test_diffusion_parity.py runs ditscale on the same inputs. Only torch and numpy are needed.
+
+The stored outputs depend on the CPU they were computed on (the toy model's convolution rounds by instruction
+set), so the test bounds the difference relative to the values' scale. `--compare` runs the reference and ditscale
+side by side on this CPU and prints, per case, the max abs difference between them (0.0 expected: the same order
+of operations) and between the reference here and the stored file (the CPU's share).
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dit", required=True, help="a facebookresearch/DiT checkout (its diffusion/ package is used)")
     ap.add_argument("--commit", default="", help="the checkout's commit, if it is not a git work tree")
+    ap.add_argument("--compare", action="store_true", help="compare with ditscale on this CPU; write nothing")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.dit).resolve()))
     from diffusion import create_diffusion  # the reference
@@ -137,8 +144,30 @@ def main() -> None:
         rev_steps.append(x.clone())
     data["ddim_reverse"] = torch.stack(rev_steps)
 
+    if args.compare:
+        compare(data)
+        return
     torch.save(data, OUT)
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes) from DiT {rev or '(unknown commit)'}")
+
+
+def compare(here: dict) -> None:
+    """Max abs differences per sampling case: reference vs ditscale on this CPU, and reference here vs stored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from ditscale.diffusion import create_diffusion
+
+    stored = torch.load(OUT, weights_only=True)
+    models, inp = toy_models(), here["inputs"]
+    for name, (respacing, kw, model, loop, loop_kw, seed) in SAMPLE_CASES.items():
+        d = create_diffusion(respacing, **kw)
+        fn = d.p_sample_loop if loop == "p" else d.ddim_sample_loop
+        mine = fn(models[model], inp["noise"].shape, inp["noise"], model_kwargs={"y": inp["y"]},
+                  generator=torch.Generator().manual_seed(seed), **loop_kw)  # fmt: skip
+        ref, old = here["samples"][name].double(), stored["samples"][name].double()
+        same_cpu = float((ref - mine.double()).abs().max())
+        other_cpu = float((ref - old).abs().max())
+        print(f"{name:22s} reference vs ditscale here {same_cpu:.3g}   "
+              f"reference here vs stored {other_cpu:.3g} (scale {float(old.abs().max()):.3g})")
 
 
 if __name__ == "__main__":
