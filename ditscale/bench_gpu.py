@@ -52,8 +52,6 @@ BUDGET = {"a": 70, "b": 60, "c": 210, "d": 60, "e": 80}  # seconds of the defaul
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
-
-
 def _cuda() -> bool:
     import torch
 
@@ -253,8 +251,9 @@ def check_correctness(res: Results, budget: Budget, device, tiny: bool) -> None:
                         res.row("a", dict(base, backend=backend, error=f"{type(e).__name__}: {e}"[:300], ok=False))
                         worst[(backend, base["dtype"])] = False
                         continue
-                    row = dict(base, backend=backend, fwd_maxdiff=_maxdiff(out, ref),
-                               sdpa_mask_fwd_maxdiff=_maxdiff(same, ref))  # fmt: skip
+                    row = dict(
+                        base, backend=backend, fwd_maxdiff=_maxdiff(out, ref), sdpa_mask_fwd_maxdiff=_maxdiff(same, ref)
+                    )
                     if gs is not None:
                         row["bwd_maxdiff"] = max(_maxdiff(a, r) for a, r in zip(gs, ref_g, strict=True))
                         row["sdpa_mask_bwd_maxdiff"] = max(_maxdiff(a, r) for a, r in zip(same_g, ref_g, strict=True))
@@ -452,18 +451,28 @@ def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, ar
                     if mode != "compiled" or budget.left() < need:
                         raise
                     # fullgraph failed (a graph break on this device): say so, then measure with breaks allowed
-                    res.row(key, {"model": variant, "windows": windows, "mode": "compiled, fullgraph",
-                                  "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
-                    model = DiT_models[variant](input_size=size, in_channels=chans, num_classes=classes,
-                                                windows=windows)  # fmt: skip
+                    res.row(
+                        key,
+                        {
+                            "model": variant,
+                            "windows": windows,
+                            "mode": "compiled, fullgraph",
+                            "error": f"{type(e).__name__}: {e}"[:400],
+                        },
+                    )
+                    model = DiT_models[variant](
+                        input_size=size, in_channels=chans, num_classes=classes, windows=windows
+                    )
                     label = "compiled (graph breaks)"
                     r = time_model_step(model, batch, device, steps, warmup, (backend, False))
             except OutOfBudget as e:
                 res.row(key, {"model": variant, "windows": windows, "mode": label, "skipped": str(e)})
                 continue
             except Exception as e:
-                res.row(key, {"model": variant, "windows": windows, "mode": label,
-                              "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
+                res.row(
+                    key,
+                    {"model": variant, "windows": windows, "mode": label, "error": f"{type(e).__name__}: {e}"[:400]},
+                )
                 continue
             finally:
                 model = None
@@ -507,21 +516,41 @@ def trainer_section(res: Results, budget: Budget, device, tiny: bool) -> None:
         steps1, steps2, every = (4, 6, 2) if tiny else (20, 30, 10)
         cfg = {
             "run": {"name": "gpu-check", "seed": 0, "dir": str(work / "run")},
-            "model": {"variant": "DiT-T/1" if tiny else "DiT-S/2", "windows": "3,5@head" if tiny else "local@head",
-                      "input_size": size, "in_channels": chans, "num_classes": 10},
+            "model": {
+                "variant": "DiT-T/1" if tiny else "DiT-S/2",
+                "windows": "3,5@head" if tiny else "local@head",
+                "input_size": size,
+                "in_channels": chans,
+                "num_classes": 10,
+            },
             "diffusion": {"sample_steps": 10},
             "data": {"train": str(work / "digits" / "manifest.json"), "shuffle_buffer": 100, "flip": False},
-            "train": {"steps": steps1, "global_batch": micro * gpus, "micro_batch": micro, "zero_stage": 2,
-                      "precision": "auto"},
+            "train": {
+                "steps": steps1,
+                "global_batch": micro * gpus,
+                "micro_batch": micro,
+                "zero_stage": 2,
+                "precision": "auto",
+            },
             "checkpoint": {"every": every, "keep": 3},
             "log": {"every": 1, "sample_every": 0, "metrics_port": 0, "progress": False},
-        }  # fmt: skip
+        }
         cfg_path = work / "config.json"  # JSON is YAML
         cfg_path.write_text(json.dumps(cfg, indent=1))
         cmd = [sys.executable, "-m", "ditscale", "train", "--config", str(cfg_path)]
         if gpus > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                   "-m", "ditscale", "train", "--config", str(cfg_path)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={gpus}",
+                "-m",
+                "ditscale",
+                "train",
+                "--config",
+                str(cfg_path),
+            ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         run_dir = work / "run"
         first = _train(res, cmd, env, budget, f"train {steps1} steps", tiny)
@@ -540,14 +569,23 @@ def trainer_section(res: Results, budget: Budget, device, tiny: bool) -> None:
         resumed = bool(ckpts) and len(untouched) == len(ckpts) and bool(new)
         ips = [json.loads(ln).get("images_per_second") for ln in open(run_dir / "metrics.jsonl")]
         ips = [x for x in ips if isinstance(x, (int, float))]
-        res.row("e", {
-            "stage": "checks", "losses_logged": len(losses), "last_step": max(losses, default=0),
-            "losses_finite": finite, "loss_first": losses.get(min(losses, default=0)),
-            "loss_last": losses.get(max(losses, default=0)), "checkpoints_after_first": " ".join(ckpts),
-            "checkpoints_after_resume": " ".join(after), "resumed_not_restarted": resumed,
-            "median_images_per_s": statistics.median(ips) if ips else None,
-            "processes": gpus, "backend": "nccl" if device.type == "cuda" else "gloo",
-        })  # fmt: skip
+        res.row(
+            "e",
+            {
+                "stage": "checks",
+                "losses_logged": len(losses),
+                "last_step": max(losses, default=0),
+                "losses_finite": finite,
+                "loss_first": losses.get(min(losses, default=0)),
+                "loss_last": losses.get(max(losses, default=0)),
+                "checkpoints_after_first": " ".join(ckpts),
+                "checkpoints_after_resume": " ".join(after),
+                "resumed_not_restarted": resumed,
+                "median_images_per_s": statistics.median(ips) if ips else None,
+                "processes": gpus,
+                "backend": "nccl" if device.type == "cuda" else "gloo",
+            },
+        )
         ok = first == 0 and second == 0 and finite and resumed and max(losses, default=0) == steps2
         res.section("e")["summary"] = [f"trainer: {'ok' if ok else 'FAILED'} (exit codes {first}, {second})"]
         if not ok:
@@ -607,8 +645,11 @@ def _run(args, device, tiny: bool, only: list[str]) -> int:
     import torch
 
     res = Results(Path(args.out), machine_info(device) | {"tiny": tiny}, args.budget)
-    print(f"bench gpu: sections {''.join(only)}, budget {args.budget:.0f} s, out {args.out}, "
-          f"{'tiny' if tiny else 'full'} on {device}", flush=True)  # fmt: skip
+    print(
+        f"bench gpu: sections {''.join(only)}, budget {args.budget:.0f} s, out {args.out}, "
+        f"{'tiny' if tiny else 'full'} on {device}",
+        flush=True,
+    )
     failed = []
     for key in only:
         budget = Budget(args.budget * BUDGET[key] / sum(BUDGET[k] for k in only))

@@ -62,10 +62,16 @@ class ModelSection(_Section):
         from ditscale.model import create_model
 
         return create_model(
-            self.variant, input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-            learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, windows=self.windows,
-            attention_backend=self.attention_backend, strict_windows=self.strict_windows,
-        )  # fmt: skip
+            self.variant,
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            learn_sigma=self.learn_sigma,
+            class_dropout_prob=self.class_dropout_prob,
+            windows=self.windows,
+            attention_backend=self.attention_backend,
+            strict_windows=self.strict_windows,
+        )
 
 
 class DiffusionSection(_Section):
@@ -105,10 +111,16 @@ class DataSection(_Section):
         from ditscale.data import make_loader
 
         return make_loader(
-            self.train, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-            num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer, flip=self.flip,
+            self.train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_workers=self.num_workers,
+            shuffle_buffer=self.shuffle_buffer,
+            flip=self.flip,
             verify_sha256=self.verify_sha256,
-        )  # fmt: skip
+        )
 
 
 class OptimSection(_Section):
@@ -249,10 +261,20 @@ def dump_config(cfg: Config) -> str:
 # diffusion.*, data.*, optim.*, train.global_batch, run.seed, ...) changes the weights a run produces, so a resume
 # that changes one is refused unless the user allows it (and it is recorded in the run's config history).
 FREE_KEYS = (
-    "run.dir", "run.lease_seconds", "train.steps", "train.activation_checkpointing", "train.compile",
-    "model.attention_backend", "data.test", "data.num_workers", "data.verify_sha256", "diffusion.sample_steps",
-    "diffusion.cfg_scale", "checkpoint.", "log.",
-)  # fmt: skip
+    "run.dir",
+    "run.lease_seconds",
+    "train.steps",
+    "train.activation_checkpointing",
+    "train.compile",
+    "model.attention_backend",
+    "data.test",
+    "data.num_workers",
+    "data.verify_sha256",
+    "diffusion.sample_steps",
+    "diffusion.cfg_scale",
+    "checkpoint.",
+    "log.",
+)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

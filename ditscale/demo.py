@@ -42,10 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(os.environ["TORCH_EXTENSIONS_DIR"])).exists():
         print("[demo] first run: DeepSpeed compiles its CPU communication op once (~1 minute)", flush=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-        "-m", "ditscale", "train", "--config", args.config, "--run-dir", str(run_dir),
-        f"data.train={manifest}", *args.overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(args.nproc),
+        "-m",
+        "ditscale",
+        "train",
+        "--config",
+        args.config,
+        "--run-dir",
+        str(run_dir),
+        f"data.train={manifest}",
+        *args.overrides,
+    ]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd)

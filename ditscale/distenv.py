@@ -71,7 +71,12 @@ def detect(env: dict[str, str] | None = None) -> DistEnv:
         if "MASTER_PORT" not in env:  # same on every task of the job, different between jobs
             port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000
         return DistEnv(
-            int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", "0")),
-            max(world // max(nnodes, 1), 1), master, port, "slurm",
+            int(env["SLURM_PROCID"]),
+            world,
+            int(env.get("SLURM_LOCALID", "0")),
+            max(world // max(nnodes, 1), 1),
+            master,
+            port,
+            "slurm",
         )
     return DistEnv()

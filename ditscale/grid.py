@@ -264,8 +264,10 @@ def expand(
             if recipe is not None:
                 for key, _ in dotted:
                     if key in ("data.train", "data.test"):
-                        raise LaunchError(f"{where}: {key} is derived from the grid's data recipe (data.runs picks "
-                                          f"each run's subset); remove {key} from 'set' and 'axes'")  # fmt: skip
+                        raise LaunchError(
+                            f"{where}: {key} is derived from the grid's data recipe (data.runs picks "
+                            f"each run's subset); remove {key} from 'set' and 'axes'"
+                        )
             for key, value in dotted:
                 value = _fmt(value, ctx, f"{where}: key {key!r}")
                 if key.startswith("resources."):
@@ -350,7 +352,7 @@ def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list
                 depths[key] = int(model.depth)
             except DitscaleError as e:
                 depths[key] = f"model: {e}"
-            except Exception as e:  # noqa: BLE001 - e.g. input_size not divisible by the patch size
+            except Exception as e:
                 depths[key] = f"model.variant {m.variant!r} with input_size {m.input_size}: {e}"
         if isinstance(depths[key], str):
             bad.append(f"{where}: {depths[key]}")
@@ -399,7 +401,7 @@ def _manifest_problem(url: str) -> str | None:
     try:
         read_manifest(url)
         return None
-    except Exception as e:  # noqa: BLE001 - any failure to reach the URL is reported the same way
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
 
 
@@ -427,10 +429,29 @@ def parse_vars(items: list[str]) -> dict:
 
 
 # --- the data recipe ------------------------------------------------------------------------------------------
-RECIPE_KEYS = {"source", "src", "manifest", "root", "resolution", "channels", "build", "sizes", "seeds", "pairs",
-               "test_size", "runs", "resources"}  # fmt: skip
-BUILD_OPTIONS = {"format": "--format", "workers": "--workers", "shard_size": "--shard-size",
-                 "png_level": "--png-level", "class_folders": "--class-folders", "limit": "--limit"}  # fmt: skip
+RECIPE_KEYS = {
+    "source",
+    "src",
+    "manifest",
+    "root",
+    "resolution",
+    "channels",
+    "build",
+    "sizes",
+    "seeds",
+    "pairs",
+    "test_size",
+    "runs",
+    "resources",
+}
+BUILD_OPTIONS = {
+    "format": "--format",
+    "workers": "--workers",
+    "shard_size": "--shard-size",
+    "png_level": "--png-level",
+    "class_folders": "--class-folders",
+    "limit": "--limit",
+}
 PREP_RESOURCES: dict[str, Any] = {"cpus": 4, "mem_gb": None, "timeout_min": 240}
 PAIR_ROLES = ("s1", "s2")
 
@@ -513,8 +534,23 @@ class DataRecipe:
         return cmd + ["--no-progress"]
 
     def subset_command(self, sub: Subset) -> list[str]:
-        cmd = ["python", "-m", "ditscale", "data", "subset", "--manifest", self.full_manifest, "--size", str(sub.size),
-               "--seed", str(sub.seed), "--out", self.subset_dir(sub), "--test-size", str(self.test_size)]  # fmt: skip
+        cmd = [
+            "python",
+            "-m",
+            "ditscale",
+            "data",
+            "subset",
+            "--manifest",
+            self.full_manifest,
+            "--size",
+            str(sub.size),
+            "--seed",
+            str(sub.seed),
+            "--out",
+            self.subset_dir(sub),
+            "--test-size",
+            str(self.test_size),
+        ]
         return cmd + (["--pair"] if sub.pair else [])
 
     def select_for(self, ctx: dict, where: str) -> tuple[Subset, str | None]:
@@ -527,13 +563,16 @@ class DataRecipe:
         try:
             size, seed = int(float(got.get("size"))), int(float(got.get("seed", 0)))
         except (TypeError, ValueError):
-            raise LaunchError(f"{where}: data.runs: size {got.get('size')!r} / seed {got.get('seed')!r} "
-                              "are not integers") from None  # fmt: skip
+            raise LaunchError(
+                f"{where}: data.runs: size {got.get('size')!r} / seed {got.get('seed')!r} are not integers"
+            ) from None
         sub = Subset(size, seed, role is not None)
         if sub not in self.subsets:
             have = ", ".join(s.name for s in self.subsets)
-            raise LaunchError(f"{where}: data.runs picks subset {sub.name!r}, which the recipe does not make "
-                              f"(data.sizes/seeds/pairs give: {have})")  # fmt: skip
+            raise LaunchError(
+                f"{where}: data.runs picks subset {sub.name!r}, which the recipe does not make "
+                f"(data.sizes/seeds/pairs give: {have})"
+            )
         return sub, role
 
 
@@ -579,13 +618,17 @@ def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataR
         raise LaunchError(f"{origin}: 'data' must be a mapping (source, root, resolution, sizes, seeds, ...)")
     unknown = set(raw) - RECIPE_KEYS
     if unknown:
-        raise LaunchError(f"{origin}: unknown key(s) {sorted('data.' + k for k in unknown)} "
-                          f"(expected data.{', data.'.join(sorted(RECIPE_KEYS))})")  # fmt: skip
+        raise LaunchError(
+            f"{origin}: unknown key(s) {sorted('data.' + k for k in unknown)} "
+            f"(expected data.{', data.'.join(sorted(RECIPE_KEYS))})"
+        )
     ctx = {**gvars, "grid": grid_name}
     source, manifest = raw.get("source"), raw.get("manifest")
     if (source is None) == (manifest is None):
-        raise LaunchError(f"{origin}: data: give either data.source (a dataset to build shards from) or "
-                          "data.manifest (prebuilt shards), not both or neither")  # fmt: skip
+        raise LaunchError(
+            f"{origin}: data: give either data.source (a dataset to build shards from) or "
+            "data.manifest (prebuilt shards), not both or neither"
+        )
     if source is not None:
         from ditscale.data.sources import SOURCES
 
@@ -593,14 +636,17 @@ def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataR
             raise LaunchError(f"{origin}: data.source {source!r} is unknown (expected one of {', '.join(SOURCES)})")
     src, src_vars = _src_of(raw.get("src"), gvars, f"{origin}: data.src")
     if source not in (None, "digits") and "src" not in raw:
-        raise LaunchError(f"{origin}: data.src is missing: where the {source} dataset is, e.g. \"{{{source}_src}}\" "
-                          f"given with --var {source}_src=/datasets/{source}")  # fmt: skip
+        raise LaunchError(
+            f'{origin}: data.src is missing: where the {source} dataset is, e.g. "{{{source}_src}}" '
+            f"given with --var {source}_src=/datasets/{source}"
+        )
     if manifest is not None:
         manifest = _absolute(str(_fmt(manifest, ctx, f"{origin}: data.manifest")))
     root = raw.get("root")
     if not isinstance(root, str) or not root:
-        raise LaunchError(f"{origin}: data.root is missing: the folder or URL the recipe writes to, "
-                          "e.g. \"{data_root}/celeba32\"")  # fmt: skip
+        raise LaunchError(
+            f'{origin}: data.root is missing: the folder or URL the recipe writes to, e.g. "{{data_root}}/celeba32"'
+        )
     root = _absolute(str(_fmt(root, ctx, f"{origin}: data.root")).rstrip("/"))
     resolution = raw.get("resolution")
     if source is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1):
@@ -630,12 +676,16 @@ def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataR
     select = raw.get("runs")
     if select is None:
         if len(subsets) != 1:
-            raise LaunchError(f"{origin}: data.runs is missing: which subset each run trains on, e.g. "
-                              "{size: \"{n}\", seed: \"{shuffle}\"} (the recipe makes several)")  # fmt: skip
+            raise LaunchError(
+                f"{origin}: data.runs is missing: which subset each run trains on, e.g. "
+                '{size: "{n}", seed: "{shuffle}"} (the recipe makes several)'
+            )
         select = {"size": subsets[0].size, "seed": subsets[0].seed}
     if not isinstance(select, dict) or "size" not in select or set(select) - {"size", "seed", "pair"}:
-        raise LaunchError(f"{origin}: data.runs must be a mapping with size (and seed, pair), "
-                          "e.g. {size: \"{n}\", seed: \"{shuffle}\"}")  # fmt: skip
+        raise LaunchError(
+            f"{origin}: data.runs must be a mapping with size (and seed, pair), "
+            'e.g. {size: "{n}", seed: "{shuffle}"}'
+        )
     resources = dict(PREP_RESOURCES)
     res = raw.get("resources") or {}
     if not isinstance(res, dict) or set(res) - set(PREP_RESOURCES):
@@ -644,5 +694,18 @@ def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataR
     for key in ("cpus", "timeout_min"):
         if not isinstance(resources[key], int) or resources[key] < 1:
             raise LaunchError(f"{origin}: data.resources.{key} must be a positive integer (got {resources[key]!r})")
-    return DataRecipe(grid_file, root, source, src, src_vars, manifest, resolution, channels, dict(build), subsets,
-                      test_size, dict(select), resources)  # fmt: skip
+    return DataRecipe(
+        grid_file,
+        root,
+        source,
+        src,
+        src_vars,
+        manifest,
+        resolution,
+        channels,
+        dict(build),
+        subsets,
+        test_size,
+        dict(select),
+        resources,
+    )

@@ -68,7 +68,7 @@ def _serve(registry, port: int, addr: str, scrapes: ScrapeLog):
         pass
 
     class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        def log_message(self, format, *args):
             pass
 
     family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]

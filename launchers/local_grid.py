@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
-from ditscale.errors import DitscaleError  # noqa: E402
+from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args
+from ditscale.errors import DitscaleError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS per process (default: the grid's cpus_per_task)")
     p.add_argument("--log-dir", help="run logs and configs (default: <runs parent>/_local)")
     add_grid_arguments(
-        p, dry_run_help="print the plan (data steps, runs, commands); start nothing",
+        p,
+        dry_run_help="print the plan (data steps, runs, commands); start nothing",
         status_help="show each run's state (from the run dirs)",
-    )  # fmt: skip
+    )
     return p
 
 
@@ -51,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = plan_from_args(args)
         base = results_dir(plan.runs, plan.name)
-        opts = L.LocalOptions(log_dir=Path(args.log_dir or base / "_local").absolute(), parallel=args.parallel,
-                              threads=args.threads, stall_after_s=args.stall_after)  # fmt: skip
+        opts = L.LocalOptions(
+            log_dir=Path(args.log_dir or base / "_local").absolute(),
+            parallel=args.parallel,
+            threads=args.threads,
+            stall_after_s=args.stall_after,
+        )
         if args.status:
             print(L.status(plan, opts))
             return 0

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
-from ditscale.errors import DitscaleError  # noqa: E402
+from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args
+from ditscale.errors import DitscaleError
 
 EXIT_CLUSTER_LOST = 3  # 1: runs did not finish, 2: a user error (nothing started)
 
@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--address", default="auto",
+        "--address",
+        default="auto",
         help="Ray cluster: auto (RAY_ADDRESS or the local head), HOST:PORT, or ray://HOST:10001 (default: auto)",
-    )  # fmt: skip
+    )
     p.add_argument("--workers-per-run", type=int, help="Ray Train workers per run (default: the grid's tasks)")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: the grid's)")
@@ -49,13 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per run (default: 3)")
     p.add_argument("--storage", help="Ray Train bookkeeping and file_sd targets (default: <runs parent>/_ray)")
     p.add_argument(
-        "--connect-timeout", type=float, default=30, metavar="SECONDS",
+        "--connect-timeout",
+        type=float,
+        default=30,
+        metavar="SECONDS",
         help="give up on an --address that does not answer after this long (30)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--resource-wait", type=float, default=600, metavar="SECONDS",
+        "--resource-wait",
+        type=float,
+        default=600,
+        metavar="SECONDS",
         help="how long a run that fits the cluster may wait for busy resources before it fails (600)",
-    )  # fmt: skip
+    )
     add_grid_arguments(
         p, dry_run_help="print the plan; start nothing", status_help="show each run's state (from the run dirs)"
     )
@@ -82,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         opts = R.RayOptions(
             address=None if args.address in ("", "local") else args.address,
-            workers_per_run=args.workers_per_run, use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker,
-            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-            storage=Path(args.storage or base / "_ray"), connect_timeout_s=args.connect_timeout,
+            workers_per_run=args.workers_per_run,
+            use_gpu=args.gpus,
+            cpus_per_worker=args.cpus_per_worker,
+            max_concurrent=args.max_concurrent,
+            max_failures=args.max_failures,
+            storage=Path(args.storage or base / "_ray"),
+            connect_timeout_s=args.connect_timeout,
             resource_wait_s=args.resource_wait,
-        )  # fmt: skip
+        )
         try:
             out = R.run_grid(plan, opts, dry_run=args.dry_run)
         except R.ClusterLostError as e:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args  # noqa: E402
-from ditscale.errors import DitscaleError  # noqa: E402
+from ditscale.cli.launch import add_grid_arguments, collect_and_print, plan_from_args
+from ditscale.errors import DitscaleError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,30 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--partition", help="Slurm partition (checked with sinfo; needed to submit and for --dry-run, not for "
-        "--status or --collect)",
-    )  # fmt: skip
+        "--partition",
+        help="Slurm partition (checked with sinfo; needed to submit and for --dry-run, not for --status or --collect)",
+    )
     p.add_argument("--prepare-partition", help="partition of the data-preparation CPU jobs (default: --partition)")
     p.add_argument("--nodes", type=int, help="nodes per run (default: the grid's resources.nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node (default: the grid's)")
     p.add_argument(
-        "--time", help="time limit per job in a Slurm format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+        "--time",
+        help="time limit per job in a Slurm format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
         "(default: the grid's timeout_min)",
-    )  # fmt: skip
+    )
     p.add_argument("--account", help="Slurm account (sbatch --account)")
     p.add_argument("--qos", help="Slurm QOS (sbatch --qos)")
     p.add_argument("--array-parallelism", type=int, default=64, help="max array tasks running at once (64)")
     p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time-limit hit per run (3)")
     p.add_argument(
-        "--max-failures", type=int, default=3,
+        "--max-failures",
+        type=int,
+        default=3,
         help="requeues after a failure (a rank crashed, a node or the network was lost) per run (3)",
-    )  # fmt: skip
+    )
     p.add_argument("--log-dir", help="submitit logs and jobs.json (default: <runs parent>/_slurm)")
     p.add_argument("--setup", action="append", help="shell line run in the job before srun (repeatable)")
     add_grid_arguments(
-        p, dry_run_help="print the plan and sbatch parameters; submit nothing",
+        p,
+        dry_run_help="print the plan and sbatch parameters; submit nothing",
         status_help="show each run's state (run dir + squeue)",
-    )  # fmt: skip
+    )
     p.add_argument("--wait", action="store_true", help="after submitting, wait until every run ends")
     return p
 
@@ -79,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_from_args(args, resources)
         base = results_dir(plan.runs, plan.name)
         opts = S.SlurmOptions(
-            partition=args.partition, log_dir=Path(args.log_dir or base / "_slurm").absolute(),
-            account=args.account, qos=args.qos, array_parallelism=args.array_parallelism,
-            max_num_timeout=args.max_timeouts, setup=args.setup, max_failures=args.max_failures,
-            stall_after_s=args.stall_after, prepare_partition=args.prepare_partition,
-        )  # fmt: skip
+            partition=args.partition,
+            log_dir=Path(args.log_dir or base / "_slurm").absolute(),
+            account=args.account,
+            qos=args.qos,
+            array_parallelism=args.array_parallelism,
+            max_num_timeout=args.max_timeouts,
+            setup=args.setup,
+            max_failures=args.max_failures,
+            stall_after_s=args.stall_after,
+            prepare_partition=args.prepare_partition,
+        )
         if args.status:
             print(S.status(plan, opts))
             return 0

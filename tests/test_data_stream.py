@@ -67,7 +67,7 @@ def test_resume_restores_images_and_flips(digits):
 
 
 def test_deterministic_per_seed_and_rank(digits):
-    k = lambda **kw: flat(take(make_loader(digits, batch_size=10, **kw), 20))  # noqa: E731
+    k = lambda **kw: flat(take(make_loader(digits, batch_size=10, **kw), 20))
     assert k(seed=0) == k(seed=0)
     assert k(seed=0) != k(seed=1)
     assert k(seed=0, rank=0, world_size=2) != k(seed=0, rank=1, world_size=2)

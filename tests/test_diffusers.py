@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.needs import import_or_fail  # noqa: E402
+from tests.needs import import_or_fail
 
 diffusers = import_or_fail("diffusers", "diffusers")
 

@@ -156,6 +156,7 @@ def test_report_reads_run_dirs_in_object_storage(s3_server, tmp_path):
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 4
     assert text.count("| done |") == 3 and text.count("| started |") == 1
 
+
 def test_report_spread_and_paired_difference(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"  # two grids reported together
     for s, (g, h, t) in enumerate([(2.0, 1.5, 2.5), (1.0, 0.9, 1.2), (1.5, 1.3, 1.2)]):

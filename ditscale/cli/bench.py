@@ -83,8 +83,13 @@ def _gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: by name)")
 
 
-ARGUMENTS = {"attention": _attention_arguments, "data": _data_arguments, "train": _train_arguments,
-             "storage": _storage_arguments, "gpu": _gpu_arguments}  # fmt: skip
+ARGUMENTS = {
+    "attention": _attention_arguments,
+    "data": _data_arguments,
+    "train": _train_arguments,
+    "storage": _storage_arguments,
+    "gpu": _gpu_arguments,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

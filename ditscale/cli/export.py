@@ -12,8 +12,11 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory or URL")
-    parser.add_argument("--out", required=True, help="dit: output file (.pt, .safetensors and .json are written); "
-                        "diffusers: output folder")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="dit: output file (.pt, .safetensors and .json are written); diffusers: output folder",
+    )
     parser.add_argument("--format", choices=("dit", "diffusers"), default="dit", help="output format (default: dit)")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     parser.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA")

@@ -14,9 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="override a grid template var")
     p.add_argument("--run-root", help="write runs under RUN_ROOT/<run id> instead of the grid's run_dir")
     p.add_argument(
-        "--check-data", action="store_true",
+        "--check-data",
+        action="store_true",
         help="also check that every data URL can be read (for a data recipe: show what exists and what is missing)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print the runs as JSON (id, run_dir, resources, config)")
     p.add_argument("--status", action="store_true", help="show each run's state from its run dir")
     p.add_argument("--collect", metavar="OUT", help="write results.{csv,json,md} into OUT and print the markdown")

@@ -25,9 +25,12 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
     mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
     p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
     p.add_argument(
-        "--stall-after", type=float, default=600, metavar="SECONDS",
+        "--stall-after",
+        type=float,
+        default=600,
+        metavar="SECONDS",
         help="--status: call a running run stalled when it logged no step for this long (600)",
-    )  # fmt: skip
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
 
 
@@ -38,9 +41,13 @@ def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> P
     if is_default:
         print(f"grid: {grid} (the default grid; --grid FILE picks another)", file=sys.stderr, flush=True)
     plan = plan_grid(
-        grid, vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides,
-        resources=resources, check_data=check_data,
-    )  # fmt: skip
+        grid,
+        vars=G.parse_vars(args.var),
+        run_root=args.run_root,
+        overrides=args.overrides,
+        resources=resources,
+        check_data=check_data,
+    )
     plan.default_grid = is_default
     return plan
 

@@ -7,9 +7,11 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--grid", required=True, nargs="+",
+        "--grid",
+        required=True,
+        nargs="+",
         help="directories of run dirs, or grid files (configs/grids/*.yaml); several are reported together",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", default=None, help="output directory for report.md and PNGs")
     parser.add_argument("--title", default=None)
 

@@ -106,7 +106,7 @@ def _start_moto() -> tuple[subprocess.Popen, str] | None:
         try:
             urllib.request.urlopen(endpoint + "/", timeout=1).read()
             return proc, endpoint
-        except Exception:  # noqa: BLE001
+        except Exception:
             time.sleep(0.1)
     proc.terminate()
     return None

@@ -91,7 +91,7 @@ def _encode_shard(task: ShardTask) -> dict:
             try:
                 img = prepare(load_image(rec.ref), task.resolution, task.channels, source=rec.source_id)
                 data = encode_image(img, task.image_format, task.png_level)
-            except Exception as e:  # noqa: BLE001 - any unreadable input is skipped and reported
+            except Exception as e:
                 skipped.append({"source_id": rec.source_id, "reason": f"cannot decode: {type(e).__name__}: {e}"})
                 continue
             key = sample_key(index)

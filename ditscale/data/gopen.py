@@ -38,6 +38,6 @@ def worker_init_fn(worker_id: int) -> None:
     """DataLoader worker_init_fn: re-register openers (lost in spawned workers) and drop fork-inherited fs caches."""
     try:
         fsspec.AbstractFileSystem.clear_instance_cache()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     register_gopen()

@@ -42,7 +42,7 @@ def load_vae_encoder(vae_path: str, device: str = "cpu") -> Encoder:
         raise DataError("latent shards need diffusers: pip install 'ditscale[latents]' (diffusers>=0.27)") from None
     try:
         vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(device).eval()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"cannot load an AutoencoderKL from {vae_path!r}: {e}") from None
 
     @torch.no_grad()
@@ -132,13 +132,23 @@ def build_latents(
         encode_batch(imgs, labels, indices)
     flush()
     m = {
-        "format": "ditscale-shards", "version": 1, "kind": "latents", "source": src.get("source"), "split": split,
-        "resolution": int(lat_shape[-1]), "channels": int(lat_shape[0]), "image_resolution": src["resolution"],
-        "latent_scale": LATENT_SCALE, "vae": os.path.basename(os.path.normpath(vae_path)) if vae_path else "custom",
-        "num_classes": src["num_classes"], "class_names": src.get("class_names", []),
-        "num_samples": sum(s["samples"] for s in shards), "shards": shards, "parent": src["url"],
+        "format": "ditscale-shards",
+        "version": 1,
+        "kind": "latents",
+        "source": src.get("source"),
+        "split": split,
+        "resolution": int(lat_shape[-1]),
+        "channels": int(lat_shape[0]),
+        "image_resolution": src["resolution"],
+        "latent_scale": LATENT_SCALE,
+        "vae": os.path.basename(os.path.normpath(vae_path)) if vae_path else "custom",
+        "num_classes": src["num_classes"],
+        "class_names": src.get("class_names", []),
+        "num_samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "parent": src["url"],
         "splits": {split: "manifest.json"},
-    }  # fmt: skip
+    }
     write_manifest(out, m)
     m["url"] = storage.join(out, "manifest.json")
     return m

@@ -329,7 +329,7 @@ class LogicalStream:
             sample = have.pop(t)
             try:
                 arr, label, index = decode_sample(sample, manifest, bool(flips[t]))
-            except Exception as exc:  # noqa: BLE001 - corrupt sample: skip, count, log
+            except Exception as exc:
                 self.skipped += 1
                 log.warning(
                     "skipping corrupt sample %s in shard %s: %s: %s",
@@ -589,7 +589,7 @@ def iter_dataset(manifest_url: str, verify_sha256: bool = False) -> Iterator[tup
         for sample in iter_shard(url, fetch_shard(url, shard.get("sha256"), verify_sha256)):
             try:
                 arr, label, index = decode_sample(sample, m, False)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.warning("skipping corrupt sample %s in shard %s: %s", sample.get("__key__"), url, exc)
                 continue
             yield to_tensor([arr], m["kind"])[0], label, index

@@ -33,9 +33,18 @@ log = logging.getLogger(__name__)
 TEST_SEED = 0x7E57  # the held-out test draw does not depend on --seed
 DEFAULT_TEST_SIZE = 10_000
 COPY_KEYS = (
-    "kind", "source", "resolution", "channels", "image_format", "image_key", "num_classes", "class_names",
-    "latent_scale", "latent_channels", "vae",
-)  # fmt: skip
+    "kind",
+    "source",
+    "resolution",
+    "channels",
+    "image_format",
+    "image_key",
+    "num_classes",
+    "class_names",
+    "latent_scale",
+    "latent_channels",
+    "vae",
+)
 
 
 def _resolve_size(size: float, pool: int, what: str) -> int:

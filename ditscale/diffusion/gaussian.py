@@ -631,9 +631,18 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield {"sample", "pred_xstart"} after each ancestral step, from t = T-1 down to 0."""
         yield from self._loop(
-            self.p_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
-        )  # fmt: skip
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generator,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
 
     def p_sample_loop(
         self,
@@ -658,9 +667,17 @@ class GaussianDiffusion:
         `model_kwargs` go to the model, `progress` shows a tqdm bar."""
         final = None
         for step_out in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress,
+            model,
+            shape,
+            noise,
+            clip_denoised,
+            denoised_fn,
+            cond_fn,
+            model_kwargs,
+            device,
+            progress,
             generator=generator,
-        ):  # fmt: skip
+        ):
             final = step_out
         return final["sample"]
 
@@ -681,9 +698,19 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield {"sample", "pred_xstart"} after each DDIM step, from t = T-1 down to 0."""
         yield from self._loop(
-            self.ddim_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
-        )  # fmt: skip
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generator,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+        )
 
     def ddim_sample_loop(
         self,
@@ -704,9 +731,18 @@ class GaussianDiffusion:
         given the noise. Arguments as p_sample_loop's, plus eta (`cond_fn` conditions the score)."""
         final = None
         for step_out in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta,
+            model,
+            shape,
+            noise,
+            clip_denoised,
+            denoised_fn,
+            cond_fn,
+            model_kwargs,
+            device,
+            progress,
+            eta,
             generator=generator,
-        ):  # fmt: skip
+        ):
             final = step_out
         return final["sample"]
 

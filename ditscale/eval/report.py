@@ -158,11 +158,17 @@ def runs_table(runs: list[RunInfo], curves: dict[str, list], finals: dict[str, d
         state = "done" if final else ("started" if curve else "pending")
         rows.append(
             [
-                r.id, r.variant, r.windows, _n_label(r.n), str(r.seed), _extra_axes(r), state,
+                r.id,
+                r.variant,
+                r.windows,
+                _n_label(r.n),
+                str(r.seed),
+                _extra_axes(r),
+                state,
                 "" if step is None else str(step),
                 f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "",
             ]
-        )  # fmt: skip
+        )
     return _md_table(["run", "variant", "windows", "N", "seed", "other axes", "state", "step", "loss"], rows)
 
 
@@ -185,9 +191,13 @@ def plot_loss_curves(runs: list[RunInfo], curves: dict[str, list], path: str, va
             label = " ".join(x for x in (r.windows, f"s{r.seed}" if len(seeds) > 1 else "", _extra_axes(r)) if x)
             i = ws.index(r.windows)
             ax.plot(
-                steps, losses, lw=0.9, color="gray" if r.windows == "global" else f"C{i % 10}",
-                ls=styles[seeds.index(r.seed) % len(styles)], label=label,
-            )  # fmt: skip
+                steps,
+                losses,
+                lw=0.9,
+                color="gray" if r.windows == "global" else f"C{i % 10}",
+                ls=styles[seeds.index(r.seed) % len(styles)],
+                label=label,
+            )
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"{variant}, {_n_label(n)}")
@@ -382,8 +392,9 @@ def spread_table(runs: list[RunInfo]) -> str:
     test = _by_seed(runs, "psnr_gap", "avg_test_psnr")
     fid_metric = "fid" if _by_seed(runs, "fid", "fid") else "fid_pixels"
     fid = _by_seed(runs, fid_metric, "fid")
-    keys = sorted(gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1], "global"]).index(k[1]),
-                                      k[1]))  # fmt: skip
+    keys = sorted(
+        gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1], "global"]).index(k[1]), k[1])
+    )
 
     def paired(table: dict, v: str, w: str, n, better: str) -> str:
         """This configuration minus global, per seed (same data shuffle), and how often it is lower/higher."""
@@ -396,14 +407,31 @@ def spread_table(runs: list[RunInfo]) -> str:
 
     rows = []
     for v, w, n in keys:
-        rows.append([
-            v, _n_label(n), w, str(len(gap[(v, w, n)])), _spread(list(gap[(v, w, n)].values())),
-            paired(gap, v, w, n, "lower"), _spread(list(test.get((v, w, n), {}).values())),
-            paired(test, v, w, n, "higher"), _spread(list(fid.get((v, w, n), {}).values()), 3),
-        ])  # fmt: skip
+        rows.append(
+            [
+                v,
+                _n_label(n),
+                w,
+                str(len(gap[(v, w, n)])),
+                _spread(list(gap[(v, w, n)].values())),
+                paired(gap, v, w, n, "lower"),
+                _spread(list(test.get((v, w, n), {}).values())),
+                paired(test, v, w, n, "higher"),
+                _spread(list(fid.get((v, w, n), {}).values()), 3),
+            ]
+        )
     fid_name = "FID" if fid_metric == "fid" else "pixel FID"
-    header = ["variant", "N", "windows", "runs", "PSNR gap (dB)", "gap − global (dB)", "test PSNR (dB)",
-              "test PSNR − global (dB)", fid_name]  # fmt: skip
+    header = [
+        "variant",
+        "N",
+        "windows",
+        "runs",
+        "PSNR gap (dB)",
+        "gap − global (dB)",
+        "test PSNR (dB)",
+        "test PSNR − global (dB)",
+        fid_name,
+    ]
     return (
         "mean ± sample std [min..max] over the runs of each configuration (seeds / data shuffles); the "
         '"− global" columns subtract the global run trained on the same shuffle\n\n' + _md_table(header, rows)

@@ -193,9 +193,14 @@ def run_study(args: StudyOptions) -> int:
             "locality": lambda run=run: E.locality(run, images=64, ema=ema),
             "jacobian": lambda run=run: E.jacobian(run, sigma=0.3, ema=ema),
             "fid_pixels": lambda run=run: E.fid(
-                run, features="pixels", samples=args.samples, steps=args.sample_steps, ref=data["full"],
-                cache=str(out / "cache"), ema=ema,
-            ),  # fmt: skip
+                run,
+                features="pixels",
+                samples=args.samples,
+                steps=args.sample_steps,
+                ref=data["full"],
+                cache=str(out / "cache"),
+                ema=ema,
+            ),
         }
         for name, evaluate in todo.items():
             if not (ev / f"{name}.json").is_file():

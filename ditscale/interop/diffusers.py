@@ -181,8 +181,9 @@ def to_diffusers_state(state: Mapping[str, torch.Tensor], spec: Mapping[str, Any
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def build_diffusers(state: Mapping[str, torch.Tensor], spec: Mapping[str, Any], *, info: Mapping | None = None,
-                    backend: str = "auto"):  # fmt: skip
+def build_diffusers(
+    state: Mapping[str, torch.Tensor], spec: Mapping[str, Any], *, info: Mapping | None = None, backend: str = "auto"
+):
     """A DiTTransformer2DModel (eval mode) with a DiT's weights, computing exactly that DiT (windows and the
     reference timestep embedding installed), its config carrying the windows and ditscale's description."""
     diffusers = _diffusers()

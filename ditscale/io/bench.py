@@ -37,10 +37,14 @@ def run(args) -> int:
     assert all(g == [urls[len(urls) // 2]] for _, g in one_gone)
     storage.write_bytes(urls[len(urls) // 2], b"")
     res = {
-        "url": args.url, "shards": args.shards, "created": len(todo), "create_s": made,
-        "check_s_median": statistics.median(t for t, _ in present), "check_s_min": min(t for t, _ in present),
+        "url": args.url,
+        "shards": args.shards,
+        "created": len(todo),
+        "create_s": made,
+        "check_s_median": statistics.median(t for t, _ in present),
+        "check_s_min": min(t for t, _ in present),
         "check_one_missing_s_median": statistics.median(t for t, _ in one_gone),
-    }  # fmt: skip
+    }
     print(f"bench storage: {args.shards} shards under {args.url} (created {len(todo)} in {made:.1f} s)")
     print(f"  all present : {res['check_s_median']:.3f} s median, {res['check_s_min']:.3f} s min")
     print(f"  one missing : {res['check_one_missing_s_median']:.3f} s median (found and named)")

@@ -66,9 +66,14 @@ class Holder:
         try:
             d = json.loads(raw)
             return cls(
-                str(d["id"]), str(d["host"]), int(d["pid"]), float(d["since"]), float(d["heartbeat"]),
-                float(d["lease_s"]), str(d.get("boot", "")),
-            )  # fmt: skip
+                str(d["id"]),
+                str(d["host"]),
+                int(d["pid"]),
+                float(d["since"]),
+                float(d["heartbeat"]),
+                float(d["lease_s"]),
+                str(d.get("boot", "")),
+            )
         except (ValueError, KeyError, TypeError):
             return None  # junk: nobody holds it
 

@@ -132,7 +132,7 @@ def with_retries(fn: Callable[[], T], url: str, what: str = "read", budget: floa
             return fn()
         except FileNotFoundError:
             raise
-        except Exception as e:  # noqa: BLE001 - fsspec backends raise many types (OSError, botocore, aiohttp)
+        except Exception as e:
             if _fatal(e):
                 raise StorageError(f"cannot {what} {url}: {describe(e)}") from e
             waited = time.monotonic() - start
@@ -446,7 +446,7 @@ def makedirs(url: str) -> None:
         try:
             if not fs.exists(bucket):
                 fs.mkdir(bucket)
-        except Exception as e:  # noqa: BLE001 - no permission to create buckets: writing will tell
+        except Exception as e:
             log.debug("mkdir %s: %s", bucket, e)
     else:
         fs.makedirs(path, exist_ok=True)

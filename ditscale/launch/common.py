@@ -33,8 +33,10 @@ def resolve_grid(grid: str | None) -> tuple[str, bool]:
         p = root / DEFAULT_GRID
         if p.is_file():
             return str(p), True
-        raise LaunchError(f"the default grid {DEFAULT_GRID} is not in {root} (ditscale installed without its "
-                          "checkout?): give --grid FILE")  # fmt: skip
+        raise LaunchError(
+            f"the default grid {DEFAULT_GRID} is not in {root} (ditscale installed without its "
+            "checkout?): give --grid FILE"
+        )
     p = Path(grid).expanduser()
     tries = [p] if p.is_absolute() else [p, root / p]
     if len(p.parts) == 1 and p.suffix not in (".yaml", ".yml"):

@@ -93,8 +93,10 @@ def format_plan(plan: Plan, opts: LocalOptions) -> str:
     from ditscale.launch.prepare import format_data_plan
 
     held = guard.busy(plan.todo)  # a live trainer (started by another launcher) holds the run dir
-    lines = [f"{plan.header()}, {len(held)} running elsewhere, {len(plan.todo) - len(held)} to train on this "
-             f"machine, {opts.parallel} at a time"]  # fmt: skip
+    lines = [
+        f"{plan.header()}, {len(held)} running elsewhere, {len(plan.todo) - len(held)} to train on this "
+        f"machine, {opts.parallel} at a time"
+    ]
     if plan.data is not None:
         lines += ["", format_data_plan(plan.data, {s.name: "prepared here first" for s in plan.data.todo}), ""]
     for r in plan.runs:
@@ -168,16 +170,21 @@ class LocalExecutor:
             done = RunDir(p.run.run_dir).is_done(p.run.config.train.steps)
             f = _state_file(rid, self.opts.log_dir)
             stopped = bool(self.interrupts)  # torchrun exits 1 after forwarding our SIGTERM: not a failure
-            f.write_text(json.dumps({"pid": p.popen.pid, "rc": rc, "log": str(p.log_file), "ended": time.time(),
-                                     "stopped": stopped}))  # fmt: skip
+            f.write_text(
+                json.dumps(
+                    {"pid": p.popen.pid, "rc": rc, "log": str(p.log_file), "ended": time.time(), "stopped": stopped}
+                )
+            )
             self.results[rid] = {"finished": done, "rc": rc, "log": str(p.log_file)}
             took = time.time() - p.started
             if done:
                 print(f"{rid}: done ({took:.0f} s)", flush=True)
             elif rc == 0 or self.interrupts:
                 st = RunDir(p.run.run_dir).status(p.run.config.train.steps)
-                print(f"{rid}: stopped at step {st.step} ({st.checkpoint or 'no checkpoint'}); rerun to resume",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{rid}: stopped at step {st.step} ({st.checkpoint or 'no checkpoint'}); rerun to resume",
+                    flush=True,
+                )
             else:
                 print(f"{rid}: FAILED (exit code {rc}); see {p.log_file}", flush=True)
 

@@ -142,9 +142,27 @@ def plan_data(recipe: DataRecipe, runs: list[RunSpec] | None = None, *, check: b
     else:
         from ditscale.io import storage
 
-        head = Step("shards", "external", storage.dirname(recipe.manifest), [recipe.manifest],
-                    ["python", "-m", "ditscale", "data", "build", "SOURCE", "--src", "<dataset>", "--out",
-                     storage.dirname(recipe.manifest), "--resolution", "N"], runnable=False)  # fmt: skip
+        head = Step(
+            "shards",
+            "external",
+            storage.dirname(recipe.manifest),
+            [recipe.manifest],
+            [
+                "python",
+                "-m",
+                "ditscale",
+                "data",
+                "build",
+                "SOURCE",
+                "--src",
+                "<dataset>",
+                "--out",
+                storage.dirname(recipe.manifest),
+                "--resolution",
+                "N",
+            ],
+            runnable=False,
+        )
     if check:
         head.state, head.problem = verify(head)
     head.needed = any(s.state != READY and s.needed for s in subsets)
@@ -156,10 +174,15 @@ def plan_data(recipe: DataRecipe, runs: list[RunSpec] | None = None, *, check: b
 
 # --- printing and errors ----------------------------------------------------------------------------------------
 def describe(recipe: DataRecipe) -> str:
-    what = (f"{recipe.source} at {recipe.resolution}x{recipe.resolution}, {recipe.channels} channel(s)"
-            if recipe.manifest is None else f"prebuilt shards {recipe.manifest}")  # fmt: skip
-    return (f"data recipe of {recipe.grid_file}: {what} -> {recipe.root}; {len(recipe.subsets)} subset(s), "
-            f"held-out test set of at most {recipe.test_size}")  # fmt: skip
+    what = (
+        f"{recipe.source} at {recipe.resolution}x{recipe.resolution}, {recipe.channels} channel(s)"
+        if recipe.manifest is None
+        else f"prebuilt shards {recipe.manifest}"
+    )
+    return (
+        f"data recipe of {recipe.grid_file}: {what} -> {recipe.root}; {len(recipe.subsets)} subset(s), "
+        f"held-out test set of at most {recipe.test_size}"
+    )
 
 
 def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
@@ -177,10 +200,14 @@ def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
             state = "missing, not needed (no unfinished run uses it)"
         elif s in dp.blocked:
             state = "MISSING, cannot be built: " + (
-                "shards built elsewhere (data.manifest)" if s.kind == "external"
-                else f"give the source with --var {dp.recipe.src_vars[0]}=PATH" if not s.runnable and dp.recipe.src_vars
-                else "data.src is not given" if not s.runnable else f"needs {s.needs[0]}"
-            )  # fmt: skip
+                "shards built elsewhere (data.manifest)"
+                if s.kind == "external"
+                else f"give the source with --var {dp.recipe.src_vars[0]}=PATH"
+                if not s.runnable and dp.recipe.src_vars
+                else "data.src is not given"
+                if not s.runnable
+                else f"needs {s.needs[0]}"
+            )
         else:
             state = "missing -> " + how.get(s.name, "will be prepared")
         lines.append(f"  {s.name:<{width}}  {s.out:<{owidth}}  {state}")
@@ -189,8 +216,10 @@ def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
     r = dp.recipe
     if any(not s.runnable for s in dp.blocked) and r.manifest is None:
         give = f"--var {r.src_vars[0]}=PATH" if r.src_vars else "data.src in the grid file"
-        lines.append(f"the {r.source} source's location is not given: the data cannot be prepared until {give} is "
-                     f"given ({r.src_placeholder()} above: where the {r.source} dataset is)")  # fmt: skip
+        lines.append(
+            f"the {r.source} source's location is not given: the data cannot be prepared until {give} is "
+            f"given ({r.src_placeholder()} above: where the {r.source} dataset is)"
+        )
     return "\n".join(lines)
 
 
@@ -199,8 +228,10 @@ def check_ready(dp: DataPlan) -> None:
     built because the source is not given (naming each missing path and the command that builds it)."""
     if dp.conflicts:
         items = "\n".join(f"  {s.name}: {s.problem}" for s in dp.conflicts)
-        raise LaunchError(f"grid {dp.recipe.grid_file!r}: prepared data does not match the recipe (it is never "
-                          f"overwritten: remove it, or point data.root elsewhere with --var):\n{items}")  # fmt: skip
+        raise LaunchError(
+            f"grid {dp.recipe.grid_file!r}: prepared data does not match the recipe (it is never "
+            f"overwritten: remove it, or point data.root elsewhere with --var):\n{items}"
+        )
     blocked = dp.blocked
     if not blocked:
         return
@@ -214,8 +245,10 @@ def check_ready(dp: DataPlan) -> None:
     for s in blocked:
         lines.append("  missing " + ", ".join(s.manifests))
         lines.append("    build: " + s.shell)
-    lines.append(f"give {give} and the launcher prepares it, or run the commands above "
-                 f"({r.src_placeholder()}: where the {r.source} dataset is)")  # fmt: skip
+    lines.append(
+        f"give {give} and the launcher prepares it, or run the commands above "
+        f"({r.src_placeholder()}: where the {r.source} dataset is)"
+    )
     raise LaunchError("\n".join(lines))
 
 
@@ -264,7 +297,7 @@ def run_step(step: Step, *, log_file: str | None = None, poll_s: float = 2.0) ->
             return READY
         argv = [sys.executable, *step.command[1:]] if step.command[0] == "python" else list(step.command)
         log.info("data %s: %s", step.name, step.shell)
-        out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - closed below
+        out = open(log_file, "ab") if log_file else None
         try:
             rc = subprocess.call(argv, env=command_env(), stdout=out, stderr=subprocess.STDOUT if out else None)
         finally:

@@ -116,8 +116,10 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
         return ray.get_runtime_context().gcs_address
     target = resolve_address(address)
     if target == "auto":
-        raise LaunchError("--address auto: no running Ray cluster found (start one with `ray start --head`, or set "
-                          "RAY_ADDRESS / --address HOST:PORT)")  # fmt: skip
+        raise LaunchError(
+            "--address auto: no running Ray cluster found (start one with `ray start --head`, or set "
+            "RAY_ADDRESS / --address HOST:PORT)"
+        )
     if target is None:  # a Ray of our own in this process: nothing remote to wait for
         ray.init(log_to_driver=True, configure_logging=False)
         return ray.get_runtime_context().gcs_address
@@ -133,7 +135,7 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
         try:
             ray.init(address=target, log_to_driver=True, configure_logging=False)
             done["error"] = None
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             done["error"] = e
 
     t = threading.Thread(target=init, name="ditscale-ray-connect", daemon=True)
@@ -152,7 +154,7 @@ def connect(address: str | None, timeout_s: float = 30.0) -> str:
         raise LaunchError(f"--address {target}: cannot connect to a Ray cluster: {type(e).__name__}: {e}") from None
     try:
         gcs = ray.get_runtime_context().gcs_address
-    except Exception:  # noqa: BLE001 - Ray Client (ray://) has no GCS address here: watch the client server instead
+    except Exception:
         return target
     remove_stale_actors()
     return gcs
@@ -211,7 +213,7 @@ def remove_stale_actors() -> None:
 
         dead = {j["JobID"] for j in state.jobs() if j.get("IsDead") and _ditscale_job(j)}
         n = _kill_cleaners(dead) if dead else 0
-    except Exception as e:  # noqa: BLE001 - housekeeping must never stop a grid
+    except Exception as e:
         log.debug("could not look for leftovers of earlier drivers: %s", e)
         return
     if n:
@@ -226,7 +228,7 @@ def remove_own_actors() -> None:
         return
     try:
         _kill_cleaners({ray.get_runtime_context().get_job_id()})
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log.debug("could not remove this driver's %s actors: %s", _CLEANER, e)
 
 
@@ -273,8 +275,10 @@ def check_capacity(runs: list[RunSpec], opts: RayOptions, nodes: list[dict[str, 
         n, per = workers_of(r, opts)
         if not fits([per] * n, nodes):
             want = ", ".join(f"{k} {v:g}" for k, v in per.items())
-            problems.append(f"run {r.id!r}: {n} workers x {{{want}}} can never fit the Ray cluster "
-                            f"({_describe(nodes)}); use fewer --workers-per-run or a bigger cluster")  # fmt: skip
+            problems.append(
+                f"run {r.id!r}: {n} workers x {{{want}}} can never fit the Ray cluster "
+                f"({_describe(nodes)}); use fewer --workers-per-run or a bigger cluster"
+            )
     if len(problems) == 1:
         raise LaunchError(problems[0])
     if problems:
@@ -341,7 +345,7 @@ def _install_sigterm_forwarding() -> Callable[[], None]:
     try:
         actor = ray.get_runtime_context().current_actor
         ray.get(actor.execute.remote(_forward_sigterm), timeout=30)
-    except Exception as e:  # noqa: BLE001 - without it, SIGTERM keeps Ray's default (exit without checkpoint)
+    except Exception as e:
         log.warning("SIGTERM is not forwarded to the trainer: %s: %s", type(e).__name__, e)
         return done.set
 
@@ -458,7 +462,7 @@ def prepare_on_ray(plan: Plan) -> dict[str, str]:
             print(f"data {name}: {step.shell} (Ray task)", flush=True)
             try:
                 out[name] = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a task's error arrives wrapped; name the step
+            except Exception as e:
                 failed.append(f"  {name}: {type(e).__name__}: {e}")
         if failed:
             raise LaunchError("data preparation failed on Ray:\n" + "\n".join(failed))
@@ -499,10 +503,12 @@ def _wait_error(run: RunSpec, opts: RayOptions, e: BaseException) -> str | None:
         import ray
 
         free = ", ".join(f"{k} {v:g}" for k, v in ray.available_resources().items() if k in ("CPU", "GPU"))
-    except Exception:  # noqa: BLE001
+    except Exception:
         free = "unknown"
-    return (f"waited {opts.resource_wait_s:.0f} s (--resource-wait) for {n} workers x {{{want}}} to become free "
-            f"on the Ray cluster (free now: {free}); not started: rerun when the cluster has room")  # fmt: skip
+    return (
+        f"waited {opts.resource_wait_s:.0f} s (--resource-wait) for {n} workers x {{{want}}} to become free "
+        f"on the Ray cluster (free now: {free}); not started: rerun when the cluster has room"
+    )
 
 
 class GcsWatch:
@@ -599,7 +605,7 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
             log.info("run %s: training on Ray", run.id)
             try:
                 result = make_trainer(run, opts).fit()
-            except Exception as e:  # noqa: BLE001 - one failed run must not stop the grid
+            except Exception as e:
                 if not alive(gcs, settle_s=15.0):
                     lost.set()
                     log.error("run %s: the Ray cluster at %s was lost (%s)", run.id, gcs, type(e).__name__)
@@ -624,6 +630,9 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
     if lost.is_set():
         hit = [rid for rid, m in out.items() if m.get("lost")] or [r.id for r in todo if r.id in ledger.held]
         during = ", ".join(hit) or "?"
-        raise ClusterLostError(f"lost the Ray cluster at {gcs} during run(s) {during}; their checkpoints are in the "
-                               "run dirs: rerun the command once the cluster is back", out)  # fmt: skip
+        raise ClusterLostError(
+            f"lost the Ray cluster at {gcs} during run(s) {during}; their checkpoints are in the "
+            "run dirs: rerun the command once the cluster is back",
+            out,
+        )
     return out

@@ -49,6 +49,8 @@ from ditscale.launch.slurm_jobs import (  # noqa: F401 - the launcher's API
 from ditscale.launch.task import TARGETS, failure_records
 
 log = logging.getLogger("ditscale.launch")
+
+
 def check_time(runs: list[RunSpec], opts: SlurmOptions) -> list[str]:
     """Each job life trains from its start until the checkpoint signal, `signal_delay_s` before the time limit.
     Raises LaunchError when that leaves nothing; returns warnings when it leaves less than `min_train_s`."""
@@ -58,14 +60,18 @@ def check_time(runs: list[RunSpec], opts: SlurmOptions) -> list[str]:
         who = f"{len(ids)} run(s)" if len(ids) > 3 else ", ".join(ids)
         train_s = minutes * 60 - opts.signal_delay_s
         if train_s <= 0:
-            errors.append(f"--time {minutes} min ({who}): the checkpoint signal comes {opts.signal_delay_s} s "
-                          "before the limit, which leaves no time to train")  # fmt: skip
+            errors.append(
+                f"--time {minutes} min ({who}): the checkpoint signal comes {opts.signal_delay_s} s "
+                "before the limit, which leaves no time to train"
+            )
         elif train_s < opts.min_train_s:
             advice = math.ceil((opts.min_train_s + opts.signal_delay_s) / 60)
-            warnings.append(f"--time {minutes} min ({who}) leaves about {train_s / 60:.0f} min of training per job "
-                            f"life (start-up included; the checkpoint signal comes {opts.signal_delay_s} s before "
-                            f"the limit): expect a requeue every few minutes; --time {advice} or more is "
-                            "better")  # fmt: skip
+            warnings.append(
+                f"--time {minutes} min ({who}) leaves about {train_s / 60:.0f} min of training per job "
+                f"life (start-up included; the checkpoint signal comes {opts.signal_delay_s} s before "
+                f"the limit): expect a requeue every few minutes; --time {advice} or more is "
+                "better"
+            )
     if errors:
         raise LaunchError("; ".join(errors))
     return warnings
@@ -73,10 +79,19 @@ def check_time(runs: list[RunSpec], opts: SlurmOptions) -> list[str]:
 
 def teardown_lines(opts: SlurmOptions) -> list[str]:
     """The job script's last lines, after srun: a failed step that no rank could report is requeued there."""
-    cmd = [sys.executable, "-m", "ditscale.cli.after_srun", "--log-dir", str(opts.log_dir),
-           "--max-failures", str(opts.max_failures)]  # fmt: skip
-    return [f'ditscale_rc=$?; if [ "$ditscale_rc" -ne 0 ]; then {shlex.join(cmd)} --rc "$ditscale_rc"; fi; '
-            'exit "$ditscale_rc"']  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ditscale.cli.after_srun",
+        "--log-dir",
+        str(opts.log_dir),
+        "--max-failures",
+        str(opts.max_failures),
+    ]
+    return [
+        f'ditscale_rc=$?; if [ "$ditscale_rc" -ne 0 ]; then {shlex.join(cmd)} --rc "$ditscale_rc"; fi; '
+        'exit "$ditscale_rc"'
+    ]
 
 
 def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
@@ -273,8 +288,12 @@ def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str
     for params, group in group_runs(todo, opts):
         ex = executor(with_dependency(params, after), opts)
         use_gpus = int(params.get("gpus_per_node") or 0) > 0
-        task = TrainTask(use_gpus=use_gpus, log_dir=str(opts.log_dir), max_failures=opts.max_failures,
-                         max_timeouts=opts.max_num_timeout)  # fmt: skip
+        task = TrainTask(
+            use_gpus=use_gpus,
+            log_dir=str(opts.log_dir),
+            max_failures=opts.max_failures,
+            max_timeouts=opts.max_num_timeout,
+        )
         handles = _submit_group(ex, task, group, opts)
         for r, h in zip(group, handles, strict=True):
             submitted[r.id] = h.job_id

@@ -17,8 +17,21 @@ from typing import Any
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec, raise_problems
 
-LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-               "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}  # fmt: skip
+LIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "PREEMPTED",
+}
 
 
 @dataclass
@@ -116,9 +129,14 @@ def partition_nodes(partition: str) -> list[dict[str, Any]]:
         if len(parts) != 5:
             continue
         name, cpus, mem, gres, state = parts
-        nodes[name] = {"name": name, "cpus": int(cpus) if cpus.isdigit() else 0,
-                       "mem_mb": int(mem) if mem.isdigit() else 0, "gres": gres, "gpus": _gpu_count(gres),
-                       "state": state}  # fmt: skip
+        nodes[name] = {
+            "name": name,
+            "cpus": int(cpus) if cpus.isdigit() else 0,
+            "mem_mb": int(mem) if mem.isdigit() else 0,
+            "gres": gres,
+            "gpus": _gpu_count(gres),
+            "state": state,
+        }
     return list(nodes.values())
 
 
@@ -136,18 +154,25 @@ def check_resources(runs: list[RunSpec], partition: str) -> None:
         res, where = r.resources, f"run {r.id!r}"
         gpus, cpus = int(res.get("gpus_per_node") or 0), r.tasks_per_node * int(res.get("cpus_per_task") or 1)
         if int(res["nodes"]) > len(nodes):
-            problems.append(f"{where}: {res['nodes']} nodes asked (--nodes), partition {partition!r} has "
-                            f"{len(nodes)} ({inventory})")  # fmt: skip
+            problems.append(
+                f"{where}: {res['nodes']} nodes asked (--nodes), partition {partition!r} has {len(nodes)} ({inventory})"
+            )
         if gpus > most["gpus"]:
-            problems.append(f"{where}: {gpus} GPUs per node asked (--gpus-per-node), the nodes of partition "
-                            f"{partition!r} have at most {most['gpus']} ({inventory})")  # fmt: skip
+            problems.append(
+                f"{where}: {gpus} GPUs per node asked (--gpus-per-node), the nodes of partition "
+                f"{partition!r} have at most {most['gpus']} ({inventory})"
+            )
         if cpus > most["cpus"]:
-            problems.append(f"{where}: {cpus} CPUs per node asked ({r.tasks_per_node} tasks x cpus_per_task "
-                            f"{res.get('cpus_per_task')}), the nodes of partition {partition!r} have at most "
-                            f"{most['cpus']} ({inventory})")  # fmt: skip
+            problems.append(
+                f"{where}: {cpus} CPUs per node asked ({r.tasks_per_node} tasks x cpus_per_task "
+                f"{res.get('cpus_per_task')}), the nodes of partition {partition!r} have at most "
+                f"{most['cpus']} ({inventory})"
+            )
         if res.get("mem_gb") and most["mem_mb"] and int(res["mem_gb"]) * 1024 > most["mem_mb"]:
-            problems.append(f"{where}: {res['mem_gb']} GB per node asked (resources.mem_gb), the nodes of "
-                            f"partition {partition!r} have at most {most['mem_mb'] // 1024} GB")  # fmt: skip
+            problems.append(
+                f"{where}: {res['mem_gb']} GB per node asked (resources.mem_gb), the nodes of "
+                f"partition {partition!r} have at most {most['mem_mb'] // 1024} GB"
+            )
     if len(problems) > 1:
         raise LaunchError(f"{len(problems)} requests cannot fit partition {partition!r}:\n  " + "\n  ".join(problems))
     raise_problems(problems)
@@ -171,7 +196,6 @@ def sbatch_preview(params: dict[str, Any], n: int, opts: SlurmOptions) -> str:
         p["map_count"] = n
     text = _make_sbatch_string(command=ex._submitit_command_str, folder=str(opts.log_dir / "%j"), **p)
     return "\n".join(line for line in text.splitlines() if line.startswith(("#SBATCH", "srun ")))
-
 
 
 def squeue_jobs() -> dict[str, dict[str, Any]]:

@@ -134,8 +134,9 @@ def failure_records(log_dir: str | Path, job_id: str | None = None) -> list[dict
     return sorted(out, key=lambda r: r.get("time", 0))
 
 
-def handle_failure(log_dir: str | Path, job_id: str, run_id: str, reason: str, max_failures: int,
-                   retry: bool = True) -> str | None:  # fmt: skip
+def handle_failure(
+    log_dir: str | Path, job_id: str, run_id: str, reason: str, max_failures: int, retry: bool = True
+) -> str | None:
     """Decide once per job life what a failure means: 'requeued' (while this job has failed at most max_failures
     times), 'gave up', or 'not retried' (an error that would happen again). The first caller (any rank, or the job
     script after srun) wins; later callers get None. Nothing is decided for a job that Slurm is already requeueing
@@ -154,8 +155,17 @@ def handle_failure(log_dir: str | Path, job_id: str, run_id: str, reason: str, m
     earlier = [r for r in failure_records(log_dir, job_id) if r.get("action") == "requeued"]
     n = len(earlier) + 1
     action = "not retried" if not retry else ("requeued" if n <= max_failures else "gave up")
-    rec = {"job": job_id, "run": run_id, "restart": int(restart), "failure": n, "max_failures": max_failures,
-           "action": action, "reason": reason[:2000], "host": socket.gethostname(), "time": time.time()}  # fmt: skip
+    rec = {
+        "job": job_id,
+        "run": run_id,
+        "restart": int(restart),
+        "failure": n,
+        "max_failures": max_failures,
+        "action": action,
+        "reason": reason[:2000],
+        "host": socket.gethostname(),
+        "time": time.time(),
+    }
     if action == "requeued":
         r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
@@ -225,8 +235,9 @@ class TrainTask(submitit.helpers.Checkpointable):
     max_failures: int = 3
     max_timeouts: int | None = None
 
-    def __init__(self, use_gpus: bool = False, log_dir: str | None = None, max_failures: int = 3,
-                 max_timeouts: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, use_gpus: bool = False, log_dir: str | None = None, max_failures: int = 3, max_timeouts: int | None = None
+    ) -> None:
         self.use_gpus = use_gpus
         self.log_dir = log_dir
         self.max_failures = max_failures
@@ -277,26 +288,49 @@ class TrainTask(submitit.helpers.Checkpointable):
             self._requeue_after_timeout(run_id, submitit_handler, where)
         else:
             why = metrics.get("interrupted") or "a stop request"
-            log.warning("run %s: stopped by %s %s; it resumes when the job is requeued or the launcher runs again",
-                        run_id, why, where)  # fmt: skip
+            log.warning(
+                "run %s: stopped by %s %s; it resumes when the job is requeued or the launcher runs again",
+                run_id,
+                why,
+                where,
+            )
         raise SystemExit(0)  # not "Job completed successfully": the run is not finished
 
     def _failed(self, run_id: str, rundir: RunDir, e: BaseException, retry: bool) -> None:
         rank = os.environ.get("RANK", "?")
         what = f"{type(e).__name__}: {e}"
         job = job_id_from_env()
-        action = handle_failure(self.log_dir, job, run_id, f"rank {rank}: {what}", self.max_failures, retry) \
-            if self.log_dir and job else None  # fmt: skip
+        action = (
+            handle_failure(self.log_dir, job, run_id, f"rank {rank}: {what}", self.max_failures, retry)
+            if self.log_dir and job
+            else None
+        )
         if action is not None:
             kill_local_srun()  # the step is over: an srun left waiting would later cancel the requeued job's step
         tag = rundir.latest_tag() or "none"
         if action == "requeued":
             n = len([r for r in failure_records(self.log_dir, job) if r.get("action") == "requeued"])
-            log.error("run %s: rank %s failed (%s); failure %d of %d allowed (--max-failures): requeued job %s, "
-                      "it resumes from checkpoint %s", run_id, rank, what, n, self.max_failures, job, tag)  # fmt: skip
+            log.error(
+                "run %s: rank %s failed (%s); failure %d of %d allowed (--max-failures): requeued job %s, "
+                "it resumes from checkpoint %s",
+                run_id,
+                rank,
+                what,
+                n,
+                self.max_failures,
+                job,
+                tag,
+            )
         elif action == "gave up":
-            log.error("run %s: rank %s failed (%s); more than %d failures (--max-failures): not requeued; resumable "
-                      "from checkpoint %s: rerun the launcher", run_id, rank, what, self.max_failures, tag)  # fmt: skip
+            log.error(
+                "run %s: rank %s failed (%s); more than %d failures (--max-failures): not requeued; resumable "
+                "from checkpoint %s: rerun the launcher",
+                run_id,
+                rank,
+                what,
+                self.max_failures,
+                tag,
+            )
         elif action == "not retried":
             log.error("run %s: not retried: %s", run_id, what)
         else:
@@ -308,9 +342,13 @@ class TrainTask(submitit.helpers.Checkpointable):
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit (rank 0)
         except submitit.core.utils.UncompletedJobError:
             allowed = "the" if self.max_timeouts is None else f"all {self.max_timeouts}"
-            log.warning("run %s: time limit reached and %s requeues for time-outs are used up (--max-timeouts): not "
-                        "requeued; resumable %s: rerun the launcher (a longer --time needs fewer requeues)", run_id,
-                        allowed, where)  # fmt: skip
+            log.warning(
+                "run %s: time limit reached and %s requeues for time-outs are used up (--max-timeouts): not "
+                "requeued; resumable %s: rerun the launcher (a longer --time needs fewer requeues)",
+                run_id,
+                allowed,
+                where,
+            )
 
     def _install_timeout_forwarding(self, run_id: str, submitit_handler: Any) -> None:
         """USR2 (time limit / preemption notice) -> SIGUSR1 for the trainer, requeue after it returns."""
@@ -332,4 +370,3 @@ class TrainTask(submitit.helpers.Checkpointable):
         # The trainer already wrote the checkpoint into the run dir; the requeued task resumes from it.
         self._timeout_signal = False
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-

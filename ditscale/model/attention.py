@@ -103,9 +103,15 @@ def estimate_tile(h: int, w: int, k: int) -> int:
 
 @torch.compiler.assume_constant_result  # torch.compile runs it at trace time (a constant in the graph, no break)
 def choose_tile(
-    h: int, w: int, k: int, heads: int | None = None, head_dim: int | None = None,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
-) -> int:  # fmt: skip
+    h: int,
+    w: int,
+    k: int,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+) -> int:
     """The tile side t for a k x k window on an h x w grid, or 0 for dense masked attention.
 
     Timed once per (grid, k, heads, head dim, dtype, device) on random data: forward + backward of every candidate
@@ -124,8 +130,9 @@ def choose_tile(
     if mode == "model" or heads is None or head_dim is None or h * w < MEASURE_MIN_TOKENS or len(cands) == 1:
         return estimate_tile(h, w, k)
     device = torch.device(device)
-    key = autotune.make_key("halo", device, grid=f"{h}x{w}", k=k, heads=heads, d=head_dim,
-                            dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    key = autotune.make_key(
+        "halo", device, grid=f"{h}x{w}", k=k, heads=heads, d=head_dim, dtype=str(dtype).removeprefix("torch.")
+    )
 
     def make_run(t: int):
         # a private generator: timing must not move the global RNG (exact resume, reproducible runs)
@@ -140,7 +147,7 @@ def choose_tile(
 
         return run
 
-    prior = lambda t: estimate_cost(h, w, k, t)  # noqa: E731
+    prior = lambda t: estimate_cost(h, w, k, t)
     return autotune.choose(key, cands, make_run, prior, device, {"batch": max(1, min(batch, MEASURE_MAX_BATCH))})
 
 

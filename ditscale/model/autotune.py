@@ -158,7 +158,7 @@ def _locked(path: Path | None) -> Iterator[None]:
         import fcntl
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(f"{path}.lock", "a")  # noqa: SIM115 (closed below)
+        f = open(f"{path}.lock", "a")
     except (ImportError, OSError):  # no flock (Windows) or a read-only cache: measure without the lock
         yield
         return

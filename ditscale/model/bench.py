@@ -83,8 +83,9 @@ def tile_note(
     if (w - 1) // 2 >= side - 1:
         return "window covers grid: global"
     t = choose_tile(side, side, w, heads, head_dim, dtype, device, batch)
-    key = autotune.make_key("halo", device, grid=f"{side}x{side}", k=w, heads=heads, d=head_dim,
-                            dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    key = autotune.make_key(
+        "halo", device, grid=f"{side}x{side}", k=w, heads=heads, d=head_dim, dtype=str(dtype).removeprefix("torch.")
+    )
     times = autotune.timings(key)
     note = f"tile {t}" if t else "dense fallback"
     if times:

@@ -63,7 +63,7 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
             raise CheckpointError(f"{source}: checkpoint file not found")
         try:
             obj = torch.load(sd_or_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        except Exception as e:
             raise CheckpointError(f"{source}: cannot read checkpoint ({type(e).__name__}: {e})") from e
     else:
         obj = sd_or_path

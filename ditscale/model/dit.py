@@ -46,8 +46,15 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the token grid, global or in a k x k window (timm's parameter names)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, window: int | None = None,
-                 grid: tuple[int, int] = (1, 1), backend: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        window: int | None = None,
+        grid: tuple[int, int] = (1, 1),
+        backend: str = "auto",
+    ):
         super().__init__()
         assert dim % num_heads == 0, "dim should be divisible by num_heads"
         self.num_heads = num_heads
@@ -155,8 +162,9 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, window=None, grid=(1, 1), attention_backend="auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, window=window, grid=grid,
-                              backend=attention_backend)  # fmt: skip
+        self.attn = Attention(
+            hidden_size, num_heads=num_heads, qkv_bias=True, window=window, grid=grid, backend=attention_backend
+        )
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         approx_gelu = lambda: nn.GELU(approximate="tanh")
@@ -249,7 +257,7 @@ class DiT(nn.Module):
                     window=w,
                     grid=grid,
                     attention_backend=attention_backend,
-                )  # fmt: skip
+                )
                 for w in self.windows
             ]
         )

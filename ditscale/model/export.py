@@ -140,7 +140,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     else:
         try:
             state = torch.load(pt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - an unreadable file is a user error here
+        except Exception as e:
             raise CheckpointError(f"{pt_path}: cannot read ({type(e).__name__}: {e})") from e
     if meta is None and js_path is not None:
         meta = json.loads(js_path.read_text())

@@ -8,8 +8,18 @@ from ditscale.model.windows import format_windows
 
 FORMAT = "ditscale-dit"
 VERSION = 1
-ARCH_KEYS = ("depth", "hidden_size", "patch_size", "num_heads", "mlp_ratio", "input_size", "in_channels", "num_classes",
-         "learn_sigma", "class_dropout_prob")  # fmt: skip
+ARCH_KEYS = (
+    "depth",
+    "hidden_size",
+    "patch_size",
+    "num_heads",
+    "mlp_ratio",
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "learn_sigma",
+    "class_dropout_prob",
+)
 
 
 def model_spec(model, variant: str | None = None) -> dict[str, Any]:

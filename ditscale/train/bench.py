@@ -19,8 +19,6 @@ import time
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-
-
 def train_flops_per_image(model) -> float:
     """Analytic training FLOPs per image (forward x 3): linear layers per token + attention scores/values."""
     n = (model.input_size // model.patch_size) ** 2
@@ -86,9 +84,12 @@ def run(args) -> int:
         eng.apply_activation_checkpointing(plain)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(
-        [p for p in plain.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, **fused,
-    )  # fmt: skip
+        [p for p in plain.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        **fused,
+    )
     if cfg.train.compile:
         plain.compile()
     plain_fn = model_fn(plain, precision, device)
@@ -158,18 +159,28 @@ def run(args) -> int:
 
     t_plain, t_ds = statistics.median(plain_times), statistics.median(ds_times)
     res = {
-        "config": args.config, "variant": cfg.model.variant, "windows": cfg.model.windows,
-        "input_size": cfg.model.input_size, "batch": b, "zero_stage": cfg.train.zero_stage, "precision": precision,
+        "config": args.config,
+        "variant": cfg.model.variant,
+        "windows": cfg.model.windows,
+        "input_size": cfg.model.input_size,
+        "batch": b,
+        "zero_stage": cfg.train.zero_stage,
+        "precision": precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "plain_step_s": t_plain, "deepspeed_step_s": t_ds,
-        "plain_images_per_s": b / t_plain, "deepspeed_images_per_s": b / t_ds,
+        "plain_step_s": t_plain,
+        "deepspeed_step_s": t_ds,
+        "plain_images_per_s": b / t_plain,
+        "deepspeed_images_per_s": b / t_ds,
         "deepspeed_overhead": t_ds / t_plain - 1.0,
-        "plain_step_min_s": min(plain_times), "deepspeed_step_min_s": min(ds_times),
+        "plain_step_min_s": min(plain_times),
+        "deepspeed_step_min_s": min(ds_times),
         "deepspeed_overhead_min": min(ds_times) / min(plain_times) - 1.0,
         "loader_step_s": statistics.median(loader_times),
         "loader_images_per_s": b / statistics.median(loader_times),
-        "data_wait_share": wait / total, "steps": args.steps, "rounds": args.rounds,
-    }  # fmt: skip
+        "data_wait_share": wait / total,
+        "steps": args.steps,
+        "rounds": args.rounds,
+    }
     if device.type == "cuda":
         name = res["device"]
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -180,18 +191,26 @@ def run(args) -> int:
         res["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     eng.shutdown(True)
 
-    print(f"bench train: {res['variant']} ({res['windows']}), {res['input_size']}px, batch {b}, "
-          f"ZeRO-{res['zero_stage']}, {precision}, {res['device']}")  # fmt: skip
+    print(
+        f"bench train: {res['variant']} ({res['windows']}), {res['input_size']}px, batch {b}, "
+        f"ZeRO-{res['zero_stage']}, {precision}, {res['device']}"
+    )
     print(f"  plain PyTorch : {t_plain * 1e3:8.1f} ms/step  {res['plain_images_per_s']:9.1f} images/s")
-    print(f"  DeepSpeed     : {t_ds * 1e3:8.1f} ms/step  {res['deepspeed_images_per_s']:9.1f} images/s  "
-          f"(overhead {100 * res['deepspeed_overhead']:+.1f}% on medians, "
-          f"{100 * res['deepspeed_overhead_min']:+.1f}% on the fastest steps)")  # fmt: skip
-    print(f"  with loader   : {res['loader_step_s'] * 1e3:8.1f} ms/step  {res['loader_images_per_s']:9.1f} images/s  "
-          f"(data wait {100 * res['data_wait_share']:.1f}% of the step)")  # fmt: skip
+    print(
+        f"  DeepSpeed     : {t_ds * 1e3:8.1f} ms/step  {res['deepspeed_images_per_s']:9.1f} images/s  "
+        f"(overhead {100 * res['deepspeed_overhead']:+.1f}% on medians, "
+        f"{100 * res['deepspeed_overhead_min']:+.1f}% on the fastest steps)"
+    )
+    print(
+        f"  with loader   : {res['loader_step_s'] * 1e3:8.1f} ms/step  {res['loader_images_per_s']:9.1f} images/s  "
+        f"(data wait {100 * res['data_wait_share']:.1f}% of the step)"
+    )
     if "mfu" in res:
         mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a (pass --peak-tflops)"
-        print(f"  MFU           : {mfu} ({res['achieved_tflops']:.1f} TFLOP/s, "
-              f"{res['train_tflops_per_image'] * 1e3:.0f} GFLOP/image)")  # fmt: skip
+        print(
+            f"  MFU           : {mfu} ({res['achieved_tflops']:.1f} TFLOP/s, "
+            f"{res['train_tflops_per_image'] * 1e3:.0f} GFLOP/image)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -164,7 +164,7 @@ class Checkpointer:
             torch.save(state, stage / tag / f"rank_{rank:05d}.pt")
             if rank == 0:
                 torch.save(self.ema.state_dict(), stage / tag / "ema.pt")
-        except Exception as e:  # noqa: BLE001 - disk full, permissions: reported with the path, below
+        except Exception as e:
             error = write_failure(stage / tag, e)
         self._settle(error, stage, tag, "writing")
         if self.rundir.remote:

@@ -194,9 +194,13 @@ class WandbLogger:
         self.wandb = _require("wandb", "wandb")
         where = rundir.local_file("wandb").parent  # W&B writes its wandb/ folder there
         self.run = self.wandb.init(
-            project=cfg.log.wandb_project, name=cfg.run.name, id=hashlib.sha1(rundir.url.encode()).hexdigest()[:16],
-            resume="allow", dir=str(where), config=cfg.model_dump(mode="json"),
-        )  # fmt: skip
+            project=cfg.log.wandb_project,
+            name=cfg.run.name,
+            id=hashlib.sha1(rundir.url.encode()).hexdigest()[:16],
+            resume="allow",
+            dir=str(where),
+            config=cfg.model_dump(mode="json"),
+        )
 
     def log(self, step: int, record: dict) -> None:
         self.run.log({f"train/{k}": record[k] for k in SCALARS if record.get(k) is not None}, step=step)
@@ -268,8 +272,10 @@ class FileSD:
         host = os.environ.get("DITSCALE_METRICS_HOST") or (
             socket.gethostname() if addr in ("", "0.0.0.0", "::") else addr
         )
-        target = {"targets": [f"{host}:{metrics.port}"], "labels": {"ditscale_run": labels["run"],
-                  "ditscale_rank": labels["rank"]}}  # fmt: skip
+        target = {
+            "targets": [f"{host}:{metrics.port}"],
+            "labels": {"ditscale_run": labels["run"], "ditscale_rank": labels["rank"]},
+        }
         self.url = storage.join(directory, f"{labels['run']}-rank{labels['rank']}.json")
         storage.write_text(self.url, json.dumps([target], indent=1) + "\n")
 
@@ -284,8 +290,16 @@ class FileSD:
 class TrainLog:
     """The logging window of the trainer: accumulates on the device, reads back on log steps only."""
 
-    def __init__(self, cfg, denv, rundir, device: torch.device, labels: dict[str, str], start_step: int,
-                 info: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        denv,
+        rundir,
+        device: torch.device,
+        labels: dict[str, str],
+        start_step: int,
+        info: dict[str, str] | None = None,
+    ):
         self.cfg, self.denv, self.device = cfg, denv, device
         self.metrics = start_metrics(cfg, denv, labels, info)
         self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)

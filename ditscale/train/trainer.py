@@ -129,8 +129,15 @@ def _run_info(cfg: Config, manifest: dict) -> dict[str, str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, denv: distenv.DistEnv, device: torch.device, rundir: RunDir, manifest: dict,
-                 allow_config_change: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        denv: distenv.DistEnv,
+        device: torch.device,
+        rundir: RunDir,
+        manifest: dict,
+        allow_config_change: bool = False,
+    ):
         self.cfg, self.denv, self.device, self.rundir = cfg, denv, device, rundir
         self.lease = None
         self.stop = stopping.StopSignal(denv.world_size, on_exit=self._release_lease)
@@ -168,19 +175,39 @@ class Trainer:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(rank_seed)
 
-        meta = {"world_size": world, "zero_stage": t.zero_stage, "precision": self.precision,
-                "config": cfg.model_dump(mode="json")}  # fmt: skip
+        meta = {
+            "world_size": world,
+            "zero_stage": t.zero_stage,
+            "precision": self.precision,
+            "config": cfg.model_dump(mode="json"),
+        }
         self.checkpointer = Checkpointer(
-            rundir, cfg, denv, engine=self.engine, ema=self.ema, loader=self.loader, generator=self.gen, meta=meta,
+            rundir,
+            cfg,
+            denv,
+            engine=self.engine,
+            ema=self.ema,
+            loader=self.loader,
+            generator=self.gen,
+            meta=meta,
             agree=self._all_ok,
-        )  # fmt: skip
+        )
         self.step = self.checkpointer.resume()
         if denv.is_main:
             log.info(
                 "%s: %s %s, %d processes, ZeRO-%d, %s, global batch %d (micro %d x accum %d), %s at step %d",
-                cfg.run.name, cfg.model.variant, cfg.model.windows, world, t.zero_stage, self.precision,
-                t.global_batch, t.micro_batch, self.accum, "resumed" if self.step else "starting", self.step,
-            )  # fmt: skip
+                cfg.run.name,
+                cfg.model.variant,
+                cfg.model.windows,
+                world,
+                t.zero_stage,
+                self.precision,
+                t.global_batch,
+                t.micro_batch,
+                self.accum,
+                "resumed" if self.step else "starting",
+                self.step,
+            )
         from ditscale.train.loggers import TrainLog
         from ditscale.train.sampling import SampleGrids
 
@@ -274,7 +301,7 @@ class Trainer:
         try:
             for _ in range(self.accum):
                 batches.append(next(data))
-        except Exception as e:  # noqa: BLE001 - any failure to read data ends the run after a checkpoint
+        except Exception as e:
             log.error("rank %d: reading the next batch failed: %s: %s", self.denv.rank, type(e).__name__, e)
             return batches, e
         return batches, None
@@ -333,8 +360,13 @@ class Trainer:
         if self.denv.is_main:
             self.log.sync()
             self.rundir.write_final(result)
-            log.info("finished: step %d, loss %.4f, %.1f images/s; run dir %s", self.step, result["loss"],
-                     result["images_per_second"], self.rundir)  # fmt: skip
+            log.info(
+                "finished: step %d, loss %.4f, %.1f images/s; run dir %s",
+                self.step,
+                result["loss"],
+                result["images_per_second"],
+                self.rundir,
+            )
         return result
 
     def close(self) -> None:
@@ -344,7 +376,7 @@ class Trainer:
             try:
                 if hasattr(self, part):
                     getattr(self, part).close()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.warning("closing the trainer's %s failed: %s", part, e)
         self._release_lease()
 

@@ -166,8 +166,10 @@ def compare(here: dict) -> None:
         ref, old = here["samples"][name].double(), stored["samples"][name].double()
         same_cpu = float((ref - mine.double()).abs().max())
         other_cpu = float((ref - old).abs().max())
-        print(f"{name:22s} reference vs ditscale here {same_cpu:.3g}   "
-              f"reference here vs stored {other_cpu:.3g} (scale {float(old.abs().max()):.3g})")
+        print(
+            f"{name:22s} reference vs ditscale here {same_cpu:.3g}   "
+            f"reference here vs stored {other_cpu:.3g} (scale {float(old.abs().max()):.3g})"
+        )
 
 
 if __name__ == "__main__":

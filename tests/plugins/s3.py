@@ -79,7 +79,7 @@ def s3_server():
             try:
                 urllib.request.urlopen(endpoint + "/", timeout=1).read()
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 if time.time() > deadline:
                     pytest.fail(f"moto_server did not answer on {endpoint} within 30 s")
                 time.sleep(0.1)
