@@ -2,7 +2,9 @@
 
 
 class DitscaleError(Exception):
-    """Base class: caught by the command line, printed without a traceback."""
+    """Base class: caught by the command line, printed without a traceback; the process exits with `exit_code`."""
+
+    exit_code = 2
 
 
 class ConfigError(DitscaleError, ValueError):
@@ -35,3 +37,17 @@ class LaunchError(DitscaleError):
 
 class RunLockedError(DitscaleError):
     """Another live trainer holds the run dir (or took it over while this one was paused)."""
+
+
+class LeaseLostError(RunLockedError):
+    """This trainer can no longer prove it holds the run dir's lease (another took it over, or it was paused past
+    its lease): it wrote nothing more and stopped. The run belongs to the other trainer; nothing to retry."""
+
+    exit_code = 4
+
+
+class DivergedError(DitscaleError):
+    """The loss or gradient norm became NaN or infinite (train.nonfinite): the run stopped at that step, recorded as
+    diverged in final.json, with its checkpoints from before that step. Retrying gives the same result."""
+
+    exit_code = 3

@@ -40,8 +40,9 @@ FINAL, METRICS = "final.json", "metrics.jsonl"
 CKPT, STAGING, LATEST = "checkpoints", ".staging", "latest"
 SAMPLES, EVAL = "samples", "eval"
 
-# states, from least to most advanced
+# states, from least to most advanced; DIVERGED ends a run like DONE but is not done (final.json says where)
 PENDING, STARTED, RESUMABLE, RUNNING, DONE = "pending", "started", "resumable", "running", "done"
+DIVERGED = "diverged"
 
 
 def tag_for(step: int) -> str:
@@ -110,6 +111,11 @@ class RunStatus:
         return why + ("" if self.holder else ", no live trainer")
 
 
+def _diverged(rec: Any) -> bool:
+    """A final.json record of a run stopped by a NaN/inf loss or gradient norm (train.nonfinite)."""
+    return isinstance(rec, dict) and bool(rec.get("diverged")) and not rec.get("finished")
+
+
 def _finished(rec: Any, steps: int | None = None) -> bool:
     """A final.json record of a finished run, at `steps` or beyond when given."""
     if not (isinstance(rec, dict) and rec.get("finished")):
@@ -126,6 +132,22 @@ def _records(lines: Iterable[str]) -> Iterator[dict]:
             continue
         if isinstance(rec, dict):
             yield rec
+
+
+def format_starts(starts: list[dict]) -> str:
+    """The world sizes a run trained on: "2x ZeRO-2 from 0, 1x ZeRO-2 from 40" (one item per change)."""
+    out: list[str] = []
+    last = None
+    for s in starts:
+        if s.get("world_size") is None:
+            continue
+        what = f"{s['world_size']}x ZeRO-{s.get('zero_stage')}"
+        if s.get("nodes") and s["nodes"] > 1:
+            what += f" on {s['nodes']} nodes"
+        if what != last:
+            out.append(f"{what} from {s.get('step') or 0}")
+            last = what
+    return ", ".join(out)
 
 
 def age_text(seconds: float) -> str:
@@ -272,8 +294,8 @@ class RunDir:
         return h if h is not None and h.alive() else None
 
     def status(self, steps: int | None = None) -> RunStatus:
-        """done (final.json at >= steps) > running (a live lock) > resumable (a complete checkpoint) > started
-        (config or metrics written) > pending."""
+        """done (final.json at >= steps) > diverged (final.json says so, no live trainer) > running (a live lock)
+        > resumable (a complete checkpoint) > started (config or metrics written) > pending."""
         st = RunStatus(PENDING, steps=steps)
         st.final = self.read_json(FINAL)
         st.last = self.last_record()
@@ -281,6 +303,9 @@ class RunDir:
         st.checkpoint = self.latest_tag()
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
+            return st
+        if st.holder is None and _diverged(st.final):
+            st.state, st.step = DIVERGED, st.final.get("step")
             return st
         if st.holder is not None:
             st.state = RUNNING
@@ -311,15 +336,21 @@ class RunDir:
         return meta.get("config") if isinstance(meta, dict) else None
 
     def history(self) -> list[dict]:
-        return [json.loads(line) for line in (self.read_text(HISTORY) or "").splitlines() if line.strip()]
+        """config_history.jsonl: one entry per start (created, resumed, changed), oldest first."""
+        return list(_records((self.read_text(HISTORY) or "").splitlines()))
 
-    def record_config(self, config_yaml: str, step: int, changes: dict[str, list], event: str) -> None:
-        """Write config.yaml and, when the run is new or its config changed, a line of config_history.jsonl."""
+    def starts(self) -> list[dict]:
+        """Where each start of the run began and on what: [{"step", "world_size", "nodes", "zero_stage"}, ...]
+        (entries written before these fields were recorded have None there)."""
+        keys = ("step", "world_size", "nodes", "zero_stage")
+        return [{k: e.get(k) for k in keys} for e in self.history()]
+
+    def record_config(self, config_yaml: str, step: int, changes: dict[str, list], event: str, **extra: Any) -> None:
+        """Write config.yaml and a line of config_history.jsonl for this start (`extra`: world_size, nodes,
+        zero_stage, the lease generation...)."""
         self.write_text(CONFIG, config_yaml)
-        if event == "resumed" and not changes:
-            return
         entry = {"event": event, "step": step, "time": time.time(), "host": socket.gethostname(), "changes": changes}
-        text = (self.read_text(HISTORY) or "") + json.dumps(entry, default=str) + "\n"
+        text = (self.read_text(HISTORY) or "") + json.dumps({**entry, **extra}, default=str) + "\n"
         self.write_text(HISTORY, text)
 
     # --- the writer -------------------------------------------------------------------------------------------

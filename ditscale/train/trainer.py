@@ -249,7 +249,7 @@ class Trainer:
         step = step_of(tag) if tag else 0
         new = cfg.model_dump(mode="json")
         if saved is None:
-            rundir.record_config(dump_config(cfg), step, {}, "created")
+            rundir.record_config(dump_config(cfg), step, {}, "created", **self._where())
             return
         trained, free = config_changes(saved, new)
         if trained and not allow:
@@ -260,7 +260,14 @@ class Trainer:
             )
         if trained:
             log.warning("resuming %s at step %d with a changed config: %s", rundir, step, format_changes(trained))
-        rundir.record_config(dump_config(cfg), step, {**trained, **free}, "changed" if trained else "resumed")
+        event = "changed" if trained else "resumed"
+        rundir.record_config(dump_config(cfg), step, {**trained, **free}, event, **self._where())
+
+    def _where(self) -> dict:
+        """What this start runs on, for the run's history: processes, nodes, ZeRO stage."""
+        d = self.denv
+        nodes = -(-d.world_size // max(d.local_world_size, 1))
+        return {"world_size": d.world_size, "nodes": nodes, "zero_stage": self.cfg.train.zero_stage}
 
     def _release_lease(self) -> None:
         if self.lease is not None:
