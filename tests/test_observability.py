@@ -212,3 +212,48 @@ def test_run_id_is_one_per_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert run_id("runs/a") != a  # another folder of the same relative name: another run
     assert run_id("s3://bucket/runs/a") == RunDir("s3://bucket/runs/a/").run_id != run_id("s3://bucket/runs/b")
+
+
+@pytest.mark.slow
+def test_a_real_run_exports_no_loss_before_its_first_log_step_and_no_grad_norm_at_zero_stage_0(
+    tmp_path, digits8_dir, warm_deepspeed
+):
+    """`python -m ditscale train` at train.zero_stage=0 (fp32 on CPU: DeepSpeed's optimizer reports no gradient
+    norm, get_global_grad_norm() is None) with log.every=3: every /metrics scrape before step 3 has the step but no
+    loss sample; after it the loss is there and the gradient norm still is not (metrics.jsonl says null, the
+    console `-`)."""
+    import json
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests import trainers as T
+
+    port = _free_port()
+    cfg = T.tiny_config(
+        tmp_path / "c.yaml",
+        str(digits8_dir / "manifest.json"),
+        train={"steps": 6, "zero_stage": 0},
+        log={"every": 3, "sample_every": 0, "metrics_port": port, "metrics_addr": "127.0.0.1"},
+    )
+    run_dir = tmp_path / "run"
+    trainer = T.alone(cfg, run_dir, delay=1.0, env={"OMP_NUM_THREADS": "1"})
+    seen: list[dict[str, float]] = []  # each answered scrape: sample name -> value (ours, unlabelled by name)
+    while trainer.proc.poll() is None:
+        try:
+            body = _scrape(port)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        seen.append({s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples})
+        time.sleep(0.05)
+    T.run_ok(trainer)
+    early = [s for s in seen if s["ditscale_train_step"] < 3]
+    late = [s for s in seen if s["ditscale_train_step"] >= 3]
+    assert early and late, f"scrapes: {len(seen)}, steps seen: {sorted({s['ditscale_train_step'] for s in seen})}"
+    assert all("ditscale_train_loss" not in s and "ditscale_learning_rate" not in s for s in early), early[:3]
+    assert all(s.get("ditscale_train_loss", 0) > 0 for s in late), late[:3]
+    assert not any("ditscale_grad_norm" in s for s in seen), [s.get("ditscale_grad_norm") for s in seen][:5]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6] and all(r["grad_norm"] is None for r in records), records
+    assert "grad_norm - " in trainer.output
