@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -415,3 +416,63 @@ def test_grid_table_while_the_run_was_alive(monitored_training):
 if __name__ == "__main__":  # regenerate k8s/50-grafana-dashboard.yaml from the JSON
     CONFIGMAP.write_text(render_configmap(DASHBOARD.read_text()))
     print(f"wrote {CONFIGMAP}")
+
+
+def test_grid_queries_keep_runs_of_one_name_apart_and_a_changed_run_whole(tmp_path):
+    """The five grid-table queries, evaluated by promtool on input series: two runs of one config (name "twin",
+    seeds 0 and 1, two run_ids) are two rows with their own seed; a run resumed with another seed (its exporter's
+    label set changes at minute 15) is one row with its current seed. No query fails."""
+    from tests.test_alerts import WAIT_S, promtool
+
+    axes = 'run="twin",variant="DiT-T/2",windows="global",data_size="1000",rank="0"'
+    series = []
+    for rid, steps in (("a", "0+1x30"), ("b", "0+2x30")):
+        series += [
+            (f'ditscale_train_step{{run_id="{rid}",{axes}}}', steps),
+            (f'ditscale_train_planned_steps{{run_id="{rid}",{axes}}}', "100x30"),
+            (f'ditscale_train_loss{{run_id="{rid}",{axes}}}', "0.5x30"),
+            (f'ditscale_images_per_second{{run_id="{rid}",{axes}}}', "80x30"),
+            (
+                f'ditscale_run_info{{run_id="{rid}",{axes},dataset="digits8",seed="{"0" if rid == "a" else "1"}"}}',
+                "1x30",
+            ),
+        ]
+    resumed = axes.replace('run="twin"', 'run="again"')
+    series += [
+        (f'ditscale_train_step{{run_id="c",{resumed}}}', "0+1x10 _x4 10+1x15"),
+        (f'ditscale_train_planned_steps{{run_id="c",{resumed}}}', "100x10 _x4 100x15"),
+        (f'ditscale_train_loss{{run_id="c",{resumed}}}', "0.5x10 _x4 0.4x15"),
+        (f'ditscale_images_per_second{{run_id="c",{resumed}}}', "80x10 _x4 80x15"),
+        (f'ditscale_run_info{{run_id="c",{resumed},dataset="digits8",seed="0"}}', "1x10"),
+        (f'ditscale_run_info{{run_id="c",{resumed},dataset="digits8",seed="5"}}', "_x15 1x15"),
+    ]
+    row = (
+        'run="{run}",run_id="{rid}",variant="DiT-T/2",windows="global",data_size="1000",dataset="digits8",seed="{seed}"'
+    )
+    rows = {"a": ("twin", "0"), "b": ("twin", "1"), "c": ("again", "5")}
+    step_at_30m = {"a": 30, "b": 60, "c": 25}
+    (grid,) = [p for p in dashboard()["panels"] if p["title"].startswith("Grid overview")]
+    tests = []
+    for t in grid["targets"]:
+        samples = []
+        for rid, (run, seed) in rows.items():
+            value = {"A": step_at_30m[rid], "B": step_at_30m[rid] / 100, "C": 0.5 if rid != "c" else 0.4, "D": 80}
+            labels = "{" + row.format(run=run, rid=rid, seed=seed) + "}"
+            samples.append({"labels": labels, "value": value.get(t["refId"], 1)})
+        tests.append({"expr": to_prometheus(t["expr"]), "eval_time": "30m", "exp_samples": samples})
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "promql_expr_test": tests,
+            }
+        ],
+    }
+    (tmp_path / "grid.test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = subprocess.run(
+        [promtool(), "test", "rules", "grid.test.yaml"], capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
