@@ -3,6 +3,7 @@ modes, `load_exported` rebuilding the exact model, and the `ditscale export` com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import warnings
@@ -75,6 +76,10 @@ def test_export_json_is_typed_and_files_share_a_mode(tmp_path):
     assert len(set(modes.values())) == 1, modes
     from safetensors import safe_open
 
+    files = meta.pop("files")  # the size and sha256 of the weights files of this export
+    for kind in ("pt", "safetensors"):
+        data = paths[kind].read_bytes()
+        assert files[kind] == {"name": f"m.{kind}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     with safe_open(str(paths["safetensors"]), framework="pt") as f:
         assert json.loads(f.metadata()["ditscale"]) == meta
 
