@@ -51,6 +51,8 @@ def refused(source: str | os.PathLike, exc: BaseException) -> CheckpointError:
     if isinstance(exc, pickle.UnpicklingError):
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
         detail = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "")
+        # torch's advice to allow-list what the file asks for is dropped: that is how code would get in
+        detail = detail.split(" Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")
         return CheckpointError(
             f"{source}: refused: it holds code or objects that are not tensors (or is not a tensors file at all); "
             f"nothing in it was run ({detail}). Only tensors and plain containers are loaded from weights files"

@@ -188,7 +188,7 @@ def _check_belongs(weights: str, data: bytes, kind: str, desc_path: str, desc: M
             f"{weights} does not belong to the export described by {desc_path} ({len(data)} bytes, sha256 "
             f"{got[:16]}...; the description lists {entry.get('bytes')} bytes, sha256 {str(entry.get('sha256'))[:16]}"
             "...): these files come from two exports (e.g. an export killed while it replaced an older one). Export "
-            "again, or load NAME.safetensors, which carries its own description"
+            "again" + (f", or load {_split(weights)[0]}.safetensors, whole by itself" if kind == "pt" else "")
         )
 
 
