@@ -6,9 +6,9 @@ plain containers and numbers, plus only the classes a caller allow-lists), safet
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,18 +22,20 @@ WINDOWS_KEY = "ditscale_windows"
 
 _PREFIXES = ("module.", "_orig_mod.")
 
-# The one class besides tensors and plain containers that a facebookresearch/DiT checkpoint holds: train.py saves
-# {"model", "ema", "opt", "args"} with `args` an argparse.Namespace (attributes only, no code of its own).
-REFERENCE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+# What a facebookresearch/DiT checkpoint holds besides tensors and plain containers: train.py saves {"model", "ema",
+# "opt", "args"} with `args` an argparse.Namespace. It is read as a types.SimpleNamespace (attributes only): the one
+# name allow-listed for reference checkpoints.
+REFERENCE_GLOBALS = ((types.SimpleNamespace, "argparse.Namespace"),)
 
 
 def load_tensor_file(
-    path: str | os.PathLike, data: bytes | None = None, *, allow: Iterable[type] = (), source: str | None = None
+    path: str | os.PathLike, data: bytes | None = None, *, allow: Iterable = (), source: str | None = None
 ) -> Any:
     """torch.load(weights_only=True) of the file `path` (or of its bytes `data`, read by the caller), `allow` the
-    only classes allow-listed beyond tensors and plain containers. A pickle that would run code or build other
-    objects is refused before anything in it runs: CheckpointError naming the file (`source`, default `path`); so is
-    a damaged file."""
+    only classes allow-listed beyond tensors and plain containers (classes, or (class, "module.Name") to read the
+    pickled name as that class). A pickle that would run code or build other objects is refused before anything in
+    it runs: CheckpointError naming the file (`source`, default `path`); so is a damaged file."""
     source = source or str(path)
     try:
         with torch.serialization.safe_globals(list(allow)):
