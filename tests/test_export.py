@@ -167,3 +167,15 @@ def test_export_command_is_quiet_for_a_global_model(tmp_path, capsys, fake_run):
     assert main(["export", "--run", "runs/fake", "--out", str(tmp_path / "g")]) == 0
     assert "note" not in capsys.readouterr().err
     assert WINDOWS_KEY not in torch.load(tmp_path / "g.pt", weights_only=True)
+
+
+def test_export_to_object_storage_and_back(s3_server):
+    """NAME may be an s3:// URL: the three files are written there (each one PUT) and load_exported reads them."""
+    model = tiny("3,3")
+    url = f"{s3_server.bucket()}/exports #1/m"
+    paths = save_model(model, url + ".pt", variant="DiT-T/2")
+    assert paths == {k: f"{url}.{k}" for k in ("pt", "safetensors", "json")}
+    x, t, y = inputs()
+    for name in (url, url + ".pt", url + ".safetensors", url + ".json"):
+        with torch.no_grad():
+            assert torch.equal(load_exported(name)(x, t, y), model(x, t, y)), name
