@@ -179,3 +179,32 @@ def test_export_to_object_storage_and_back(s3_server):
     for name in (url, url + ".pt", url + ".safetensors", url + ".json"):
         with torch.no_grad():
             assert torch.equal(load_exported(name)(x, t, y), model(x, t, y)), name
+
+
+def test_an_interrupted_export_over_an_old_style_one_leaves_no_description_that_vouches_for_it(tmp_path, monkeypatch):
+    """NAME.json written before the checksums lists none: it is removed before the new files are renamed in, so a
+    NAME.pt of the new export never loads with it."""
+    from ditscale.io import storage
+
+    old = tiny("3,3")
+    save_model(old, tmp_path / "m", variant="DiT-T/2")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    del meta["files"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))  # an export from before the checksums
+    real, calls = storage.write_bytes, []
+
+    def dies_after_the_first_file(url, data, *a, **kw):
+        calls.append(url)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process ends here (tests/test_atomic_outputs.py kills real ones)
+        return real(url, data, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_bytes", dies_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny("3,3", seed=5), tmp_path / "m", variant="DiT-T/2")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="no ditscale model description"):
+        load_exported(tmp_path / "m.pt")  # the new weights, and no description of them
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "m.safetensors")(x, t, y), old(x, t, y))  # whole by itself

@@ -94,6 +94,7 @@ def save_export(
         tensors[WINDOWS_KEY] = windows_tensor(meta["block_windows"])
     paths = {ext: f"{base}.{ext}" for ext in ("pt", "safetensors", "json")}
     files: dict[str, dict[str, Any]] = {}
+    _drop_unverifiable_description(paths["json"])
     # one file's bytes in memory at a time (beside the tensors): each is hashed, written and dropped
     buf = io.BytesIO()
     torch.save(tensors, buf)
@@ -109,6 +110,20 @@ def save_export(
     del data
     storage.write_text(paths["json"], json.dumps({**meta, "files": files}, indent=1) + "\n")
     return {k: _out(v) for k, v in paths.items()}
+
+
+def _drop_unverifiable_description(path: str) -> None:
+    """Remove an older NAME.json that lists no file checksums (written before them, or damaged) before replacing
+    the export: it would vouch for whatever NAME.pt an interrupted export leaves beside it."""
+    raw = storage.read_bytes_or_none(path)
+    if raw is None:
+        return
+    try:
+        ok = "files" in json.loads(raw)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        storage.remove(path)
 
 
 def save_model(model, out: str | os.PathLike, *, variant: str | None = None, info: Mapping | None = None):
