@@ -236,7 +236,9 @@ def expand(
         raise LaunchError(f"{origin}: {e}") from None
     recipe = parse_recipe(grid["data"], gvars, str(p), name) if grid.get("data") is not None else None
     id_template = grid.get("id") or "-".join(["{grid}"] + [f"{a.prefix}{{{a.name}}}" for a in axes])
-    run_dir_template = f"{run_root.rstrip('/')}/{{id}}" if run_root else grid.get("run_dir", "runs/{grid}/{id}")
+    # --run-root is a path taken as given: its braces are not placeholders
+    literal_root = run_root.rstrip("/").replace("{", "{{").replace("}", "}}") if run_root else None
+    run_dir_template = f"{literal_root}/{{id}}" if literal_root else grid.get("run_dir", "runs/{grid}/{id}")
 
     runs: list[RunSpec] = []
     seen: dict[str, dict] = {}

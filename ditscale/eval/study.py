@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from ditscale.io import storage
+
 log = logging.getLogger("ditscale.eval.study")
 
 
@@ -139,7 +141,7 @@ def _train(run: dict, threads: int) -> float:
         return 0.0
     d.mkdir(parents=True, exist_ok=True)
     cfg_file = d.parent / f"{run['id']}.yaml"
-    cfg_file.write_text(yaml.safe_dump(run["config"], sort_keys=False))
+    storage.write_text(str(cfg_file), yaml.safe_dump(run["config"], sort_keys=False))
     env = {"OMP_NUM_THREADS": str(threads)}
     import os
 
@@ -178,7 +180,7 @@ def run_study(args: StudyOptions) -> int:
         took = _train(r, args.threads)
         if took:
             timings[r["id"]] = {"train_s": round(took, 1)}
-            (out / "timings.json").write_text(json.dumps(timings, indent=2))
+            storage.write_text(str(out / "timings.json"), json.dumps(timings, indent=2))
         log.info("trained %s in %.0fs", r["id"], took)
     if args.train_only:
         return 0
@@ -214,6 +216,6 @@ def run_study(args: StudyOptions) -> int:
 
     found, _ = report.discover(str(out / "runs"))
     report.build_report(found, str(out / "report"), "Small-scale study: digits 8x8, " + args.variant)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    storage.write_text(str(out / "timings.json"), json.dumps(timings, indent=2))
     print(f"wrote {out / 'report' / 'report.md'}")
     return 0
