@@ -9,20 +9,15 @@ import pytest
 
 from ditscale.config import config_from_dict
 from ditscale.errors import ConfigError
+from tests.ports import free_port
 
 LABELS = {"run": "r1", "variant": "DiT-T/2", "windows": "local@head", "data_size": "1000", "rank": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_info_and_planned_steps_are_exported():
     from ditscale.observability import Metrics
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", info={"dataset": "celeba32", "seed": "2"}, planned_steps=400)
     try:
         assert m.server.server_address[0] == "127.0.0.1"
@@ -60,7 +55,7 @@ def test_metrics_server_binds_the_configured_address_only():
     other = _non_loopback_address()
     if other is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1")
     try:
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).status == 200
@@ -101,7 +96,7 @@ def test_finished_run_serves_until_its_scraper_fetched_the_final_step():
 
     from ditscale.observability import Metrics
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", planned_steps=3)
     m.step.set(2)
     assert not m.finished()
