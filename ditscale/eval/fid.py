@@ -13,6 +13,7 @@ Reference statistics (mean, covariance) are computed once per (shards, features)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditscale.errors import CheckpointError, ConfigError, DataError
+from ditscale.io import storage
 
 log = logging.getLogger("ditscale.eval.fid")
 
@@ -321,10 +323,9 @@ def reference_stats(
         raise DataError(f"reference shards {manifest_url!r} hold no samples")
     feats = np.concatenate(chunks)
     mu, sigma = feature_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=len(feats))
-    os.replace(tmp, path)
+    npz = io.BytesIO()
+    np.savez(npz, mu=mu, sigma=sigma, n=len(feats))
+    storage.write_bytes(str(path), npz.getvalue())
     return mu, sigma, {"path": str(path), "cached": False, "num_images": len(feats)}
 
 
