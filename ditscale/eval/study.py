@@ -184,17 +184,17 @@ def run_study(args: StudyOptions) -> int:
         log.info("trained %s in %.0fs", r["id"], took)
     if args.train_only:
         return 0
-    from ditscale.eval import evaluate as E
+    from ditscale.eval import evaluate as evaluations
 
     ema = args.ema
     for r in runs:
         ev, run = Path(r["dir"]) / "eval", r["dir"]
         t0 = time.perf_counter()
         todo = {
-            "psnr_gap": lambda run=run: E.psnr_gap(run, k=args.k, points=args.points, ema=ema),
-            "locality": lambda run=run: E.locality(run, images=64, ema=ema),
-            "jacobian": lambda run=run: E.jacobian(run, sigma=0.3, ema=ema),
-            "fid_pixels": lambda run=run: E.fid(
+            "psnr_gap": lambda run=run: evaluations.psnr_gap(run, k=args.k, points=args.points, ema=ema),
+            "locality": lambda run=run: evaluations.locality(run, images=64, ema=ema),
+            "jacobian": lambda run=run: evaluations.jacobian(run, sigma=0.3, ema=ema),
+            "fid_pixels": lambda run=run: evaluations.fid(
                 run,
                 features="pixels",
                 samples=args.samples,
@@ -211,7 +211,7 @@ def run_study(args: StudyOptions) -> int:
     for a, b in pairs:
         da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
-            E.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
+            evaluations.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
     from ditscale.eval import report
 
     found, _ = report.discover(str(out / "runs"))
