@@ -81,17 +81,30 @@ class RunStatus:
         t = (self.last or {}).get("time")
         return max(0.0, time.time() - float(t)) if isinstance(t, (int, float)) else None
 
+    def steady_step_time(self) -> float | None:
+        """Seconds per step once the run is past its first logged interval (compilation, data warm-up): the median
+        over the recent records (`extra["recent"]`, filled by status reads that fetch the tail of metrics.jsonl),
+        leaving out the oldest of them; None when only one record is known. Without `recent`, the last record's."""
+        recent = self.extra.get("recent")
+        if recent is None:
+            t = (self.last or {}).get("step_time")
+            return float(t) if isinstance(t, (int, float)) else None
+        times = sorted(float(r["step_time"]) for r in recent[1:] if isinstance(r.get("step_time"), (int, float)))
+        return times[len(times) // 2] if times else None
+
     def stall(
         self, after_s: float, log_every: int, started: float | None = None, now: float | None = None
     ) -> str | None:
         """Why a run that should be training counts as stalled, or None.
 
-        Stalled: no step was logged for `after_s` seconds (or 5 logging intervals, if longer) since the later of
-        its last step and `started` (its job's start; default: since the live trainer took the lock). The lock's
-        heartbeat comes from a thread of its own, so a trainer hung in a collective or a data read still holds
-        the lock: only the steps tell. E.g. "last step 86 7m ago", "no step since it started 12m ago".
+        Stalled: no step was logged for `after_s` seconds (or 5 logging intervals at the steady step time, if
+        longer) since the later of its last step and `started` (its job's start; default: since the live trainer
+        took the lock). The first logged interval's time (compilation, warm-up) never counts: a run that logged
+        only its first step, or nothing since it started, is judged by `after_s` alone. The lock's heartbeat comes
+        from a thread of its own, so a trainer hung in a collective or a data read still holds the lock: only the
+        steps tell. E.g. "last step 86 7m ago", "no step since it started 12m ago".
         """
-        if self.state == DONE:
+        if self.state in (DONE, DIVERGED):
             return None
         now = time.time() if now is None else now
         if started is None and self.holder is not None:
@@ -101,10 +114,12 @@ class RunStatus:
         marks = [t for t in (last_t, started) if t is not None]
         if not marks:
             return None
-        interval = float((self.last or {}).get("step_time") or 0) * log_every
+        logged_since_start = last_t is not None and last_t >= (started or 0)
+        steady = self.steady_step_time() if logged_since_start else None
+        interval = (steady or 0.0) * log_every
         if now - max(marks) <= max(after_s, 5 * interval):
             return None
-        if last_t is not None and last_t >= (started or 0):
+        if logged_since_start:
             why = f"last step {(self.last or {}).get('step')} {age_text(now - last_t)} ago"
         else:
             why = f"no step since it started {age_text(now - (started or now))} ago"
