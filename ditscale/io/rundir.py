@@ -205,6 +205,29 @@ class RunDir:
     def read_text(self, rel: str) -> str | None:
         return storage.read_text(self.path(rel))
 
+    def read_tail(self, rel: str, nbytes: int, size: int | None = None) -> bytes | None:
+        """The last `nbytes` of a file (one ranged read on object storage when its `size` is known), None when
+        missing."""
+        url = self.path(rel)
+        if not self.remote:
+            try:
+                with open(url, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - nbytes))
+                    return f.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+
+        def go() -> bytes:
+            fs, path = storage.filesystem(url)
+            total = size if size is not None else fs.info(path)["size"]
+            return fs.cat_file(path, start=max(0, total - nbytes))
+
+        try:
+            return storage.with_retries(go, url, "read")
+        except FileNotFoundError:
+            return None
+
     def read_json(self, rel: str) -> Any:
         """Parsed JSON, or None when missing or unreadable."""
         raw = self.read_text(rel)
@@ -401,3 +424,150 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
         return o.tolist()
     raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+# --- cheap status reads for launchers' status rows (read-only) --------------------------------------------------
+TAIL_BYTES = 16384  # the end of metrics.jsonl that holds the last few records
+
+
+def _tail_records(data: bytes | None, cut: bool) -> list[dict]:
+    """The complete records in the end of metrics.jsonl (`cut`: the first line may be a part of one)."""
+    lines = (data or b"").decode("utf-8", errors="replace").splitlines()
+    return list(_records(lines[1:] if cut and lines else lines))
+
+
+class RowReader:
+    """Reads what a status row needs from many run dirs: one listing per folder of run dirs (object storage) or a
+    few stats per run (disk), then only the files that the listing says matter, in parallel. `files(run)` is the
+    listing of one run dir: relative path -> {"size", "mtime"}; claim files beside the run dirs come with it."""
+
+    def __init__(self, run_dirs: Iterable[str], workers: int = 16):
+        self.run_dirs = [storage.normalize(str(d)) for d in run_dirs]
+        self.workers = workers
+        self._listing: dict[str, dict[str, dict]] = {}
+        self._siblings: dict[str, list[tuple[str, dict]]] = {}  # parent -> names (with info) directly in it
+
+    # --- listings -------------------------------------------------------------------------------------------------
+    def _list_remote_parent(self, parent: str) -> None:
+        def go() -> dict:
+            fs, path = storage.filesystem(parent)
+            fs.invalidate_cache(path)
+            try:
+                return fs.find(path, detail=True)
+            except FileNotFoundError as e:
+                if storage._error_code(e) == "NoSuchBucket":
+                    raise
+                return {}
+
+        found = storage.with_retries(go, parent, "list")
+        fs, base = storage.filesystem(parent)
+        base = base.rstrip("/")
+        top: list[tuple[str, dict]] = []
+        for key, info in found.items():
+            rel = key[len(base) :].lstrip("/")
+            head, _, rest = rel.partition("/")
+            meta = {"size": info.get("size") or 0, "mtime": _mtime(info)}
+            if rest:
+                self._listing.setdefault(storage.join(parent, head), {})[rest] = meta
+            else:
+                top.append((head, meta))
+        self._siblings[parent] = top
+
+    def _list_local(self, run_dir: str) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for rel in (FINAL, LOCK, METRICS, CONFIG, HISTORY):
+            try:
+                s = os.stat(os.path.join(run_dir, rel))
+            except OSError:
+                continue
+            out[rel] = {"size": s.st_size, "mtime": s.st_mtime}
+        ckpt = os.path.join(run_dir, CKPT)
+        for tag in os.listdir(ckpt) if os.path.isdir(ckpt) else ():
+            if is_tag(tag) and os.path.exists(os.path.join(ckpt, tag, "meta.json")):
+                out[f"{CKPT}/{tag}/meta.json"] = {"size": 0, "mtime": 0.0}
+        return out
+
+    def prefetch(self) -> None:
+        parents = sorted({storage.dirname(d) for d in self.run_dirs if storage.is_url(d)})
+        for p in parents:  # one (paginated) listing per folder of run dirs
+            self._list_remote_parent(p)
+        for p in sorted({storage.dirname(d) for d in self.run_dirs if not storage.is_url(d)}):
+            try:
+                names = os.listdir(p)
+            except OSError:
+                names = []
+            self._siblings[p] = [(n, {"size": 0, "mtime": _local_mtime(os.path.join(p, n))}) for n in names]
+
+    def files(self, run_dir: str) -> dict[str, dict]:
+        if storage.is_url(run_dir):
+            return self._listing.get(run_dir, {})
+        return self._list_local(run_dir)
+
+    def siblings(self, run_dir: str) -> list[tuple[str, dict]]:
+        """Names beside the run dir that start with its name (its claims), with their info."""
+        name = storage.basename(run_dir) + "."
+        return [(n, i) for n, i in self._siblings.get(storage.dirname(run_dir), []) if n.startswith(name)]
+
+    # --- one run --------------------------------------------------------------------------------------------------
+    def status(self, run_dir: str, steps: int | None) -> RunStatus:
+        """The same answer as RunDir(run_dir).status(steps), from the listing plus the files that matter; the
+        recent metrics records go to extra["recent"] (stall rules), the start history to extra["starts"]."""
+        rd, files = RunDir(run_dir), self.files(run_dir)
+        st = RunStatus(PENDING, steps=steps)
+        st.extra["files"] = files
+        if FINAL in files:
+            st.final = rd.read_json(FINAL)
+        if _finished(st.final, steps):
+            st.state, st.step = DONE, st.final.get("step")
+            return st
+        if LOCK in files:
+            h = Holder.parse(rd.read_bytes(LOCK))
+            st.holder = h if h is not None and h.alive() else None
+        if st.holder is None and _diverged(st.final):
+            st.state, st.step = DIVERGED, st.final.get("step")
+            return st
+        tags = sorted(
+            (k.split("/")[1] for k in files if k.startswith(f"{CKPT}/") and k.endswith("/meta.json")), key=step_of
+        )
+        tags = [t for t in tags if is_tag(t)]
+        st.checkpoint = tags[-1] if tags else None
+        if METRICS in files:
+            size = int(files[METRICS].get("size") or 0)
+            recent = _tail_records(rd.read_tail(METRICS, TAIL_BYTES, size if rd.remote else None), size > TAIL_BYTES)
+            st.extra["recent"] = recent[-8:]
+            st.last = recent[-1] if recent else None
+        if HISTORY in files:
+            st.extra["starts"] = rd.starts()
+        if st.holder is not None:
+            st.state = RUNNING
+        elif st.checkpoint:
+            st.state = RESUMABLE
+        elif st.last is not None or CONFIG in files:
+            st.state = STARTED
+        st.step = (st.last or {}).get("step")
+        if st.step is None and st.checkpoint:
+            st.step = step_of(st.checkpoint)
+        return st
+
+    def statuses(self, steps: dict[str, int | None]) -> dict[str, RunStatus]:
+        """run dir -> its status (steps: run dir -> the train.steps it is judged against), read in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prefetch()
+        with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.run_dirs) or 1))) as pool:
+            out = list(pool.map(lambda d: self.status(d, steps.get(d)), self.run_dirs))
+        return dict(zip(self.run_dirs, out, strict=True))
+
+
+def _mtime(info: dict) -> float:
+    t = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp())
+    return float(t) if isinstance(t, (int, float)) else 0.0
+
+
+def _local_mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0

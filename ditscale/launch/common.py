@@ -10,7 +10,6 @@ from pathlib import Path
 from ditscale import grid as G
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
-from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.launch")
 
@@ -56,6 +55,10 @@ class Plan:
     todo: list[RunSpec] = field(default_factory=list)
     data: object | None = None  # ditscale.launch.prepare.DataPlan when the grid has a data recipe
     default_grid: bool = False
+    statuses: dict = field(default_factory=dict)  # run id -> RunStatus (what the run dir says now)
+    claims: dict = field(default_factory=dict)  # run id -> its newest claim (ditscale.launch.claim), unfinished runs
+    problems: list[str] = field(default_factory=list)  # model-vs-data mismatches found while planning
+    launch: dict = field(default_factory=dict)  # how the grid was launched: vars, overrides, run root, resources
 
     @property
     def name(self) -> str:
@@ -67,6 +70,30 @@ class Plan:
         return f"grid {self.name!r} ({self.grid_file}{default}): {len(self.runs)} runs, {len(self.done)} finished"
 
 
+def split_done(plan: Plan, workers: int = 16) -> None:
+    """plan.done / plan.todo / plan.statuses / plan.claims from the run dirs: one listing per folder of run dirs on
+    object storage, then only the files that matter (final.json of finished runs, the claims of unfinished ones),
+    read in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ditscale.io.rundir import DONE, RowReader
+    from ditscale.launch import claim as C
+
+    reader = RowReader([r.run_dir for r in plan.runs], workers=workers)
+    statuses = reader.statuses({r.run_dir: r.config.train.steps for r in plan.runs})
+    plan.statuses = {r.id: statuses[r.run_dir] for r in plan.runs}
+    plan.done = [r for r in plan.runs if plan.statuses[r.id].state == DONE]
+    plan.todo = [r for r in plan.runs if plan.statuses[r.id].state != DONE]
+    gens = {}
+    for r in plan.todo:
+        names = [n for n, _ in reader.siblings(r.run_dir)]
+        gens[r.id] = C.parse_listing(names).get(r.run_dir.rsplit("/", 1)[-1], 0)
+    claimed = [r for r in plan.todo if gens[r.id]]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(claimed) or 1))) as pool:
+        got = list(pool.map(lambda r: C.read(r.run_dir, gens[r.id]), claimed))
+    plan.claims = {r.id: c for r, c in zip(claimed, got, strict=True)}
+
+
 def plan_grid(
     grid_file: str,
     *,
@@ -76,7 +103,8 @@ def plan_grid(
     resources: dict | None = None,
     check_data: bool = True,
 ) -> Plan:
-    """Expand and validate a grid (config schema, window specs, data URLs) and split done from to-do runs.
+    """Expand and validate a grid (config schema, window specs, data URLs, model against data) and split done from
+    to-do runs.
 
     resources (e.g. {"nodes": 2, "gpus_per_node": 8, "timeout_min": 60}) override every run's resources.
     Raises LaunchError naming the run and the key before anything is submitted.
@@ -87,10 +115,17 @@ def plan_grid(
         r.resources.update({k: v for k, v in (resources or {}).items() if v is not None})
     if check_data:  # a recipe's outputs are left to its data plan (below)
         G.check_data(runs, problems=problems)
+        G.check_model_vs_data(runs, problems=problems)
     G.raise_problems(problems)
     p = Plan(str(grid_file), runs)
-    for r in runs:
-        (p.done if RunDir(r.run_dir).is_done(r.config.train.steps) else p.todo).append(r)
+    p.launch = {
+        "grid": str(Path(grid_file).resolve()),
+        "vars": dict(vars or {}),
+        "overrides": list(overrides or []),
+        "run_root": run_root,
+        "resources": {k: v for k, v in (resources or {}).items() if v is not None},
+    }
+    split_done(p)
     if check_data:
         recipe = runs[0].recipe if runs else None
         if recipe is not None:  # the recipe's outputs are checked (and prepared) by its data plan
