@@ -24,6 +24,7 @@ from ditscale.launch import records
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
+IDLE = ["--setup", "sleep 600"]  # the array tasks hold their place without training (claims are what is tested)
 
 GRID = """
 name: race
@@ -101,7 +102,7 @@ def _array_tasks(cluster) -> list[str]:
 def test_four_slurm_launchers_at_once_submit_each_run_once(slurm_cluster, digits8_dir, tmp_path):
     grid, runs = _grid(tmp_path, digits8_dir), tmp_path / "runs"
     procs = [launcher("slurm", "--partition", "gpu", "--grid", grid, "--run-root", runs, "--log-dir",
-                      tmp_path / f"log{i}") for i in range(4)]  # fmt: skip
+                      tmp_path / f"log{i}", *IDLE) for i in range(4)]  # fmt: skip
     outs = [p.communicate(timeout=300)[0] for p in procs]
     try:
         assert all(p.returncode == 0 for p in procs), "\n".join(outs)
@@ -135,7 +136,7 @@ def test_slurm_and_local_launchers_at_once(slurm_cluster, digits8_dir, tmp_path)
     them; the local launchers skip the runs whose Slurm job is queued."""
     grid, runs = _grid(tmp_path, digits8_dir), tmp_path / "runs"
     common = ["--grid", grid, "--run-root", runs]
-    procs = [launcher("slurm", "--partition", "gpu", *common, "--log-dir", tmp_path / f"s{i}") for i in range(2)]
+    procs = [launcher("slurm", "--partition", "gpu", *common, "--log-dir", tmp_path / f"s{i}", *IDLE) for i in range(2)]
     procs += [launcher("local", *common, "--log-dir", tmp_path / f"l{i}", "--parallel", "4") for i in range(2)]
     try:
         for p in procs[:2]:

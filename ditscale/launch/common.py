@@ -141,3 +141,23 @@ def results_dir(runs: list[RunSpec], default_name: str) -> Path:
     if local:
         return Path(os.path.commonpath([str(Path(d).parent) for d in local]))
     return Path("results") / default_name
+
+
+def expand_as_launched(grid_file: str, run_root: str | None = None) -> list[RunSpec]:
+    """The runs of a grid as its newest launch set them (--var, overrides, --run-root recorded in the launch records
+    of its default log dirs, <runs parent>/_<backend>); the grid file's own defaults when it was never launched.
+    Used by `report --grid GRID.yaml` and `python -m ditscale grid --status`."""
+    from ditscale.launch import records
+
+    runs = G.expand(grid_file, run_root=run_root)
+    base = results_dir(runs, Path(grid_file).stem)
+    recs = [r for b in ("slurm", "local", "ray", "k8s") if (r := records.remembered(base / f"_{b}", grid_file))]
+    if not recs:
+        return runs
+    rec = max(recs, key=lambda r: r.get("time", 0))
+    return G.expand(
+        grid_file,
+        vars=rec.get("vars"),
+        run_root=run_root or rec.get("run_root"),
+        overrides=rec.get("overrides"),
+    )
