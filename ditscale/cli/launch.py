@@ -57,6 +57,7 @@ def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> P
         overrides=args.overrides,
         resources=resources,
         check_data=check_data,
+        read_state=not (getattr(args, "status", False) or getattr(args, "collect", False)),
     )
     plan.default_grid = is_default
     return plan
@@ -80,6 +81,7 @@ def as_launched(plan: Plan, args: argparse.Namespace, log_dir: Path | None) -> P
         overrides=rec.get("overrides"),
         resources=rec.get("resources"),
         check_data=False,
+        read_state=False,
     )
     again.default_grid = plan.default_grid
     return again

@@ -509,9 +509,10 @@ class RowReader:
         return [(n, i) for n, i in self._siblings.get(storage.dirname(run_dir), []) if n.startswith(name)]
 
     # --- one run --------------------------------------------------------------------------------------------------
-    def status(self, run_dir: str, steps: int | None) -> RunStatus:
+    def status(self, run_dir: str, steps: int | None, details: bool = True) -> RunStatus:
         """The same answer as RunDir(run_dir).status(steps), from the listing plus the files that matter; the
-        recent metrics records go to extra["recent"] (stall rules), the start history to extra["starts"]."""
+        recent metrics records go to extra["recent"] (stall rules), the start history to extra["starts"]. Without
+        `details` the state, checkpoint and holder only (no metrics or history read: `add_details` later)."""
         rd, files = RunDir(run_dir), self.files(run_dir)
         st = RunStatus(PENDING, steps=steps)
         st.extra["files"] = files
@@ -531,6 +532,24 @@ class RowReader:
         )
         tags = [t for t in tags if is_tag(t)]
         st.checkpoint = tags[-1] if tags else None
+        if st.holder is not None:
+            st.state = RUNNING
+        elif st.checkpoint:
+            st.state = RESUMABLE
+        elif METRICS in files or CONFIG in files:
+            st.state = STARTED
+        if details or st.holder is not None:  # a live trainer: its steps tell whether it is stalled
+            self.add_details(run_dir, st)
+        elif st.checkpoint:
+            st.step = step_of(st.checkpoint)
+        return st
+
+    def add_details(self, run_dir: str, st: RunStatus) -> RunStatus:
+        """The last logged steps (step, loss, stall rules) and the start history (world sizes) of a run."""
+        if st.state in (DONE, DIVERGED) or st.extra.get("detailed"):
+            return st
+        rd, files = RunDir(run_dir), st.extra.get("files") or self.files(run_dir)
+        st.extra["detailed"] = True
         if METRICS in files:
             size = int(files[METRICS].get("size") or 0)
             recent = _tail_records(rd.read_tail(METRICS, TAIL_BYTES, size if rd.remote else None), size > TAIL_BYTES)
@@ -538,24 +557,18 @@ class RowReader:
             st.last = recent[-1] if recent else None
         if HISTORY in files:
             st.extra["starts"] = rd.starts()
-        if st.holder is not None:
-            st.state = RUNNING
-        elif st.checkpoint:
-            st.state = RESUMABLE
-        elif st.last is not None or CONFIG in files:
-            st.state = STARTED
         st.step = (st.last or {}).get("step")
         if st.step is None and st.checkpoint:
             st.step = step_of(st.checkpoint)
         return st
 
-    def statuses(self, steps: dict[str, int | None]) -> dict[str, RunStatus]:
+    def statuses(self, steps: dict[str, int | None], details: bool = False) -> dict[str, RunStatus]:
         """run dir -> its status (steps: run dir -> the train.steps it is judged against), read in parallel."""
         from concurrent.futures import ThreadPoolExecutor
 
         self.prefetch()
         with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.run_dirs) or 1))) as pool:
-            out = list(pool.map(lambda d: self.status(d, steps.get(d)), self.run_dirs))
+            out = list(pool.map(lambda d: self.status(d, steps.get(d), details), self.run_dirs))
         return dict(zip(self.run_dirs, out, strict=True))
 
 

@@ -228,14 +228,18 @@ def launch(backend: Backend, plan: Plan, *, dry_run: bool = False, launch_record
         )
         return {}
     if backend.log_dir is not None and launch_record is not None:
-        records.write_launch(backend.log_dir, {"backend": backend.name, **launch_record, "runs": {}})
+        steps = {r.id: r.config.train.steps for r in todo}
+        records.write_launch(backend.log_dir, {"backend": backend.name, **launch_record, "steps": steps,
+                                               "runs": dict.fromkeys(steps)})  # fmt: skip
     return backend.start(plan, todo, claims)
 
 
 def status(backend: Backend, plan: Plan, stall_after_s: float | None = 600.0, full: bool = False) -> str:
     """The status table of a plan's runs: run dirs (judged against the steps each run was launched with), the
     backend's view of their jobs, stalls and failure reasons."""
-    statuses, claims = rows.read(plan.runs)
+    launched = {rid: rec["steps"] for rid, rec in records.jobs(backend.log_dir).items() if rec.get("steps")}
+    statuses, claims = rows.read(plan.runs, steps=launched, full=full or len(plan.runs) <= rows.FULL_TABLE_MAX)
+    rows.details(plan.runs, statuses, claims, rows.to_detail(plan.runs, statuses, claims, full))
     views = backend.views(plan.runs, claims)
     data_why = data_failures(backend, plan)
     table = rows.make_rows(plan.runs, statuses, views, stall_after_s, data_why)

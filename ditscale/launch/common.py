@@ -87,11 +87,15 @@ def split_done(plan: Plan, workers: int = 16) -> None:
     gens = {}
     for r in plan.todo:
         names = [n for n, _ in reader.siblings(r.run_dir)]
-        gens[r.id] = C.parse_listing(names).get(r.run_dir.rsplit("/", 1)[-1], 0)
-    claimed = [r for r in plan.todo if gens[r.id]]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(claimed) or 1))) as pool:
-        got = list(pool.map(lambda r: C.read(r.run_dir, gens[r.id]), claimed))
-    plan.claims = {r.id: c for r, c in zip(claimed, got, strict=True)}
+        gens[r.id] = C.parse_listing(names).get(r.run_dir.rsplit("/", 1)[-1], (0, False))
+    # an ended claim frees its run (the listing says so); only claims in flight are read, to ask their backend
+    plan.claims = {r.id: C.Claim(r.run_dir, g, {}, True) for r in plan.todo if (g := gens[r.id][0]) and gens[r.id][1]}
+    flight = [r for r in plan.todo if gens[r.id][0] and not gens[r.id][1]]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(flight) or 1))) as pool:
+        got = list(pool.map(lambda r: C.read(r.run_dir, gens[r.id][0]), flight))
+    for r, c in zip(flight, got, strict=True):
+        # gone meanwhile (ended or replaced): the next claim attempt reads it again
+        plan.claims[r.id] = c if c is not None else C.Claim(r.run_dir, gens[r.id][0], {"backend": "?"})
 
 
 def plan_grid(
@@ -102,6 +106,7 @@ def plan_grid(
     overrides: list[str] | None = None,
     resources: dict | None = None,
     check_data: bool = True,
+    read_state: bool = True,
 ) -> Plan:
     """Expand and validate a grid (config schema, window specs, data URLs, model against data) and split done from
     to-do runs.
@@ -125,7 +130,10 @@ def plan_grid(
         "run_root": run_root,
         "resources": {k: v for k, v in (resources or {}).items() if v is not None},
     }
-    split_done(p)
+    if read_state:  # --status and --collect read the run dirs their own way
+        split_done(p)
+    else:
+        p.todo = list(runs)
     if check_data:
         recipe = runs[0].recipe if runs else None
         if recipe is not None:  # the recipe's outputs are checked (and prepared) by its data plan

@@ -54,8 +54,9 @@ def jobs(log_dir: Path | str | None) -> dict[str, dict[str, Any]]:
     """run id -> {"job_id", "time", "log_dir"} of the newest launch that submitted it (all launches merged)."""
     out: dict[str, dict[str, Any]] = {}
     for rec in launches(log_dir):
+        steps = rec.get("steps") or {}
         for rid, job in (rec.get("runs") or {}).items():
-            out[rid] = {"job_id": job, "time": rec.get("time"), "log_dir": str(log_dir)}
+            out[rid] = {"job_id": job, "time": rec.get("time"), "log_dir": str(log_dir), "steps": steps.get(rid)}
     return out
 
 

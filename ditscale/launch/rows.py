@@ -34,34 +34,82 @@ class View:
     failed: bool = False  # ended for good without finishing
 
 
-def read(runs: list[RunSpec], workers: int = 16) -> tuple[dict[str, Any], dict[str, C.Claim | None]]:
-    """(run id -> RunStatus, run id -> newest claim), judged against the steps each run was launched with."""
+def read(runs: list[RunSpec], steps: dict[str, int] | None = None, full: bool = False, workers: int = 16):
+    """(run id -> RunStatus, run id -> newest claim) of a grid's runs, with only the reads the rows need.
+
+    One listing per folder of run dirs (object storage) or a few stats per run (disk); then final.json of finished
+    runs, lock.json of held ones and the claims in flight. A run is judged against the steps it was launched with:
+    `steps` (from the log dir's launch records), else its claim (read when the run dir changed after final.json:
+    a finished run launched again), else the grid's. Ended claims and the last logged steps are read later, for
+    the rows that are shown and the runs whose state depends on them (`details`)."""
     reader = RowReader([r.run_dir for r in runs], workers=workers)
     reader.prefetch()
-    by_dir = {r.run_dir: r for r in runs}
-    gens, claim_mtime = {}, {}
+    gens = {}
     for r in runs:
-        for name, info in reader.siblings(r.run_dir):
-            m = C.CLAIM_RE.match(name)
-            if m and m["name"] == r.run_dir.rsplit("/", 1)[-1] and int(m["gen"]) >= gens.get(r.id, 0):
-                gens[r.id], claim_mtime[r.id] = int(m["gen"]), info.get("mtime") or 0.0
+        names = [n for n, _ in reader.siblings(r.run_dir)]
+        gens[r.id] = C.parse_listing(names).get(r.run_dir.rsplit("/", 1)[-1], (0, False))
 
     def one(r: RunSpec):
         files = reader.files(r.run_dir)
+        gen, ended = gens[r.id]
         final_t = (files.get("final.json") or {}).get("mtime")
-        # the claim tells the steps it was launched with; read it unless final.json is newer (finished since)
+        again = final_t is not None and (
+            "lock.json" in files or (files.get("config.yaml") or {}).get("mtime", 0) > final_t
+        )
         cl = None
-        if gens.get(r.id) and (final_t is None or claim_mtime.get(r.id, 0) >= final_t):
-            cl = C.read(r.run_dir, gens[r.id])
-        steps = int((cl.data if cl else {}).get("steps") or r.config.train.steps)
-        return reader.status(r.run_dir, steps), cl
+        if gen and (not ended or again or (steps or {}).get(r.id) is None and final_t is None and full):
+            cl = C.read(r.run_dir, gen, ended)
+        elif gen:
+            cl = C.Claim(r.run_dir, gen, {}, True)  # ended: its record is read only for the rows shown
+        n = (steps or {}).get(r.id) or int((cl.data if cl else {}).get("steps") or r.config.train.steps)
+        return reader.status(r.run_dir, n, details=full), cl
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(runs) or 1))) as pool:
         got = list(pool.map(one, runs))
-    del by_dir
-    return {r.id: g[0] for r, g in zip(runs, got, strict=True)}, {r.id: g[1] for r, g in zip(runs, got, strict=True)}
+    statuses = {r.id: g[0] for r, g in zip(runs, got, strict=True)}
+    claims = {r.id: g[1] for r, g in zip(runs, got, strict=True)}
+    statuses["__reader__"] = reader
+    return statuses, claims
+
+
+def details(runs: list[RunSpec], statuses: dict, claims: dict, ids: list[str], workers: int = 16) -> None:
+    """Read what the shown rows need: the last logged steps and world sizes, and the records of ended claims."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader: RowReader = statuses["__reader__"]
+    by_id = {r.id: r for r in runs}
+
+    def one(rid: str) -> None:
+        r = by_id[rid]
+        reader.add_details(r.run_dir, statuses[rid])
+        cl = claims.get(rid)
+        if cl is not None and cl.ended_file and not cl.data:
+            got = C.read(r.run_dir, cl.gen, True)
+            if got is not None:
+                cl.data = got.data
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(ids) or 1))) as pool:
+        list(pool.map(one, ids))
+
+
+def to_detail(runs: list[RunSpec], statuses: dict, claims: dict, full: bool) -> list[str]:
+    """The runs whose rows are shown or whose state depends on more than the listing: every run of a small grid,
+    else the ones that may need attention (started, resumable, diverged, or an ended claim on a run that never got
+    a checkpoint: failed?), at most FULL_TABLE_MAX of them. Running runs already have their details."""
+    if full or len(runs) <= FULL_TABLE_MAX:
+        return [r.id for r in runs]
+    maybe = []
+    for r in runs:
+        st, cl = statuses[r.id], claims.get(r.id)
+        if st.state in (DONE, RUNNING):
+            continue
+        if st.state in (PENDING, STARTED) and not (cl is not None and cl.ended):
+            continue
+        maybe.append(r.id)
+    failing = [rid for rid in maybe if statuses[rid].state in (PENDING, STARTED)]  # failed? decided by the record
+    return failing + [rid for rid in maybe if rid not in failing][:FULL_TABLE_MAX]
 
 
 def make_rows(

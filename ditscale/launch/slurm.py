@@ -351,8 +351,9 @@ class SlurmBackend(Backend):
             for rid, cl in claims.items():  # claimed but not submitted (sbatch refused): free again
                 if rid not in submitted:
                     C.end(cl, why="not submitted")
+            steps = {r.id: r.config.train.steps for r in todo if r.id in submitted}
             records.write_launch(opts.log_dir, {"backend": self.name, **plan.launch, "runs": submitted,
-                                                "data": data_recs})  # fmt: skip
+                                                "steps": steps, "data": data_recs})  # fmt: skip
         for rid, jid in submitted.items():
             print(f"  {rid:<40} job {jid}")
         return submitted
