@@ -41,7 +41,6 @@ grid file, the run id and the key.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 import string
@@ -252,7 +251,7 @@ def expand(
                 raise LaunchError(f"{where}: duplicate run id (values {values} and {seen[run_id]}); make 'id' unique")
             seen[run_id] = values
             ctx = {**ctx_values, "id": run_id}
-            run_tree = _fmt(copy.deepcopy(tree), ctx, f"{where}: config")
+            run_tree = _fmt(tree, ctx, f"{where}: config")  # a new tree: _fmt rebuilds every dict and list
             resources = dict(resources0)
             dotted: list[tuple[str, Any]] = []
             for a, i in zip(axes, combo, strict=True):

@@ -445,7 +445,7 @@ class RowReader:
         self.run_dirs = [storage.normalize(str(d)) for d in run_dirs]
         self.workers = workers
         self._listing: dict[str, dict[str, dict]] = {}
-        self._siblings: dict[str, list[tuple[str, dict]]] = {}  # parent -> names (with info) directly in it
+        self._siblings: dict[str, dict[str, list[tuple[str, dict]]]] = {}  # parent -> run name -> names beside it
 
     # --- listings -------------------------------------------------------------------------------------------------
     def _list_remote_parent(self, parent: str) -> None:
@@ -471,7 +471,7 @@ class RowReader:
                 self._listing.setdefault(storage.join(parent, head), {})[rest] = meta
             else:
                 top.append((head, meta))
-        self._siblings[parent] = top
+        self._siblings[parent] = _by_run_name(top)
 
     def _list_local(self, run_dir: str) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -496,7 +496,10 @@ class RowReader:
                 names = os.listdir(p)
             except OSError:
                 names = []
-            self._siblings[p] = [(n, {"size": 0, "mtime": _local_mtime(os.path.join(p, n))}) for n in names]
+            beside = [n for n in names if ".claim-" in n]  # only the claims beside the run dirs are ever asked for
+            self._siblings[p] = _by_run_name(
+                [(n, {"size": 0, "mtime": _local_mtime(os.path.join(p, n))}) for n in beside]
+            )
 
     def files(self, run_dir: str) -> dict[str, dict]:
         if storage.is_url(run_dir):
@@ -505,8 +508,7 @@ class RowReader:
 
     def siblings(self, run_dir: str) -> list[tuple[str, dict]]:
         """Names beside the run dir that start with its name (its claims), with their info."""
-        name = storage.basename(run_dir) + "."
-        return [(n, i) for n, i in self._siblings.get(storage.dirname(run_dir), []) if n.startswith(name)]
+        return self._siblings.get(storage.dirname(run_dir), {}).get(storage.basename(run_dir), [])
 
     # --- one run --------------------------------------------------------------------------------------------------
     def status(self, run_dir: str, steps: int | None, details: bool = True) -> RunStatus:
@@ -570,6 +572,15 @@ class RowReader:
         with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.run_dirs) or 1))) as pool:
             out = list(pool.map(lambda d: self.status(d, steps.get(d), details), self.run_dirs))
         return dict(zip(self.run_dirs, out, strict=True))
+
+
+def _by_run_name(entries: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
+    """Names beside the run dirs (their claims, `<run>.claim-...`), by run dir name: one look-up per run."""
+    out: dict[str, list[tuple[str, dict]]] = {}
+    for name, info in entries:
+        if ".claim-" in name:
+            out.setdefault(name.split(".claim-", 1)[0], []).append((name, info))
+    return out
 
 
 def _mtime(info: dict) -> float:

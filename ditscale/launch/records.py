@@ -92,15 +92,20 @@ def write_failure(log_dir: Path | str, job: str, run: str, reason: str, action: 
 
 
 def last_error_line(text: str | None) -> str | None:
-    """The line of a log that says why a process failed: the last exception line ('ConfigError: ...'), else the
-    last 'error:' line, else None."""
+    """The line of a log that says why a process failed: ditscale's own `error: ...` line (a user error), else the
+    last exception line with a message ('ConfigError: ...'; torchrun's ChildFailedError only wraps one), else the
+    last line that says error, else None."""
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     for ln in reversed(lines):
-        head = ln.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head and ":" in ln:
+        if ln.startswith("error: "):
             return ln[:300]
     for ln in reversed(lines):
-        if "error:" in ln.lower() or " ERROR " in ln:
+        head, _, msg = ln.partition(": ")
+        name = head.rsplit(".", 1)[-1]
+        if msg and " " not in head and name.endswith(("Error", "Exception")) and name != "ChildFailedError":
+            return f"{name}: {msg}"[:300]
+    for ln in reversed(lines):
+        if "error" in ln.lower():
             return ln[:300]
     return None
 
