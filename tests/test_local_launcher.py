@@ -1,6 +1,7 @@
 """launchers/local_grid.py: a grid on this machine. Its data does not exist yet: the recipe's steps run first; then
 a 1-process run and a 2-process run (torchrun) train side by side; a rerun trains nothing; --status and --collect
-read the run dirs; SIGTERM makes a running run checkpoint and stop, and the next call resumes it; kill -9 of the
+read the run dirs; --stop (SIGTERM to the launcher) makes a running run checkpoint and stop, and the next call
+resumes it; kill -9 of the
 launcher leaves no process behind (torchrun and its ranks get SIGTERM, checkpoint and exit); a run whose trainer
 fails shows why in --status."""
 
@@ -107,7 +108,8 @@ def test_local_sigterm_checkpoints_and_resumes(tmp_path):
             assert p.poll() is None, p.stdout.read()
             time.sleep(0.5)
         assert metrics.exists(), "the run never logged a step"
-        p.send_signal(signal.SIGTERM)
+        stop = launcher(*common, "--stop")  # SIGTERM to the launcher that holds the run's claim
+        assert "asked 1 run(s) to checkpoint and stop: loc-p1" in stop.stdout, stop.stdout + stop.stderr
         out, _ = p.communicate(timeout=180)
     finally:
         if p.poll() is None:

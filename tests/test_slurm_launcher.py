@@ -160,3 +160,14 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     assert all(row["state"] == "done" and row["step"] == 24 for row in table)
     assert (runs_root / "results.csv").read_text().startswith("run,state,step,loss")
     assert "| digits-t2-3x2@head-nodes2 | done | 24 |" in col.stdout
+
+
+def test_dry_run_node_range(slurm_cluster, digits_data, tmp_path):
+    """--nodes MIN-MAX: a run may start on fewer nodes than asked (sbatch --nodes=MIN-MAX)."""
+    r = launcher("--partition", "gpu", "--grid", GRID, "--var", f"data_root={digits_data}", "--run-root", tmp_path,
+                 "--dry-run", "--nodes", "1-2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=1-2" in r.stdout and "nodes=1-2 tasks/node=1" in r.stdout
+    r = launcher("--partition", "gpu", "--grid", GRID, "--var", f"data_root={digits_data}", "--run-root", tmp_path,
+                 "--dry-run", "--nodes", "3-1")  # fmt: skip
+    assert r.returncode == 2 and "--nodes '3-1': expected 1 <= MIN <= MAX" in r.stderr

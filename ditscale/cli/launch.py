@@ -32,6 +32,7 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
     mode.add_argument("--dry-run", action="store_true", help=dry_run_help)
     mode.add_argument("--status", action="store_true", help=status_help)
     mode.add_argument("--collect", action="store_true", help="gather final metrics into results.{csv,json,md}")
+    mode.add_argument("--stop", action="store_true", help="ask the grid's running runs to checkpoint and stop")
     p.add_argument("--results-dir", help="where --collect writes (default: <runs parent>)")
     p.add_argument("--all", action="store_true", help="--status: every row, also of a large grid")
     p.add_argument(
@@ -46,7 +47,8 @@ def add_grid_arguments(p: argparse.ArgumentParser, *, dry_run_help: str, status_
 
 def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> Plan:
     """Expand and validate the grid the shared options name (data URLs are not read for --status/--collect)."""
-    check_data = not (args.skip_data_check or getattr(args, "status", False) or getattr(args, "collect", False))
+    reading = any(getattr(args, m, False) for m in ("status", "collect", "stop"))
+    check_data = not (args.skip_data_check or reading)
     grid, is_default = resolve_grid(args.grid)
     if is_default:
         print(f"grid: {grid} (the default grid; --grid FILE picks another)", file=sys.stderr, flush=True)
@@ -57,7 +59,7 @@ def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> P
         overrides=args.overrides,
         resources=resources,
         check_data=check_data,
-        read_state=not (getattr(args, "status", False) or getattr(args, "collect", False)),
+        read_state=not reading,
     )
     plan.default_grid = is_default
     return plan
@@ -129,6 +131,13 @@ def main(name: str, argv: list[str] | None = None, prog: str | None = None, doc:
         backend = cls.from_args(args, plan)
         if args.status or args.collect:
             plan = as_launched(plan, args, backend.log_dir)
+        if args.stop:
+            from ditscale.launch import rows
+
+            _, claims = rows.read(plan.runs)
+            asked = backend.stop(plan.runs, claims)
+            print(f"asked {len(asked)} run(s) to checkpoint and stop: {', '.join(asked) or '-'}")
+            return 0
         if args.status:
             print(status(backend, plan, args.stall_after, full=args.all))
             return 0

@@ -111,7 +111,18 @@ class Backend:
         raise NotImplementedError
 
     def stop(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> list[str]:
-        return []
+        """Ask the runs this backend's launchers hold to checkpoint and stop: SIGTERM to each launcher (local, Ray
+        driver) on this machine, which passes it on to its trainers. The run ids asked."""
+        import os
+        import signal
+
+        asked = []
+        for r in runs:
+            cl = claims.get(r.id)
+            if cl is not None and not cl.ended and cl.data.get("backend") == self.name and C.process_alive(cl.data):
+                os.kill(int(cl.data["pid"]), signal.SIGTERM)
+                asked.append(r.id)
+        return asked
 
     # --- status -------------------------------------------------------------------------------------------------
     def views(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> dict[str, View]:

@@ -346,6 +346,12 @@ class K8sBackend(Backend):
     def claim_alive(self, claim: C.Claim) -> bool | None:
         return C.process_alive(claim.data)
 
+    def stop(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> list[str]:
+        """Deleting a run's Job sends its pods SIGTERM: each trainer checkpoints at the end of its step."""
+        names = [dns_name(r.id) for r in runs]
+        print(f"kubectl delete job -n {self.opts.namespace} " + " ".join(names))
+        return []
+
     def views(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> dict[str, View]:
         """The Jobs of the grid, where kubectl reaches a cluster (else nothing: the run dirs say it all)."""
         if not shutil.which("kubectl") or not runs:

@@ -260,13 +260,3 @@ class LocalBackend(Backend):
 
     def claim_alive(self, claim: C.Claim) -> bool | None:
         return C.process_alive(claim.data)
-
-    def stop(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> list[str]:
-        """SIGTERM to the launcher of each run (it passes it on: the runs checkpoint and stop)."""
-        done = []
-        for r in runs:
-            cl = claims.get(r.id)
-            if cl is not None and not cl.ended and C.process_alive(cl.data):
-                os.kill(int(cl.data["pid"]), signal.SIGTERM)
-                done.append(r.id)
-        return done
