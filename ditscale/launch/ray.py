@@ -58,6 +58,7 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2: on
 class RayOptions:
     address: str | None = "auto"
     workers_per_run: int | None = None  # default: the run's nodes x tasks per node
+    min_workers: int | None = None  # start (and continue) on fewer workers, down to this many (Ray Train elastic)
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # default: the run's cpus_per_task
     max_concurrent: int = 1  # runs trained at the same time
@@ -237,12 +238,20 @@ def remove_own_actors() -> None:
 
 # --- capacity -----------------------------------------------------------------------------------------------
 def workers_of(run: RunSpec, opts: RayOptions) -> tuple[int, dict[str, float]]:
-    """(workers, resources per worker) of a run."""
+    """(workers a run needs to start, resources per worker): with --min-workers, the fewest it may run on."""
     cpus = opts.cpus_per_worker if opts.cpus_per_worker is not None else run.resources.get("cpus_per_task", 1)
     per = {"CPU": float(cpus)}
     if opts.use_gpu:
         per["GPU"] = 1.0
-    return int(opts.workers_per_run or run.num_tasks), per
+    most = int(opts.workers_per_run or run.num_tasks)
+    return (min(most, opts.min_workers) if opts.min_workers else most), per
+
+
+def worker_range(run: RunSpec, opts: RayOptions) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a number, or (min, max) when the run may continue on fewer (--min-workers)."""
+    most = int(opts.workers_per_run or run.num_tasks)
+    least = workers_of(run, opts)[0]
+    return (least, most) if least < most else most
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -444,10 +453,13 @@ def make_trainer(run: RunSpec, opts: RayOptions):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    workers, per = workers_of(run, opts)
+    per = workers_of(run, opts)[1]
+    workers = worker_range(run, opts)
     failure = FailureConfig(max_failures=opts.max_failures)
     if hasattr(failure, "controller_failure_limit"):  # Ray Train V2: bound the wait for resources
         failure.controller_failure_limit = max(0, math.ceil(opts.resource_wait_s / start_timeout_s(opts)) - 1)
+    if isinstance(workers, tuple) and not hasattr(failure, "controller_failure_limit"):
+        raise LaunchError("--min-workers needs Ray Train V2 (elastic worker groups): RAY_TRAIN_V2_ENABLED=1")
     return TorchTrainer(
         train_worker,
         train_loop_config={"run_id": run.id, "config": run_config(run, opts)},
@@ -648,7 +660,7 @@ class RayBackend(Backend):
     """
 
     name = "ray"
-    caps = Capabilities("train", blocking=True, requeue=True, data_as_jobs=False, node_range=False)
+    caps = Capabilities("train", blocking=True, requeue=True, data_as_jobs=False, node_range=True)
     status_help = "show each run's state (run dirs, claims)"
 
     @classmethod
@@ -659,6 +671,12 @@ class RayBackend(Backend):
             help="Ray cluster: auto (RAY_ADDRESS or the local head), HOST:PORT, or ray://HOST:10001 (default: auto)",
         )
         p.add_argument("--workers-per-run", type=int, help="Ray Train workers per run (default: the grid's tasks)")
+        p.add_argument(
+            "--min-workers",
+            type=int,
+            help="start and continue on fewer workers, down to this many (elastic; the trainer takes any world size "
+            "whose processes x micro_batch divide the global batch)",
+        )
         p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
         p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: the grid's)")
         p.add_argument("--max-concurrent", type=int, default=1, help="runs trained at the same time (default: 1)")
@@ -693,6 +711,7 @@ class RayBackend(Backend):
             RayOptions(
                 address=None if args.address in ("", "local") else args.address,
                 workers_per_run=args.workers_per_run,
+                min_workers=args.min_workers,
                 use_gpu=args.gpus,
                 cpus_per_worker=args.cpus_per_worker,
                 max_concurrent=args.max_concurrent,
@@ -722,7 +741,8 @@ class RayBackend(Backend):
         return []
 
     def describe_run(self, r: RunSpec) -> str:
-        return f"workers={self.opts.workers_per_run or r.num_tasks} gpu={self.opts.use_gpu}"
+        w = worker_range(r, self.opts)
+        return f"workers={w if isinstance(w, int) else f'{w[0]}-{w[1]}'} gpu={self.opts.use_gpu}"
 
     def data_how(self, plan: Plan) -> dict[str, str]:
         return {s.name: "Ray task before the runs" + (", after build" if s.needs else "") for s in plan.data.todo}

@@ -166,9 +166,9 @@ def parse_nodes(text: str | None) -> tuple[int | None, int | None]:
     """--nodes N or MIN-MAX -> (min or None, max)."""
     if text is None:
         return None, None
-    lo, _, hi = str(text).partition("-")
+    lo, sep, hi = str(text).partition("-")
     try:
-        lo_n, hi_n = int(lo), int(hi or lo)
+        lo_n, hi_n = int(lo), int(hi if sep else lo)
     except ValueError:
         raise LaunchError(f"--nodes {text!r}: expected a number of nodes or MIN-MAX (e.g. 2-4)") from None
     if not 1 <= lo_n <= hi_n:
