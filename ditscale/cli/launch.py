@@ -134,7 +134,7 @@ def main(name: str, argv: list[str] | None = None, prog: str | None = None, doc:
         if args.stop:
             from ditscale.launch import rows
 
-            _, claims = rows.read(plan.runs)
+            _, claims, _ = rows.read(plan.runs)
             asked = backend.stop(plan.runs, claims)
             print(f"asked {len(asked)} run(s) to checkpoint and stop: {', '.join(asked) or '-'}")
             return 0

@@ -249,8 +249,8 @@ def status(backend: Backend, plan: Plan, stall_after_s: float | None = 600.0, fu
     """The status table of a plan's runs: run dirs (judged against the steps each run was launched with), the
     backend's view of their jobs, stalls and failure reasons."""
     launched = {rid: rec["steps"] for rid, rec in records.jobs(backend.log_dir).items() if rec.get("steps")}
-    statuses, claims = rows.read(plan.runs, steps=launched, full=full or len(plan.runs) <= rows.FULL_TABLE_MAX)
-    rows.details(plan.runs, statuses, claims, rows.to_detail(plan.runs, statuses, claims, full))
+    statuses, claims, reader = rows.read(plan.runs, steps=launched, full=full or len(plan.runs) <= rows.FULL_TABLE_MAX)
+    rows.details(reader, plan.runs, statuses, claims, rows.to_detail(plan.runs, statuses, claims, full))
     views = backend.views(plan.runs, claims)
     data_why = data_failures(backend, plan)
     table = rows.make_rows(plan.runs, statuses, views, stall_after_s, data_why)

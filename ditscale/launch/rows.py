@@ -35,7 +35,7 @@ class View:
 
 
 def read(runs: list[RunSpec], steps: dict[str, int] | None = None, full: bool = False, workers: int = 16):
-    """(run id -> RunStatus, run id -> newest claim) of a grid's runs, with only the reads the rows need.
+    """(run id -> RunStatus, run id -> newest claim, the reader) of a grid's runs, with only the reads the rows need.
 
     One listing per folder of run dirs (object storage) or a few stats per run (disk); then final.json of finished
     runs, lock.json of held ones and the claims in flight. A run is judged against the steps it was launched with:
@@ -70,15 +70,13 @@ def read(runs: list[RunSpec], steps: dict[str, int] | None = None, full: bool = 
         got = list(pool.map(one, runs))
     statuses = {r.id: g[0] for r, g in zip(runs, got, strict=True)}
     claims = {r.id: g[1] for r, g in zip(runs, got, strict=True)}
-    statuses["__reader__"] = reader
-    return statuses, claims
+    return statuses, claims, reader
 
 
-def details(runs: list[RunSpec], statuses: dict, claims: dict, ids: list[str], workers: int = 16) -> None:
+def details(reader: RowReader, runs: list[RunSpec], statuses: dict, claims: dict, ids: list[str], workers: int = 16):
     """Read what the shown rows need: the last logged steps and world sizes, and the records of ended claims."""
     from concurrent.futures import ThreadPoolExecutor
 
-    reader: RowReader = statuses["__reader__"]
     by_id = {r.id: r for r in runs}
 
     def one(rid: str) -> None:
