@@ -79,7 +79,8 @@ def test_ray_grid_end_to_end(ray_cluster, digits_data, tmp_path):
         # both runs at once on one node: every rank has its own exporter, published as a file_sd target
         targets_dir = runs_root / "_ray" / "targets"
         want = {f"{RUNS[0]}-rank0", f"{RUNS[1]}-rank0", f"{RUNS[1]}-rank1"}
-        targets = wait_for("3 file_sd targets", lambda: (t := _targets(targets_dir)).keys() == want and t, 300, proc)
+        # (each rank's trainer is a process of its own: a second interpreter start per rank on a loaded machine)
+        targets = wait_for("3 file_sd targets", lambda: (t := _targets(targets_dir)).keys() == want and t, 600, proc)
         assert len(set(targets.values())) == 3, targets
         for name, hostport in targets.items():
             run = name.rsplit("-rank", 1)[0]

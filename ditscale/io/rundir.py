@@ -518,6 +518,9 @@ class RowReader:
         rd, files = RunDir(run_dir), self.files(run_dir)
         st = RunStatus(PENDING, steps=steps)
         st.extra["files"] = files
+        tags = [k.split("/")[1] for k in files if k.startswith(f"{CKPT}/") and k.endswith("/meta.json")]
+        tags = sorted((t for t in tags if is_tag(t)), key=step_of)
+        st.checkpoint = tags[-1] if tags else None
         if FINAL in files:
             st.final = rd.read_json(FINAL)
         if _finished(st.final, steps):
@@ -529,11 +532,6 @@ class RowReader:
         if st.holder is None and _diverged(st.final):
             st.state, st.step = DIVERGED, st.final.get("step")
             return st
-        tags = sorted(
-            (k.split("/")[1] for k in files if k.startswith(f"{CKPT}/") and k.endswith("/meta.json")), key=step_of
-        )
-        tags = [t for t in tags if is_tag(t)]
-        st.checkpoint = tags[-1] if tags else None
         if st.holder is not None:
             st.state = RUNNING
         elif st.checkpoint:
