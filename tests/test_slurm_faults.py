@@ -205,7 +205,8 @@ def test_two_node_run_under_faults(slurm_cluster, prometheus_server, digits8_dir
     r = launcher(*common, *steps, env=env)
     assert r.returncode == 0, r.stderr
     job = records.jobs(log_dir)[RUN2]["job_id"]
-    assert json.loads((run_dir / "launch.json").read_text())["job_id"] == job
+    claim = C.current([str(run_dir)])[str(run_dir)]  # the run's claim names its job, beside the run dir
+    assert claim.data["job"] == job and claim.data["backend"] == "slurm" and claim.data["log_dir"] == str(log_dir)
 
     # service discovery: Prometheus knows only the file_sd files the ranks write; it scrapes both ranks
     loss = prometheus_server.wait_for(
