@@ -526,9 +526,8 @@ class RowReader:
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
             return st
-        if LOCK in files:
-            h = Holder.parse(rd.read_bytes(LOCK))
-            st.holder = h if h is not None and h.alive() else None
+        if LOCK in files:  # the listing says a lock is there: who holds it is RunDir.holder()'s to say
+            st.holder = rd.holder()
         if st.holder is None and _diverged(st.final):
             st.state, st.step = DIVERGED, st.final.get("step")
             return st
