@@ -54,11 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("fid", help="FID of generated samples against the dataset's shards")
     _common(p)
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--features", choices=("inception", "pixels"), default="inception")
+    p.add_argument(
+        "--features",
+        choices=("inception", "pixels", "classifier"),
+        default="inception",
+        help="feature network: FID-Inception-v3 (RGB, natural images), the pixels themselves, or --classifier",
+    )
     p.add_argument(
         "--inception-weights",
         default=None,
         help="local pt_inception-2015-12-05-6726825d.pth (default: $DITSCALE_INCEPTION_WEIGHTS or ~/.cache/ditscale/)",
+    )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="--features classifier: the folder written by `eval classifier` (a small CNN trained on the dataset)",
     )
     p.add_argument("--ref", default=None, help="reference shards manifest (default: the run's data.train)")
     p.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
@@ -76,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=int, default=0, help="which train and test image (position in index order)")
     p.add_argument("--top", type=int, default=8, help="eigenvector images shown")
     p.add_argument("--method", choices=("auto", "jacrev", "rows"), default="auto")
+
+    p = sub.add_parser("classifier", help="train the small classifier whose features --features classifier uses")
+    p.add_argument("--data", required=True, help="training shards manifest (its held-out split is the test set)")
+    p.add_argument("--out", required=True, help="folder for classifier.safetensors and classifier.json")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N training images (quick trials)")
 
     p = sub.add_parser("study", help="the small-scale digits study of docs/results.md (data, training, evals)")
     add_study_arguments(p)
@@ -122,6 +141,20 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.metric == "classifier":
+        from ditscale.eval.classifier import train_classifier
+
+        meta = train_classifier(
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            limit=args.limit,
+        )
+        print(f"classifier: test accuracy {meta['test_accuracy']}, sha256 {meta['sha256'][:16]}, in {args.out}")
+        return 0
     if args.metric == "study":
         from ditscale.eval.study import StudyOptions, run_study
 

@@ -257,6 +257,7 @@ def fid(
     samples: int = 1000,
     features: str = "inception",
     inception_weights: str | None = None,
+    classifier: str | None = None,
     ref: str | None = None,
     ref_limit: int | None = None,
     method: str = "ddim",
@@ -269,7 +270,9 @@ def fid(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """FID of generated samples against the reference shards (Inception or pixel features; ranks split samples)."""
+    """FID of generated samples against the reference shards (Inception, pixel or classifier features; ranks split
+    the samples). With classifier features it also reports how many class-conditional samples the classifier
+    assigns to the class they were drawn for (`sample_accuracy`)."""
     from pathlib import Path
 
     import torch.distributed as dist
@@ -284,12 +287,12 @@ def fid(
         if not ref_url:
             raise DataError(f"run {run!r} has no data.train: pass --ref MANIFEST")
         common.check_compatible(model, common.manifest_of(ref_url), ref_url)
-        extractor = F.make_extractor(features, inception_weights)
+        extractor = F.make_extractor(features, inception_weights, classifier)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:  # compute (or read) the cached reference statistics once
             mu_r, sig_r, info = F.reference_stats(
                 ref_url,
-                features,
+                F.features_key(features, extractor),
                 extractor,
                 limit=ref_limit,
                 cache=Path(cache) if cache else None,
@@ -330,8 +333,15 @@ def fid(
         }
         if features == "pixels":
             res["note"] = "pixel features: not comparable to Inception FIDs"
-        common.write_result(run, "fid" if features == "inception" else "fid_pixels", res)
-        print(f"FID ({features}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images")
+        if features == "classifier":
+            drawn_for = torch.arange(len(feats)) % nc
+            predicted = extractor.logits(torch.from_numpy(feats)).argmax(1)
+            res["sample_accuracy"] = float((predicted == drawn_for).double().mean())
+            res["classifier"] = {k: extractor.meta.get(k) for k in ("path", "sha256", "test_accuracy")}
+            res["note"] = "features of a classifier trained on this dataset: not comparable to Inception FIDs"
+        common.write_result(run, "fid" if features == "inception" else f"fid_{features}", res)
+        acc = f", {res['sample_accuracy']:.1%} of samples classified as drawn" if "sample_accuracy" in res else ""
+        print(f"FID ({features}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images{acc}")
         return res
     finally:
         if started:
