@@ -203,17 +203,31 @@ def locality(
     images: int = 32,
     timesteps: str = "250,500,750",
     split: str = "test",
+    train: str | None = None,
+    test: str | None = None,
     data: str | None = None,
     ema: bool = True,
     tag: str | None = None,
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Per-block attention distance and k x k mass at the given timesteps; attention-map figures."""
+    """Per-block attention distance and k x k mass at the given timesteps; attention-map figures.
+
+    `split` picks the images: the held-out set (`test`, or the run's data.test) or the training set. A run without
+    a held-out set is refused for split test rather than measured on its training images. `data` is the old name
+    of the chosen split's manifest."""
     from ditscale.eval import locality as L
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
-    url = data or (cfg.data.test if split == "test" else cfg.data.train) or cfg.data.train
+    if split == "test":
+        url = data or test or cfg.data.test
+        if not url:
+            raise DataError(
+                f"run {run!r} has no data.test (held-out shards) in its config: pass --test MANIFEST, "
+                "or --split train to measure on its training images"
+            )
+    else:
+        url = data or train or cfg.data.train
     images, labels, _ = common.load_images(url, images, model=model)
     diffusion = common.make_diffusion(cfg)
     ts = _ints(timesteps, "--timesteps")
@@ -221,7 +235,7 @@ def locality(
     if bad:
         raise ConfigError(f"--timesteps {bad}: expected values in [0, {diffusion.num_timesteps - 1}]")
     res, maps = L.locality(model, diffusion, images, common.model_labels(model, labels), ts, seed=seed)
-    res = {**_meta(run, cfg, "locality", tag, ema, seed), "data": url, **res}
+    res = {**_meta(run, cfg, "locality", tag, ema, seed), "split": split, "data": url, **res}
     common.write_result(run, "locality", res)
     h, w = res["grid"]
     name = f"{cfg.run.name}: {cfg.model.variant} {cfg.model.windows}"
@@ -356,21 +370,30 @@ def jacobian(
     index: int = 0,
     top: int = 8,
     method: str = "auto",
+    train: str | None = None,
+    test: str | None = None,
     ema: bool = True,
     tag: str | None = None,
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """The denoiser Jacobian at one noise level: spectrum and eigenvectors, on one train and one test image."""
+    """The denoiser Jacobian at one noise level: spectrum and eigenvectors, on one train and one held-out image.
+    A run without a held-out set (data.test, or --test) is refused: the comparison is the point."""
     from ditscale.eval import jacobian as jac
 
     cfg, model = common.load_run(run, ema=ema, tag=tag)
+    train_url, test_url = train or cfg.data.train, test or cfg.data.test
+    if not test_url:
+        raise DataError(
+            f"run {run!r} has no data.test (held-out shards) in its config: pass --test MANIFEST; the Jacobian "
+            "is compared between a training and a held-out image"
+        )
     diffusion = common.make_diffusion(cfg)
     t = t if t is not None else jac.timestep_for_sigma(diffusion, sigma if sigma else 0.3)
     if not 0 <= t < diffusion.num_timesteps:
         raise ConfigError(f"--t {t}: expected a timestep in [0, {diffusion.num_timesteps - 1}]")
     results, summaries = {}, {}
-    splits = [("train", cfg.data.train), ("test", cfg.data.test)]
+    splits = [("train", train_url), ("test", test_url)]
     for split, url in splits:
         if not url:
             continue
