@@ -46,9 +46,12 @@ def test_fid_with_classifier_features(digits8_dir, tmp_path, monkeypatch):
     full, test = str(digits8_dir / "manifest.json"), str(digits8_dir / "test" / "manifest.json")
     run = _train(tmp_path, "c", full, test)
     assert main(["eval", "classifier", "--data", full, "--out", str(tmp_path / "cls"), "--epochs", "1"]) == 0
-    argv = ["eval", "fid", "--run", str(run), "--features", "classifier", "--classifier", str(tmp_path / "cls")]
-    assert main([*argv, "--samples", "20", "--steps", "3", "--ref-limit", "100"]) == 0
+    argv = ["eval", "fid", "--run", str(run), "--classifier", str(tmp_path / "cls"), "--samples", "20", "--steps", "3"]
+    assert main([*argv, "--features", "classifier,pixels", "--ref-limit", "100"]) == 0  # one set of samples, two FIDs
     r = json.loads((run / "eval" / "fid_classifier.json").read_text())
     assert r["fid"] > 0 and r["samples"] == 20 and r["features"] == "classifier"
     assert 0 <= r["sample_accuracy"] <= 1 and r["classifier"]["sha256"]
+    both = json.loads((run / "eval" / "fid_pixels.json").read_text())["fid"]
+    assert main([*argv, "--features", "pixels", "--ref-limit", "100"]) == 0
+    assert json.loads((run / "eval" / "fid_pixels.json").read_text())["fid"] == pytest.approx(both)  # same samples
     assert main(["eval", "fid", "--run", str(run), "--features", "classifier"]) == 2  # no --classifier: named error

@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1000, help="generated samples (class i %% num_classes)")
     p.add_argument(
         "--features",
-        choices=("inception", "pixels", "classifier"),
         default="inception",
-        help="feature network: FID-Inception-v3 (RGB, natural images), the pixels themselves, or --classifier",
+        help="feature network: inception (FID-Inception-v3), pixels, or classifier (--classifier); several "
+        "comma-separated (classifier,pixels) share one set of samples",
     )
     p.add_argument(
         "--inception-weights",

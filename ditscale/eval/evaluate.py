@@ -285,14 +285,19 @@ def fid(
     device: str = "auto",
 ) -> dict:
     """FID of generated samples against the reference shards (Inception, pixel or classifier features; ranks split
-    the samples). With classifier features it also reports how many class-conditional samples the classifier
-    assigns to the class they were drawn for (`sample_accuracy`)."""
+    the samples). `features` may name several networks, comma-separated ("classifier,pixels"): the samples are
+    drawn once and each network's FID is written to its own file. With classifier features it also reports how
+    many class-conditional samples the classifier assigns to the class they were drawn for (`sample_accuracy`).
+    Returns the result (several: {features: result})."""
     from pathlib import Path
 
     import torch.distributed as dist
 
     from ditscale.eval import fid as F
 
+    kinds = [k.strip() for k in features.split(",") if k.strip()]
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"--features {features!r}: expected one or more of inception, pixels, classifier")
     started = _init_distributed()
     try:
         device = common.resolve_device(device)
@@ -301,17 +306,21 @@ def fid(
         if not ref_url:
             raise DataError(f"run {run!r} has no data.train: pass --ref MANIFEST")
         common.check_compatible(model, common.manifest_of(ref_url), ref_url)
-        extractor = F.make_extractor(features, inception_weights, classifier)
+        extractors = [F.make_extractor(k, inception_weights, classifier) for k in kinds]
         rank = dist.get_rank() if dist.is_initialized() else 0
+        refs = []
         if rank == 0:  # compute (or read) the cached reference statistics once
-            mu_r, sig_r, info = F.reference_stats(
-                ref_url,
-                F.features_key(features, extractor),
-                extractor,
-                limit=ref_limit,
-                cache=Path(cache) if cache else None,
-                device=device,
-            )
+            for kind, extractor in zip(kinds, extractors, strict=True):
+                refs.append(
+                    F.reference_stats(
+                        ref_url,
+                        F.features_key(kind, extractor),
+                        extractor,
+                        limit=ref_limit,
+                        cache=Path(cache) if cache else None,
+                        device=device,
+                    )
+                )
         if dist.is_initialized():
             dist.barrier()
         nc = max(int(getattr(model, "num_classes", 1)), 1)
@@ -319,10 +328,11 @@ def fid(
         def draw(m, labels, noise, g):
             return generate(m, cfg, labels, steps=steps, method=method, noise=noise, generator=g, cfg_scale=cfg_scale)
 
-        feats = F.sample_features(
+        concat = F.Concat(extractors)  # one set of samples, every network's features side by side
+        joined = F.sample_features(
             model,
             draw,
-            extractor,
+            concat,
             samples,
             num_classes=nc,
             batch_size=batch_size,
@@ -331,32 +341,37 @@ def fid(
         )
         if rank != 0:
             return {}
-        value = F.fid_from_features(feats, mu_r, sig_r)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        res = {
-            **_meta(run, cfg, "fid", tag, ema, seed),
-            "fid": value,
-            "features": features,
-            "samples": len(feats),
-            "reference": ref_url,
-            "reference_images": info["num_images"],
-            "reference_cache": info["path"],
-            "sampler": f"{method}{steps}",
-            "cfg_scale": cfg_scale,
-            "world_size": world,
-        }
-        if features == "pixels":
-            res["note"] = "pixel features: not comparable to Inception FIDs"
-        if features == "classifier":
-            drawn_for = torch.arange(len(feats)) % nc
-            predicted = extractor.logits(torch.from_numpy(feats)).argmax(1)
-            res["sample_accuracy"] = float((predicted == drawn_for).double().mean())
-            res["classifier"] = {k: extractor.meta.get(k) for k in ("path", "sha256", "test_accuracy")}
-            res["note"] = "features of a classifier trained on this dataset: not comparable to Inception FIDs"
-        common.write_result(run, "fid" if features == "inception" else f"fid_{features}", res)
-        acc = f", {res['sample_accuracy']:.1%} of samples classified as drawn" if "sample_accuracy" in res else ""
-        print(f"FID ({features}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images{acc}")
-        return res
+        results = {}
+        for kind, extractor, feats, (mu_r, sig_r, info) in zip(
+            kinds, extractors, concat.split(joined), refs, strict=True
+        ):
+            value = F.fid_from_features(feats, mu_r, sig_r)
+            res = {
+                **_meta(run, cfg, "fid", tag, ema, seed),
+                "fid": value,
+                "features": kind,
+                "samples": len(feats),
+                "reference": ref_url,
+                "reference_images": info["num_images"],
+                "reference_cache": info["path"],
+                "sampler": f"{method}{steps}",
+                "cfg_scale": cfg_scale,
+                "world_size": world,
+            }
+            if kind == "pixels":
+                res["note"] = "pixel features: not comparable to Inception FIDs"
+            if kind == "classifier":
+                drawn_for = torch.arange(len(feats)) % nc
+                predicted = extractor.logits(torch.from_numpy(feats)).argmax(1)
+                res["sample_accuracy"] = float((predicted == drawn_for).double().mean())
+                res["classifier"] = {k: extractor.meta.get(k) for k in ("path", "sha256", "test_accuracy")}
+                res["note"] = "features of a classifier trained on this dataset: not comparable to Inception FIDs"
+            common.write_result(run, "fid" if kind == "inception" else f"fid_{kind}", res)
+            acc = f", {res['sample_accuracy']:.1%} of samples classified as drawn" if "sample_accuracy" in res else ""
+            print(f"FID ({kind}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images{acc}")
+            results[kind] = res
+        return results[kinds[0]] if len(kinds) == 1 else results
     finally:
         if started:
             dist.destroy_process_group()

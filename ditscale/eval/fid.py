@@ -272,6 +272,27 @@ def make_extractor(kind: str, weights: str | None = None, classifier: str | None
     raise ConfigError(f"--features {kind!r}: expected 'inception', 'pixels' or 'classifier'")
 
 
+class Concat(nn.Module):
+    """Several feature networks on the same images: their features side by side (split them with `split`)."""
+
+    def __init__(self, extractors: list[nn.Module]):
+        super().__init__()
+        self.extractors = nn.ModuleList(extractors)
+        self.dims: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [e(x).flatten(1) for e in self.extractors]
+        self.dims = [f.shape[1] for f in feats]
+        return torch.cat(feats, 1)
+
+    def split(self, joined: np.ndarray) -> list[np.ndarray]:
+        """The columns of each network, in order (the widths seen by forward)."""
+        if sum(self.dims) != joined.shape[1]:
+            raise ValueError(f"features of width {joined.shape[1]} do not split into {self.dims}")
+        edges = np.cumsum([0, *self.dims])
+        return [joined[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
 def features_key(kind: str, extractor: nn.Module) -> str:
     """The name reference statistics are cached under: a classifier's statistics belong to its weights."""
     return f"classifier-{extractor.digest}" if kind == "classifier" else kind

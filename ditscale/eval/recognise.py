@@ -37,20 +37,25 @@ def judge_run(
     per_class: int = 10,
     seed: int = 0,
     grid: str | None = None,
+    tag: str | None = None,
+    steps: int | None = None,
+    method: str = "ddpm",
+    cfg_scale: float | None = None,
 ) -> dict:
     """Draw `per_class` samples of each class from the run and let the judge classify them.
 
     Returns {"accuracy": share classified as drawn, "judge_test_accuracy", "per_class": [...], "samples", "grid"}.
+    The sampler is the run's (diffusion.sample_steps, cfg_scale) unless `steps`, `method`, `cfg_scale` say other.
     """
     from ditscale.eval.common import load_run
     from ditscale.observability import save_grid
     from ditscale.train.sampling import draw
 
     judge, judge_acc = fit_judge(train_url, test_url, seed=seed)
-    cfg, model = load_run(run_dir, ema=True)
+    cfg, model = load_run(run_dir, ema=True, tag=tag)
     classes = int(cfg.model.num_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)  # row c of the grid: class c
-    images = draw(model, cfg, labels, seed=seed).clamp(-1, 1)
+    images = draw(model, cfg, labels, seed=seed, steps=steps, method=method, cfg_scale=cfg_scale).clamp(-1, 1)
     predicted = judge.predict(images.flatten(1).numpy())
     right = predicted == labels.numpy()
     per = [float(right[labels.numpy() == c].mean()) for c in range(classes)]
@@ -62,7 +67,8 @@ def judge_run(
         "judge_test_accuracy": judge_acc,
         "per_class": per,
         "samples": len(labels),
-        "sampler": f"ddpm{min(cfg.diffusion.sample_steps, cfg.diffusion.num_timesteps)} cfg_scale={cfg.diffusion.cfg_scale}",
+        "sampler": f"{method}{steps or cfg.diffusion.sample_steps} cfg_scale="
+        f"{cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale}",
         "grid": path,
     }
     log.info("recognisable samples: %.1f%% (judge's held-out accuracy %.1f%%)", 100 * res["accuracy"], 100 * judge_acc)

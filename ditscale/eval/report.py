@@ -427,7 +427,9 @@ def spread_table(runs: list[RunInfo]) -> str:
     fids = [(m, _by_seed(runs, m, "fid")) for m in FID_METRICS]
     fids = [(m, t) for m, t in fids if t]
     acc = _by_seed(runs, "fid_classifier", "sample_accuracy")
-    keys = sorted(gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order(k[1] for k in gap).index(k[1]), k[1]))
+    keys = sorted(
+        gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order(k[1] for k in gap).index(k[1]), k[1])
+    )
 
     def paired(table: dict, v: str, w: str, n, better: str) -> str:
         """This configuration minus global, per seed (same data shuffle), and how often it is lower/higher."""
