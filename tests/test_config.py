@@ -96,6 +96,7 @@ def test_demo_and_xl_configs():
     demo = load_config(ROOT / "configs" / "demo.yaml")
     assert demo.train.zero_stage == 2 and demo.model.windows != "global"
     assert demo.train.global_batch == 2 * demo.train.micro_batch  # 2 processes, no accumulation
+    assert demo.data.test.endswith("test/manifest.json")  # the printed next steps (eval psnr-gap) need it
     xl = load_config(ROOT / "configs" / "dit-xl2-latents256.yaml")
     assert (xl.model.variant, xl.model.input_size, xl.model.in_channels, xl.data.kind) == ("DiT-XL/2", 32, 4, "latents")
 
