@@ -194,3 +194,18 @@ def test_report_keeps_every_varying_axis_apart(tmp_path):
     order = report._windows_order(r.config for r in runs)
     styles = [report._style(order.index(r.config), 0) for r in runs]
     assert len({(s["color"], s["marker"]) for s in styles}) == 4 and all(s["marker"] for s in styles)
+
+
+def test_psnr_curves_paired_against_global(tmp_path):
+    """The curve figure: train/test PSNR, held-out PSNR minus global's on the same shuffle, and the gap."""
+    runs = []
+    for seed in (0, 1):
+        for w, shift in (("global", 0.0), ("local@head", 0.5)):
+            d = _run(tmp_path / "g", f"{w}-s{seed}", w, 10, seed, 1.0)
+            ev = json.loads((d / "eval" / "psnr_gap.json").read_text())
+            ev.update(timesteps=[0, 500, 999], train_psnr=[30.0, 15.0, 8.0], gap=[0.5, 1.0, 0.2])
+            ev["test_psnr"] = [29.5 + shift, 14.0 + shift + seed, 7.8 + shift]
+            (d / "eval" / "psnr_gap.json").write_text(json.dumps(ev))
+    runs, _ = report.discover(str(tmp_path / "g"))
+    assert report.plot_curves(runs, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -571,13 +571,15 @@ def plot_gap_vs_n(gap: dict, path: str) -> str | None:
 
 
 def plot_curves(runs: list[RunInfo], path: str) -> str | None:
-    """Train (solid) and held-out (dashed) PSNR against t, and the gap: the mean over the seeds of each
-    (configuration, N) with a band of ± one std; a colour and marker per configuration, a line style per N."""
-    groups: dict[tuple, list[dict]] = {}
+    """Against the input timestep t, per (configuration, N), mean over its seeds: train (solid) and held-out
+    (dashed) PSNR; the held-out PSNR minus that of global attention on the same shuffle (mean ± std of the paired
+    differences; the raw held-out PSNR when no configuration has a global baseline); and the PSNR gap (mean ± std).
+    A colour and marker per configuration, a line style per N."""
+    groups: dict[tuple, dict[int, dict]] = {}
     for r in runs:
         ev = r.evals.get("psnr_gap")
         if isinstance(ev, dict) and ev.get("timesteps"):
-            groups.setdefault((r.variant, r.config, r.n), []).append(ev)
+            groups.setdefault((r.variant, r.config, r.n), {})[r.seed] = ev
     if not groups:
         return None
     import numpy as np
@@ -585,31 +587,52 @@ def plot_curves(runs: list[RunInfo], path: str) -> str | None:
     plt = _plt()
     cs = _windows_order(k[1] for k in groups)
     ns = sorted({k[2] for k in groups}, key=lambda n: -1 if n is None else n)
+    paired = any(not _is_global(k[1]) and (k[0], _baseline(k[1]), k[2]) in groups for k in groups)
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
-    for (_v, w, n), evs in sorted(groups.items(), key=lambda kv: (cs.index(kv[0][1]), ns.index(kv[0][2]))):
-        evs = [e for e in evs if e["timesteps"] == evs[0]["timesteps"]]
-        ts = evs[0]["timesteps"]
+
+    def draw(ax, ts, vals, st, ls, label, band=True):
+        mean = vals.mean(0)
+        every = max(1, len(ts) // 8)
+        ax.plot(ts, mean, color=st["color"], marker=st["marker"], ls=ls, markevery=every, ms=3, lw=1, label=label)
+        if band and len(vals) > 1:
+            sd = vals.std(0, ddof=1)
+            ax.fill_between(ts, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0)
+
+    for (v, w, n), by_seed in sorted(groups.items(), key=lambda kv: (cs.index(kv[0][1]), ns.index(kv[0][2]))):
+        ts = next(iter(by_seed.values()))["timesteps"]
+        evs = {s: e for s, e in by_seed.items() if e["timesteps"] == ts}
         label = f"{w} {_n_label(n)}" if len(ns) > 1 else w
         st = _style(cs.index(w), ns.index(n))
-        every = max(1, len(ts) // 8)
-        for ax, key in ((a, "train_psnr"), (a, "test_psnr"), (b, "test_psnr"), (c, "gap")):
-            vals = np.array([e[key] for e in evs])
-            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(ts))
-            ls = "--" if (ax is a and key == "test_psnr") else st["ls"]
-            lab = f"{label} {'train' if key == 'train_psnr' else 'test'}" if ax is a else label
-            ax.plot(ts, mean, color=st["color"], marker=st["marker"], ls=ls, markevery=every, ms=3, lw=1, label=lab)
-            if len(vals) > 1 and ax is not a:
-                ax.fill_between(ts, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0)
+        draw(a, ts, np.array([e["train_psnr"] for e in evs.values()]), st, st["ls"], f"{label} train", band=False)
+        draw(a, ts, np.array([e["test_psnr"] for e in evs.values()]), st, "--", f"{label} test", band=False)
+        draw(c, ts, np.array([e["gap"] for e in evs.values()]), st, st["ls"], label)
+        if not paired:
+            draw(b, ts, np.array([e["test_psnr"] for e in evs.values()]), st, st["ls"], label)
+            continue
+        base = groups.get((v, _baseline(w), n), {})
+        diffs = [
+            np.array(e["test_psnr"]) - np.array(base[s]["test_psnr"])
+            for s, e in evs.items()
+            if s in base and base[s]["timesteps"] == ts
+        ]
+        if diffs:
+            draw(b, ts, np.array(diffs), st, st["ls"], label)
     a.set_title("train (solid) and held-out (dashed) PSNR")
     a.set_ylabel("PSNR of one-step x0 estimate (dB)")
-    b.set_title("held-out PSNR, mean ± std over shuffles")
-    b.set_ylabel("test PSNR (dB)")
+    if paired:
+        b.set_title("held-out PSNR − global's, paired by shuffle")
+        b.set_ylabel("test PSNR − global (dB)")
+        b.axhline(0, color="gray", lw=0.5)
+    else:
+        b.set_title("held-out PSNR, mean ± std over shuffles")
+        b.set_ylabel("test PSNR (dB)")
     c.set_title("PSNR gap, mean ± std over shuffles")
     c.set_ylabel("PSNR gap, train − test (dB)")
     c.axhline(0, color="gray", lw=0.5)
     for ax in (a, b, c):
         ax.set_xlabel("input diffusion step t")
     a.legend(fontsize=6, ncol=2)
+    b.legend(fontsize=7)
     c.legend(fontsize=7)
     fig.tight_layout()
     return common.save_figure(fig, path)
