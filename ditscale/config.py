@@ -215,11 +215,36 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
+    import difflib
+
+    def valid_keys(loc: tuple) -> list[str]:
+        """The field names of the section at loc[:-1] (the top level's sections for a one-part loc)."""
+        model: Any = Config
+        for part in loc[:-1]:
+            field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+            model = field.annotation if field is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                return []
+        return list(model.model_fields)
+
+    def suggestion(loc: tuple) -> str:
+        """' (did you mean ...?)': the nearest key of the same section, or the same name in another section."""
+        name, parent = str(loc[-1]), ".".join(str(p) for p in loc[:-1])
+        prefix = f"{parent}." if parent else ""
+        close = difflib.get_close_matches(name, valid_keys(loc), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {prefix + close[0]!r}?)"
+        elsewhere = [f"{s}.{name}" for s, f in Config.model_fields.items() if name in f.annotation.model_fields]
+        if elsewhere:
+            return f" (did you mean {elsewhere[0]!r}?)"
+        keys = valid_keys(loc)
+        return f" (valid keys{' of ' + parent if parent else ''}: {', '.join(keys)})" if keys else ""
+
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}")
+            lines.append(f"unknown key {key!r}{suggestion(tuple(e['loc']))}")
         elif e["type"] == "value_error":
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:

@@ -1,8 +1,11 @@
 """The README demo: `python -m ditscale.demo`.
 
 Builds shards of the embedded sklearn digits (data/digits8, nothing downloaded) if they are missing, trains the
-small local-window DiT of configs/demo.yaml with 2 processes under torchrun (DeepSpeed ZeRO-2, CPU), then prints
-where the checkpoint, the sample grid and the metrics log are. Extra `key=value` arguments override the config.
+small local-window DiT of configs/demo.yaml with 2 processes under torchrun (DeepSpeed ZeRO-2, CPU), then judges
+its samples: a logistic regression trained on the real digits (its held-out accuracy is printed) classifies 10
+class-conditional samples of each digit, and the demo prints the share classified as the digit they were drawn
+for. Last, where the checkpoint, the sample grids and the metrics log are. Extra `key=value` arguments override
+the config.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "--run-dir",
         str(run_dir),
         f"data.train={manifest}",
+        f"data.test={Path(args.data) / 'test' / 'manifest.json'}",
         *args.overrides,
     ]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
@@ -64,8 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         print(f"[demo] training failed (exit code {rc})", file=sys.stderr)
         return rc
-    print_summary(run_dir, time.time() - t0)
+    seconds = time.time() - t0
+    judged = judge(run_dir, Path(args.data))
+    print_summary(run_dir, seconds, judged)
     return 0
+
+
+def judge(run_dir: Path, data: Path) -> dict | None:
+    """Are the samples recognisable? (ditscale.eval.recognise; needs scikit-learn, which the demo data needs too)"""
+    from ditscale.eval.recognise import judge_run
+
+    print(
+        "[demo] judging 100 class-conditional samples with a logistic regression trained on the real digits", flush=True
+    )
+    return judge_run(
+        str(run_dir),
+        str(data / "manifest.json"),
+        str(data / "test" / "manifest.json"),
+        grid=str(run_dir / "samples" / "judged.png"),
+    )
 
 
 def _has_cuda() -> bool:
@@ -74,25 +95,34 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def print_summary(run_dir: Path, seconds: float) -> None:
+def print_summary(run_dir: Path, seconds: float, judged: dict | None = None) -> None:
     from ditscale.io.rundir import RunDir
 
     rd = RunDir(str(run_dir))
     final = rd.final() or {}
     tag = rd.latest_tag() or "?"
-    grids = sorted((run_dir / "samples").glob("*.png"))
+    grids = sorted(p for p in (run_dir / "samples").glob("step_*.png"))
     print()
     print(
         f"[demo] done in {seconds:.0f} s: step {final.get('step')}, loss {final.get('loss', float('nan')):.4f}, "
         f"{final.get('images_per_second', 0):.0f} images/s"
     )
+    if judged:
+        print(
+            f"[demo] recognisable samples: {judged['accuracy']:.0%} of {judged['samples']} class-conditional samples "
+            f"({judged['sampler']}) are classified as the digit they were drawn for, by a logistic regression with "
+            f"{judged['judge_test_accuracy']:.1%} accuracy on the 297 held-out real digits"
+        )
     print(f"  run directory : {run_dir}")
     print(f"  checkpoint    : {run_dir / 'checkpoints' / tag}")
     print(f"  sample grid   : {grids[-1] if grids else '(none)'}")
+    if judged and judged.get("grid"):
+        print(f"  judged samples: {judged['grid']} (row d: ten samples drawn for digit d)")
     print(f"  metrics log   : {run_dir / 'metrics.jsonl'}")
     print(f"  config        : {run_dir / 'config.yaml'}")
     print("  next          : python -m ditscale export --run", run_dir, "--out", run_dir / "ema.pt")
     print("                  python -m ditscale sample --run", run_dir, "--out", run_dir / "grid.png")
+    print("                  python -m ditscale eval psnr-gap --run", run_dir, "--k 297 --points 25")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Per run: its state (ditscale.io.rundir.RunDir.status: done, running, resumable, started, pending), the final
 metrics (final.json, else the last metrics.jsonl line), and evaluation numbers from `{run.dir}/eval/*.json` when
-present (flattened as `<file stem>.<key>`). Written as CSV, JSON and markdown.
+present (flattened as `<file stem>.<key>`). Written as CSV and JSON (every field) and markdown (the columns a
+researcher compares: the axes that vary, the run's state and loss, and the study's headline metrics).
 """
 
 from __future__ import annotations
@@ -149,11 +150,46 @@ def to_json(table: list[dict[str, Any]]) -> str:
     return json.dumps(table, indent=2, default=str)
 
 
+# The markdown table's metric columns, in order, with a header and one number format each (CSV/JSON keep all).
+COMPARED: dict[str, tuple[str, str]] = {
+    "loss": ("loss", "{:.4f}"),
+    "psnr_gap.avg_gap": ("PSNR gap (dB)", "{:.2f}"),
+    "psnr_gap.avg_train_psnr": ("train PSNR (dB)", "{:.2f}"),
+    "psnr_gap.avg_test_psnr": ("test PSNR (dB)", "{:.2f}"),
+    "fid.fid": ("FID", "{:.2f}"),
+    "fid_classifier.fid": ("classifier FID", "{:.2f}"),
+    "fid_classifier.sample_accuracy": ("samples classified as drawn", "{:.1%}"),
+    "fid_pixels.fid": ("pixel FID", "{:.2f}"),
+    "pair.paired_similarity.mean": ("paired cos sim", "{:.3f}"),
+    "pair.nearest_train_similarity.mean": ("nearest-train cos sim", "{:.3f}"),
+}
+
+
+def _compared_cell(v: Any, fmt: str) -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _cell(v)
+
+
 def to_markdown(table: list[dict[str, Any]]) -> str:
-    cols = [c for c in columns(table) if c != "run_dir"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    """The compared columns: run, state, step, the axes whose values differ between runs (variant and windows
+    too when they do), then the COMPARED metrics present; a line below names the fields left to results.csv."""
+    all_cols = columns(table)
+    varies = [
+        c
+        for c in all_cols
+        if (c.startswith("axis.") or c in ("variant", "windows")) and len({json.dumps(r.get(c)) for r in table}) > 1
+    ]
+    if "windows" in varies and any(r.get("axis.windows") == r.get("windows") for r in table):
+        varies.remove("windows")  # the same values as an axis column
+    metrics = [c for c in COMPARED if any(c in r for r in table)]
+    cols = ["run", "state", "step"] + varies + metrics
+    header = [COMPARED[c][0] if c in COMPARED else c.removeprefix("axis.") for c in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in table:
-        lines.append("| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in cols) + " |")
+        cells = [_compared_cell(row.get(c), COMPARED[c][1]) if c in COMPARED else _cell(row.get(c)) for c in cols]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    rest = [c for c in all_cols if c not in cols and c != "run_dir"]
+    if rest:
+        lines += ["", f"{len(rest)} more fields per run in results.csv / results.json."]
     return "\n".join(lines)
 
 

@@ -225,7 +225,7 @@ def test_folder_skips_and_reports_bad_files(tmp_path, capsys):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(DataError, match="unknown source"):
-        build_shards("mnist", None, str(tmp_path), resolution=8)
+        build_shards("cifar10", None, str(tmp_path), resolution=8)
     with pytest.raises(DataError, match="--src"):
         build_shards("celeba", None, str(tmp_path), resolution=8)
     with pytest.raises(DataError, match="directory"):

@@ -245,3 +245,15 @@ def test_fid_inception_path_with_a_local_weights_file(runs, tmp_path, monkeypatc
     r = _json(runs["a"], "fid")
     assert r["features"] == "inception" and r["samples"] == 3 and r["reference_images"] == 6 and r["fid"] >= 0
     assert len(list((tmp_path / "cache" / "fid_stats").glob("inception-*.npz"))) == 1
+
+
+def test_a_run_without_held_out_data_is_refused_not_measured_on_training_images(runs, tmp_path, capsys):
+    run = str(_train(tmp_path, "notest", runs["full"], ""))
+    for argv in (["eval", "locality", "--run", run, "--images", "2"], ["eval", "jacobian", "--run", run]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "has no data.test" in err and "--test MANIFEST" in err
+    assert main(["eval", "locality", "--run", run, "--images", "2", "--timesteps", "500", "--split", "train"]) == 0
+    assert json.loads((Path(run) / "eval" / "locality.json").read_text())["split"] == "train"
+    assert main(["eval", "locality", "--run", run, "--images", "2", "--timesteps", "500", "--test", runs["test"]]) == 0
+    assert json.loads((Path(run) / "eval" / "locality.json").read_text())["data"] == runs["test"]

@@ -45,11 +45,11 @@ def test_report_tables_and_plots(tmp_path):
     assert len(runs) == 6 and name == "grid"
     text = report.build_report(runs, str(tmp_path / "out"), "t")
     assert "7.00 ± 1.41 (2)" in text  # global N=10 gap over two seeds
-    assert "8.8000 (-20.00%)" in text  # local FID vs mean global FID 11.0
-    assert "| DiT-T/1 | N=10 | PSNR gap | 7.000 ± 1.414 (2) | 5.000 |  | 9.000 |" in text  # placement row
+    assert "8.80 (-20.0%)" in text  # local FID vs mean global FID 11.0: one number format per metric
+    assert "| DiT-T/1 | N=10 | PSNR gap | 7.00 ± 1.41 (2) | 5.00 |  | 9.00 |" in text  # placement row
     assert "Mean attention distance" in text and "0.80" in text
     assert "pending" in text  # listed as a run without results
-    for png in ("psnr_gap_vs_n.png", "fid.png", "locality.png", "report.md"):
+    for png in ("psnr_gap_vs_n.png", "fid_pixels.png", "locality.png", "report.md"):
         assert (tmp_path / "out" / png).stat().st_size > 0
 
 
@@ -196,5 +196,39 @@ def test_report_spread_and_paired_difference(tmp_path):
     assert "| 3x2@head | 3 | 1.23 ± 0.31 [0.90..1.50] | -0.27 ± 0.21 [-0.50..-0.10] (3/3 lower) |" in text
     assert "| 3x2@tail | 3 | 1.63 ± 0.75 [1.20..2.50] | 0.13 ± 0.40 [-0.30..0.50] (1/3 lower) |" in text
     assert "| 0.00 ± 0.00 [0.00..0.00] (0/3 higher) |" in text  # the test PSNR is the same in every run
-    assert "5.000 ± 1.000 [4.000..6.000]" in text  # global's pixel FID over its three shuffles
+    assert "5.00 ± 1.00 [4.00..6.00]" in text  # global's pixel FID over its three shuffles
+    assert "| 4.00 ± 0.00 [4.00..4.00] | -1.00 ± 1.00 [-2.00..0.00] (2/3 lower) |" in text  # head's, paired
     assert (tmp_path / "out" / "psnr_gap_paired.png").stat().st_size > 0 and "psnr_gap_paired.png" in text
+
+
+def test_report_keeps_every_varying_axis_apart(tmp_path):
+    """Runs that differ in an axis besides windows, N and seed (nodes=1 / nodes=2) are separate configurations:
+    their own rows, their own global baseline, their own colour; every line has markers."""
+    runs = []
+    for nodes, gaps in ((1, (2.0, 1.0)), (2, (4.0, 3.0))):
+        for w, gap in zip(("global", "3x2@head"), gaps, strict=True):
+            d = _run(tmp_path / "g", f"{w}-nodes{nodes}", w, 30, 0, gap, fid=gap)
+            evals = report._read_evals(str(d))
+            runs.append(report.RunInfo(d.name, str(d), "DiT-T/1", w, 0, 30, evals, {"windows": w, "nodes": nodes}))
+    assert {r.config for r in runs} == {"global nodes=1", "3x2@head nodes=1", "global nodes=2", "3x2@head nodes=2"}
+    text = report.build_report(runs, str(tmp_path / "out"), "t")
+    assert "| DiT-T/1 | N=30 | 3x2@head nodes=2 | 1 | 3.00 | -1.00 (1/1 lower) |" in text  # vs global nodes=2
+    assert "| DiT-T/1 | N=30 | 3x2@head nodes=1 | 1 | 1.00 | -1.00 (1/1 lower) |" in text
+    order = report._windows_order(r.config for r in runs)
+    styles = [report._style(order.index(r.config), 0) for r in runs]
+    assert len({(s["color"], s["marker"]) for s in styles}) == 4 and all(s["marker"] for s in styles)
+
+
+def test_psnr_curves_paired_against_global(tmp_path):
+    """The curve figure: train/test PSNR, held-out PSNR minus global's on the same shuffle, and the gap."""
+    runs = []
+    for seed in (0, 1):
+        for w, shift in (("global", 0.0), ("local@head", 0.5)):
+            d = _run(tmp_path / "g", f"{w}-s{seed}", w, 10, seed, 1.0)
+            ev = json.loads((d / "eval" / "psnr_gap.json").read_text())
+            ev.update(timesteps=[0, 500, 999], train_psnr=[30.0, 15.0, 8.0], gap=[0.5, 1.0, 0.2])
+            ev["test_psnr"] = [29.5 + shift, 14.0 + shift + seed, 7.8 + shift]
+            (d / "eval" / "psnr_gap.json").write_text(json.dumps(ev))
+    runs, _ = report.discover(str(tmp_path / "g"))
+    assert report.plot_curves(runs, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -19,9 +19,19 @@ log = logging.getLogger(__name__)
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", choices=SOURCES, help="dataset layout to read")
-    p.add_argument("--src", default=None, help="dataset folder (not needed for digits)")
+    p.add_argument(
+        "--src",
+        default=None,
+        help="dataset folder (not needed for digits; fashion-mnist: default /usr/share/datasets/fashion-mnist, "
+        "where Debian's dataset-fashion-mnist installs it)",
+    )
     p.add_argument("--out", required=True, help="output folder or URL (local path or s3://bucket/prefix)")
-    p.add_argument("--resolution", type=int, required=True, help="square side of the stored images")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        required=True,
+        help="square side of the stored images (mnist, fashion-mnist: 28 as published, or 32 = zero-padded)",
+    )
     p.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default)")
     p.add_argument("--workers", type=int, default=1, help="encoding processes")

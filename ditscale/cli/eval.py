@@ -18,11 +18,26 @@ log = logging.getLogger("ditscale.eval")
 def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
     if run:
         p.add_argument("--run", required=True, help="run directory (local or s3://) with checkpoints/")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights (--no-ema: the raw ones)"
+    )
+    p.add_argument(
+        "--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the newest complete checkpoint)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (and sample) draws")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: this rank's GPU if any, else CPU)")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    """--train / --test: the same names, meaning the same thing, in every command that reads a run's images."""
+    p.add_argument("--train", default=None, help="training shards manifest (default: the run's data.train)")
+    p.add_argument(
+        "--test",
+        default=None,
+        help="held-out shards manifest (default: the run's data.test; a run without one is refused, never "
+        "silently measured on training images)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,43 +45,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("psnr-gap", help="one-step denoising PSNR of train vs test images; the average gap")
     _common(p)
-    p.add_argument("--k", type=int, default=300, help="images per split (K)")
-    p.add_argument("--points", type=int, default=50, help="evenly spaced timesteps")
-    p.add_argument("--train", default=None, help="training shards manifest (default: the run's data.train)")
-    p.add_argument("--test", default=None, help="held-out shards manifest (default: the run's data.test)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--k", type=int, default=300, help="images per split (K): the first K of each, in index order")
+    p.add_argument("--points", type=int, default=50, help="evenly spaced timesteps the PSNR is measured at")
+    _data(p)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
 
     p = sub.add_parser("pair", help="two-model test on disjoint subsets: same noise, DDIM eta=0")
     _common(p, run=False)
-    p.add_argument("--runs", nargs=2, required=True, metavar=("A", "B"))
-    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--runs", nargs=2, required=True, metavar=("A", "B"), help="two runs trained on disjoint subsets")
+    p.add_argument("--samples", type=int, default=100, help="sample pairs drawn from the same noise")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="samples per sampling batch")
     p.add_argument("--out", default=None, help="directory for pair.json/png (default: eval/ of both runs)")
 
     p = sub.add_parser("locality", help="per-block attention distance and k x k mass; attention-map figures")
     _common(p)
-    p.add_argument("--images", type=int, default=32, help="images averaged over")
+    p.add_argument("--images", type=int, default=32, help="images averaged over (the first, in index order)")
     p.add_argument("--timesteps", default="250,500,750", help="comma-separated timesteps of the noisy inputs")
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--data", default=None, help="shards manifest (default: the run's data.<split>)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="measure on held-out or training images")
+    _data(p)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)  # the old name of --test / --train
 
     p = sub.add_parser("fid", help="FID of generated samples against the dataset's shards")
     _common(p)
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--features", choices=("inception", "pixels"), default="inception")
+    p.add_argument("--samples", type=int, default=1000, help="generated samples (class i %% num_classes)")
+    p.add_argument(
+        "--features",
+        default="inception",
+        help="feature network: inception (FID-Inception-v3), pixels, or classifier (--classifier); several "
+        "comma-separated (classifier,pixels) share one set of samples",
+    )
     p.add_argument(
         "--inception-weights",
         default=None,
         help="local pt_inception-2015-12-05-6726825d.pth (default: $DITSCALE_INCEPTION_WEIGHTS or ~/.cache/ditscale/)",
     )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="--features classifier: the folder written by `eval classifier` (a small CNN trained on the dataset)",
+    )
     p.add_argument("--ref", default=None, help="reference shards manifest (default: the run's data.train)")
     p.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
-    p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--cache", default=None, help="reference-statistics cache dir (default: $DITSCALE_CACHE)")
+    p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim", help="sampler (DDIM: eta 0)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--batch-size", type=int, default=100, help="samples per sampling batch")
+    p.add_argument(
+        "--cache", default=None, help="reference-statistics cache dir (default: $DITSCALE_CACHE or ~/.cache/ditscale)"
+    )
 
     p = sub.add_parser("jacobian", help="denoiser Jacobian at one noise level: spectrum and eigenvectors")
     _common(p)
@@ -75,7 +102,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--t", type=int, default=None, help="timestep instead of --sigma")
     p.add_argument("--index", type=int, default=0, help="which train and test image (position in index order)")
     p.add_argument("--top", type=int, default=8, help="eigenvector images shown")
-    p.add_argument("--method", choices=("auto", "jacrev", "rows"), default="auto")
+    p.add_argument("--method", choices=("auto", "jacrev", "rows"), default="auto", help="how the Jacobian is built")
+    _data(p)
+
+    p = sub.add_parser("classifier", help="train the small classifier whose features --features classifier uses")
+    p.add_argument("--data", required=True, help="training shards manifest (its held-out split is the test set)")
+    p.add_argument("--out", required=True, help="folder for classifier.safetensors and classifier.json")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N training images (quick trials)")
 
     p = sub.add_parser("study", help="the small-scale digits study of docs/results.md (data, training, evals)")
     add_study_arguments(p)
@@ -122,6 +159,20 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.metric == "classifier":
+        from ditscale.eval.classifier import train_classifier
+
+        meta = train_classifier(
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            limit=args.limit,
+        )
+        print(f"classifier: test accuracy {meta['test_accuracy']}, sha256 {meta['sha256'][:16]}, in {args.out}")
+        return 0
     if args.metric == "study":
         from ditscale.eval.study import StudyOptions, run_study
 

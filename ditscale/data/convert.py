@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ditscale.data import sources
 from ditscale.data.codec import encode_png
-from ditscale.data.sources import Record, list_source, load_image, prepare
+from ditscale.data.sources import Record, check_resolution, list_source, prepare_record
 from ditscale.errors import DataError
 from ditscale.io import storage
 
@@ -89,7 +89,7 @@ def _encode_shard(task: ShardTask) -> dict:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for index, rec in task.items:
             try:
-                img = prepare(load_image(rec.ref), task.resolution, task.channels, source=rec.source_id)
+                img = prepare_record(rec, task.resolution, task.channels)
                 data = encode_image(img, task.image_format, task.png_level)
             except Exception as e:
                 skipped.append({"source_id": rec.source_id, "reason": f"cannot decode: {type(e).__name__}: {e}"})
@@ -159,7 +159,7 @@ def build_shards(
     progress: bool = True,
     png_level: int | None = None,
 ) -> dict:
-    """Convert SOURCE (celeba, imagenet, lsun, coco, folder, digits) at SRC into shards at OUT.
+    """Convert SOURCE (ditscale.data.sources.SOURCES) at SRC into shards at OUT.
 
     Returns the primary split's manifest (also written to OUT/manifest.json) with an extra key "summary"
     (per-split counts, skipped source files, shards built vs reused). `limit` keeps only the first N records
@@ -172,6 +172,7 @@ def build_shards(
         raise DataError(f"--channels must be 1 or 3, got {channels}")
     if image_format not in ("png", "jpg"):
         raise DataError(f"--format must be png or jpg, got {image_format!r}")
+    check_resolution(source, resolution)
     listing = list_source(source, src, class_folders=class_folders)
     records = listing.records[:limit] if limit else listing.records
     if not records:

@@ -4,12 +4,14 @@ A record names where its image comes from (a picklable `ref` that a worker proce
 split and its class. The list order is deterministic (sorted paths / LMDB key order), and a record's position in
 the list is its stable global index. Images are read lazily by `load_image(ref)`, in the converter's workers.
 
-Sources: digits (embedded, scikit-learn), celeba, imagenet, lsun (LMDB exports and folders), coco, folder.
+Sources: digits (embedded, scikit-learn), fashion-mnist and mnist (IDX files; Debian's dataset-fashion-mnist),
+celeba, imagenet, lsun (LMDB exports and folders), coco, folder.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ DIGITS_TEST_SIZE = 297  # fixed held-out test split of the 1,797 digits (train 1
 
 @dataclass(frozen=True)
 class Record:
-    ref: tuple  # ("file", path) | ("digits", i) | ("lmdb", db_path, key) -- opened by load_image
+    ref: tuple  # ("file", path) | ("digits", i) | ("lmdb", db_path, key) | ("idx", images_path, i): load_image
     source_id: str
     split: str
     label: int
@@ -48,6 +50,7 @@ class SourceListing:
 # ----------------------------------------------------------------------------------------------- loading images
 _DIGITS: np.ndarray | None = None
 _LMDB_ENVS: dict = {}
+_IDX_ARRAYS: dict[str, np.ndarray] = {}  # images file -> (n, 28, 28) uint8, once per process
 
 
 def _digits_images() -> np.ndarray:
@@ -82,6 +85,11 @@ def load_image(ref: tuple) -> Image.Image:
     if kind == "digits":
         arr = _digits_images()[ref[1]]
         return Image.fromarray(np.round(arr * (255.0 / 16.0)).astype(np.uint8), mode="L")
+    if kind == "idx":
+        arr = _IDX_ARRAYS.get(ref[1])
+        if arr is None:
+            arr = _IDX_ARRAYS[ref[1]] = read_idx(ref[1])
+        return Image.fromarray(arr[ref[2]], mode="L")
     if kind == "lmdb":
         with _lmdb_env(ref[1]).begin(write=False) as txn:
             data = txn.get(ref[2])
@@ -115,6 +123,33 @@ def prepare(img: Image.Image, resolution: int, channels: int, *, source: str = "
     if img.size != (resolution, resolution):
         img = center_crop_arr(img, resolution)
     return img
+
+
+def pad_to(img: Image.Image, resolution: int) -> Image.Image:
+    """Centre the image on a black square of side `resolution` (28x28 MNIST digits -> 32x32, as LeNet-5 took them):
+    the pixels stay exactly as published, nothing is resampled."""
+    w, h = img.size
+    out = Image.new(img.mode, (resolution, resolution), 0)
+    out.paste(img, ((resolution - w) // 2, (resolution - h) // 2))
+    return out
+
+
+def prepare_record(rec: Record, resolution: int, channels: int) -> Image.Image:
+    """The image a shard stores for one record: IDX images are padded (IDX_RESOLUTIONS), all others go through
+    `prepare` (centre crop and resize)."""
+    img = load_image(rec.ref)
+    if rec.ref[0] == "idx":
+        return pad_to(to_channels(img, channels, source=rec.source_id), resolution)
+    return prepare(img, resolution, channels, source=rec.source_id)
+
+
+def check_resolution(source: str, resolution: int) -> None:
+    """DataError when a source cannot be stored at `resolution` (the IDX sources keep their pixels: 28 or 32)."""
+    if source in IDX_SOURCES and resolution not in IDX_RESOLUTIONS:
+        raise DataError(
+            f"{source} --resolution {resolution}: expected 28 (the images as published) or 32 (the 28x28 images "
+            "centred on a black 32x32 square, zero padding of 2 pixels a side; nothing is resized)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ listing
@@ -151,6 +186,112 @@ def list_digits(src: str | None = None) -> SourceListing:
     test = set(np.random.default_rng(0).permutation(n)[:DIGITS_TEST_SIZE].tolist())
     records = [Record(("digits", i), f"digits/{i}", "test" if i in test else "train", int(target[i])) for i in range(n)]
     return SourceListing("digits", records, [str(d) for d in range(10)])
+
+
+# ------------------------------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs it
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IDX_RESOLUTIONS = (28, 32)
+IDX_FILES = {  # split -> (images, labels) file stems, as published (t10k = the 10,000 test images)
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_COUNTS = {"train": 60_000, "test": 10_000}  # the published split sizes of both datasets
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    name: str
+    default_src: str | None
+    provider: str  # where the files come from, for the error when they are missing
+    class_names: list[str]
+
+
+IDX_SOURCES = {
+    "fashion-mnist": IdxSource(
+        "fashion-mnist",
+        FASHION_MNIST_DIR,
+        "Debian/Ubuntu package dataset-fashion-mnist (apt-get install dataset-fashion-mnist installs them in "
+        f"{FASHION_MNIST_DIR}), or any copy of the four files from github.com/zalandoresearch/fashion-mnist",
+        FASHION_MNIST_CLASSES,
+    ),
+    "mnist": IdxSource(
+        "mnist",
+        None,
+        "any copy of MNIST's four IDX files (yann.lecun.com/exdb/mnist; no Debian package ships them); "
+        "pass their folder with --src",
+        [str(d) for d in range(10)],
+    ),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzip or not) as an array: unsigned-byte data only (what MNIST and Fashion-MNIST use)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {str(path)!r}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{str(path)!r} is not an unsigned-byte IDX file (magic {data[:4].hex()!r}, expected 0000080N)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    start = 4 + 4 * ndim
+    size = int(np.prod(dims)) if dims else 0
+    if len(data) - start != size:
+        raise DataError(
+            f"IDX file {str(path)!r} is truncated or padded: its header says {dims} = {size} bytes, "
+            f"found {len(data) - start}"
+        )
+    return np.frombuffer(data, np.uint8, size, start).reshape(dims)
+
+
+def _idx_file(root: Path, stem: str) -> Path | None:
+    """The file for `stem` in root: as published (train-images-idx3-ubyte), with a dot (train-images.idx3-ubyte,
+    as some copies name it), each gzipped or not."""
+    dotted = stem.replace("-idx", ".idx", 1)
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def list_idx(source: str, src: str | None) -> SourceListing:
+    """MNIST-format datasets: the four IDX files in one folder; train and test kept as published; labels as classes.
+
+    Record i of a split is image i of its IDX file; the counts are checked against the published 60,000 / 10,000
+    and against each other (images vs labels)."""
+    spec = IDX_SOURCES[source]
+    folder = src or spec.default_src
+    if folder is None:
+        raise DataError(f"source {source!r} needs --src DIR: the folder with its IDX files ({spec.provider})")
+    root = Path(folder)
+    found = {split: [_idx_file(root, stem) for stem in stems] for split, stems in IDX_FILES.items()}
+    missing = [s for split, stems in IDX_FILES.items() for s, p in zip(stems, found[split], strict=True) if p is None]
+    if missing:
+        where = "is not a directory" if not root.is_dir() else f"lacks {', '.join(f + '[.gz]' for f in missing)}"
+        raise DataError(f"{source}: {str(root)!r} {where}. The files come from the {spec.provider}")
+    records: list[Record] = []
+    for split, (images_path, labels_path) in found.items():
+        labels = read_idx(labels_path)
+        with (gzip.open if images_path.suffix == ".gz" else open)(images_path, "rb") as f:
+            header = f.read(16)  # the header only: the pixels are read by load_image, in the converter's workers
+        n_images = int.from_bytes(header[4:8], "big") if len(header) == 16 and header[3] == 3 else -1
+        if labels.ndim != 1 or n_images != len(labels) or len(labels) != IDX_COUNTS[split]:
+            raise DataError(
+                f"{source} {split} split in {str(root)!r}: {n_images} images ({images_path.name}) and "
+                f"{len(labels)} labels ({labels_path.name}); expected {IDX_COUNTS[split]:,} of each, as published"
+            )
+        if int(labels.max()) >= len(spec.class_names):
+            raise DataError(f"{source}: label {int(labels.max())} in {str(labels_path)!r} is not one of 0..9")
+        records += [
+            Record(("idx", str(images_path), i), f"{split}/{i}", split, int(label)) for i, label in enumerate(labels)
+        ]
+    return SourceListing(source, records, list(spec.class_names))
 
 
 def list_celeba(src: str) -> SourceListing:
@@ -302,7 +443,7 @@ def list_folder(src: str, class_folders: bool = False) -> SourceListing:
     return SourceListing("folder", records, ["image"], skipped)
 
 
-SOURCES = ("celeba", "imagenet", "lsun", "coco", "folder", "digits")
+SOURCES = ("celeba", "imagenet", "lsun", "coco", "folder", "digits", "fashion-mnist", "mnist")
 
 
 def list_source(source: str, src: str | None, class_folders: bool = False) -> SourceListing:
@@ -310,6 +451,8 @@ def list_source(source: str, src: str | None, class_folders: bool = False) -> So
         raise DataError(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
     if source == "digits":
         return list_digits(src)
+    if source in IDX_SOURCES:
+        return list_idx(source, src)
     if not src:
         raise DataError(f"source {source!r} needs --src PATH (the dataset folder)")
     if source == "folder":

@@ -203,17 +203,31 @@ def locality(
     images: int = 32,
     timesteps: str = "250,500,750",
     split: str = "test",
+    train: str | None = None,
+    test: str | None = None,
     data: str | None = None,
     ema: bool = True,
     tag: str | None = None,
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Per-block attention distance and k x k mass at the given timesteps; attention-map figures."""
+    """Per-block attention distance and k x k mass at the given timesteps; attention-map figures.
+
+    `split` picks the images: the held-out set (`test`, or the run's data.test) or the training set. A run without
+    a held-out set is refused for split test rather than measured on its training images. `data` is the old name
+    of the chosen split's manifest."""
     from ditscale.eval import locality as attention_locality
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
-    url = data or (cfg.data.test if split == "test" else cfg.data.train) or cfg.data.train
+    if split == "test":
+        url = data or test or cfg.data.test
+        if not url:
+            raise DataError(
+                f"run {run!r} has no data.test (held-out shards) in its config: pass --test MANIFEST, "
+                "or --split train to measure on its training images"
+            )
+    else:
+        url = data or train or cfg.data.train
     images, labels, _ = common.load_images(url, images, model=model)
     diffusion = common.make_diffusion(cfg)
     ts = _ints(timesteps, "--timesteps")
@@ -221,7 +235,7 @@ def locality(
     if bad:
         raise ConfigError(f"--timesteps {bad}: expected values in [0, {diffusion.num_timesteps - 1}]")
     res, maps = attention_locality.locality(model, diffusion, images, common.model_labels(model, labels), ts, seed=seed)
-    res = {**_meta(run, cfg, "locality", tag, ema, seed), "data": url, **res}
+    res = {**_meta(run, cfg, "locality", tag, ema, seed), "split": split, "data": url, **res}
     common.write_result(run, "locality", res)
     h, w = res["grid"]
     name = f"{cfg.run.name}: {cfg.model.variant} {cfg.model.windows}"
@@ -258,6 +272,7 @@ def fid(
     samples: int = 1000,
     features: str = "inception",
     inception_weights: str | None = None,
+    classifier: str | None = None,
     ref: str | None = None,
     ref_limit: int | None = None,
     method: str = "ddim",
@@ -270,13 +285,20 @@ def fid(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """FID of generated samples against the reference shards (Inception or pixel features; ranks split samples)."""
+    """FID of generated samples against the reference shards (Inception, pixel or classifier features; ranks split
+    the samples). `features` may name several networks, comma-separated ("classifier,pixels"): the samples are
+    drawn once and each network's FID is written to its own file. With classifier features it also reports how
+    many class-conditional samples the classifier assigns to the class they were drawn for (`sample_accuracy`).
+    Returns the result (several: {features: result})."""
     from pathlib import Path
 
     import torch.distributed as dist
 
     from ditscale.eval import fid as fid_metric
 
+    kinds = [k.strip() for k in features.split(",") if k.strip()]
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"--features {features!r}: expected one or more of inception, pixels, classifier")
     started = _init_distributed()
     try:
         device = common.resolve_device(device)
@@ -285,17 +307,21 @@ def fid(
         if not ref_url:
             raise DataError(f"run {run!r} has no data.train: pass --ref MANIFEST")
         common.check_compatible(model, common.manifest_of(ref_url), ref_url)
-        extractor = fid_metric.make_extractor(features, inception_weights)
+        extractors = [fid_metric.make_extractor(k, inception_weights, classifier) for k in kinds]
         rank = dist.get_rank() if dist.is_initialized() else 0
+        refs = []
         if rank == 0:  # compute (or read) the cached reference statistics once
-            mu_r, sig_r, info = fid_metric.reference_stats(
-                ref_url,
-                features,
-                extractor,
-                limit=ref_limit,
-                cache=Path(cache) if cache else None,
-                device=device,
-            )
+            for kind, extractor in zip(kinds, extractors, strict=True):
+                refs.append(
+                    fid_metric.reference_stats(
+                        ref_url,
+                        fid_metric.features_key(kind, extractor),
+                        extractor,
+                        limit=ref_limit,
+                        cache=Path(cache) if cache else None,
+                        device=device,
+                    )
+                )
         if dist.is_initialized():
             dist.barrier()
         nc = max(int(getattr(model, "num_classes", 1)), 1)
@@ -303,10 +329,11 @@ def fid(
         def draw(m, labels, noise, g):
             return generate(m, cfg, labels, steps=steps, method=method, noise=noise, generator=g, cfg_scale=cfg_scale)
 
-        feats = fid_metric.sample_features(
+        concat = fid_metric.Concat(extractors)  # one set of samples, every network's features side by side
+        joined = fid_metric.sample_features(
             model,
             draw,
-            extractor,
+            concat,
             samples,
             num_classes=nc,
             batch_size=batch_size,
@@ -315,25 +342,37 @@ def fid(
         )
         if rank != 0:
             return {}
-        value = fid_metric.fid_from_features(feats, mu_r, sig_r)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        res = {
-            **_meta(run, cfg, "fid", tag, ema, seed),
-            "fid": value,
-            "features": features,
-            "samples": len(feats),
-            "reference": ref_url,
-            "reference_images": info["num_images"],
-            "reference_cache": info["path"],
-            "sampler": f"{method}{steps}",
-            "cfg_scale": cfg_scale,
-            "world_size": world,
-        }
-        if features == "pixels":
-            res["note"] = "pixel features: not comparable to Inception FIDs"
-        common.write_result(run, "fid" if features == "inception" else "fid_pixels", res)
-        print(f"FID ({features}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images")
-        return res
+        results = {}
+        for kind, extractor, feats, (mu_r, sig_r, info) in zip(
+            kinds, extractors, concat.split(joined), refs, strict=True
+        ):
+            value = fid_metric.fid_from_features(feats, mu_r, sig_r)
+            res = {
+                **_meta(run, cfg, "fid", tag, ema, seed),
+                "fid": value,
+                "features": kind,
+                "samples": len(feats),
+                "reference": ref_url,
+                "reference_images": info["num_images"],
+                "reference_cache": info["path"],
+                "sampler": f"{method}{steps}",
+                "cfg_scale": cfg_scale,
+                "world_size": world,
+            }
+            if kind == "pixels":
+                res["note"] = "pixel features: not comparable to Inception FIDs"
+            if kind == "classifier":
+                drawn_for = torch.arange(len(feats)) % nc
+                predicted = extractor.logits(torch.from_numpy(feats)).argmax(1)
+                res["sample_accuracy"] = float((predicted == drawn_for).double().mean())
+                res["classifier"] = {k: extractor.meta.get(k) for k in ("path", "sha256", "test_accuracy")}
+                res["note"] = "features of a classifier trained on this dataset: not comparable to Inception FIDs"
+            common.write_result(run, "fid" if kind == "inception" else f"fid_{kind}", res)
+            acc = f", {res['sample_accuracy']:.1%} of samples classified as drawn" if "sample_accuracy" in res else ""
+            print(f"FID ({kind}) {value:.4f} from {len(feats)} samples vs {info['num_images']} reference images{acc}")
+            results[kind] = res
+        return results[kinds[0]] if len(kinds) == 1 else results
     finally:
         if started:
             dist.destroy_process_group()
@@ -347,21 +386,30 @@ def jacobian(
     index: int = 0,
     top: int = 8,
     method: str = "auto",
+    train: str | None = None,
+    test: str | None = None,
     ema: bool = True,
     tag: str | None = None,
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """The denoiser Jacobian at one noise level: spectrum and eigenvectors, on one train and one test image."""
+    """The denoiser Jacobian at one noise level: spectrum and eigenvectors, on one train and one held-out image.
+    A run without a held-out set (data.test, or --test) is refused: the comparison is the point."""
     from ditscale.eval import jacobian as jac
 
     cfg, model = common.load_run(run, ema=ema, tag=tag)
+    train_url, test_url = train or cfg.data.train, test or cfg.data.test
+    if not test_url:
+        raise DataError(
+            f"run {run!r} has no data.test (held-out shards) in its config: pass --test MANIFEST; the Jacobian "
+            "is compared between a training and a held-out image"
+        )
     diffusion = common.make_diffusion(cfg)
     t = t if t is not None else jac.timestep_for_sigma(diffusion, sigma if sigma else 0.3)
     if not 0 <= t < diffusion.num_timesteps:
         raise ConfigError(f"--t {t}: expected a timestep in [0, {diffusion.num_timesteps - 1}]")
     results, summaries = {}, {}
-    splits = [("train", cfg.data.train), ("test", cfg.data.test)]
+    splits = [("train", train_url), ("test", test_url)]
     for split, url in splits:
         if not url:
             continue

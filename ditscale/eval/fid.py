@@ -6,7 +6,8 @@ pytorch-fid / torch-fidelity / clean-fid): defined here in plain torch and loade
 grey images are repeated to 3 channels, inputs are scaled to [-1, 1], and the 2048-d average-pool output is used.
 
 `--features pixels` swaps in a small deterministic extractor (the flattened image, optionally pooled) for tests and
-for datasets where Inception features mean little (8 x 8 digits); its numbers are NOT comparable to published FIDs.
+for datasets where Inception features mean little (8 x 8 digits); `--features classifier` uses a small classifier
+trained on the dataset itself (ditscale.eval.classifier: 28x28 grey images). Neither is comparable to published FIDs.
 Reference statistics (mean, covariance) are computed once per (shards, features) and cached under the cache dir.
 """
 
@@ -256,12 +257,46 @@ class PixelFeatures(nn.Module):
         return x.flatten(1)
 
 
-def make_extractor(kind: str, weights: str | None = None) -> nn.Module:
+def make_extractor(kind: str, weights: str | None = None, classifier: str | None = None) -> nn.Module:
     if kind == "inception":
         return load_inception(weights)
     if kind == "pixels":
         return PixelFeatures()
-    raise ConfigError(f"--features {kind!r}: expected 'inception' or 'pixels'")
+    if kind == "classifier":
+        from ditscale.eval.classifier import load_classifier
+
+        if not classifier:
+            raise ConfigError(
+                "--features classifier needs --classifier FOLDER (built by `python -m ditscale eval classifier`)"
+            )
+        return load_classifier(classifier)
+    raise ConfigError(f"--features {kind!r}: expected 'inception', 'pixels' or 'classifier'")
+
+
+class Concat(nn.Module):
+    """Several feature networks on the same images: their features side by side (split them with `split`)."""
+
+    def __init__(self, extractors: list[nn.Module]):
+        super().__init__()
+        self.extractors = nn.ModuleList(extractors)
+        self.dims: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [e(x).flatten(1) for e in self.extractors]
+        self.dims = [f.shape[1] for f in feats]
+        return torch.cat(feats, 1)
+
+    def split(self, joined: np.ndarray) -> list[np.ndarray]:
+        """The columns of each network, in order (the widths seen by forward)."""
+        if sum(self.dims) != joined.shape[1]:
+            raise ValueError(f"features of width {joined.shape[1]} do not split into {self.dims}")
+        edges = np.cumsum([0, *self.dims])
+        return [joined[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def features_key(kind: str, extractor: nn.Module) -> str:
+    """The name reference statistics are cached under: a classifier's statistics belong to its weights."""
+    return f"classifier-{extractor.digest}" if kind == "classifier" else kind
 
 
 @torch.no_grad()

@@ -4,11 +4,16 @@
   metrics.jsonl (one PNG per variant, a panel per N, a colour per window configuration, a line style per seed),
   and each run's newest sample grid (samples/step_*.png), side by side per window configuration;
 - PSNR gap against N per window configuration (mean +- std over seeds/shuffles),
-- the FID table with the relative change against global attention (same variant and N),
+- the FID tables (Inception, classifier and pixel features, whichever were measured) with the relative change
+  against global attention (same variant and N),
 - the placement comparison (head / mix / tail for each local preset),
 - attention locality per block (mean attention distance in tokens),
 - the two-model test when pair.json files are present.
 Writes `report.md` and PNGs into --out (default: DIR/report, or reports/<grid name> for a grid file).
+
+A configuration is the window spec plus every other grid axis that varies (e.g. `global nodes=2`): tables and
+plots keep configurations apart (colour per configuration, line style per seed or N, markers on every line so a
+one-point series shows), and each metric has one number format (FORMATS) wherever it appears.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from ditscale.io.rundir import SAMPLES, RunDir
 from ditscale.model.windows import PLACEMENTS, placement_of
 
 log = logging.getLogger("ditscale.report")
+DIGITS = 2  # decimals of every PSNR, PSNR gap and FID value in the tables (cosine similarities: 3)
+FID_METRICS = {  # eval file stem -> what its FID is called in the report
+    "fid": "FID (Inception)",
+    "fid_classifier": "classifier FID (features of a classifier trained on the dataset)",
+    "fid_pixels": "pixel FID (pixels as features)",
+}
+MARKERS = "osD^v<>ph*"
 
 
 @dataclass
@@ -40,6 +52,12 @@ class RunInfo:
     n: int | None
     evals: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)  # the grid's axis values of this run (grid files only)
+
+    @property
+    def config(self) -> str:
+        """The window spec plus the other axes that set this run apart (`global nodes=2`)."""
+        extra = _extra_axes(self)
+        return f"{self.windows} {extra}" if extra else self.windows
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -192,24 +210,21 @@ def plot_loss_curves(runs: list[RunInfo], curves: dict[str, list], path: str, va
         return None
     plt = _plt()
     ns = sorted({r.n for r in mine}, key=lambda n: -1 if n is None else n)
-    ws = _windows_order(r.windows for r in runs)
+    cs = _windows_order(r.config for r in runs)
     seeds = sorted({r.seed for r in runs})
-    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 3.8), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], ns, strict=True):
-        for r in sorted(
-            (r for r in mine if r.n == n), key=lambda r: (ws.index(r.windows), r.seed, _extra_axes(r), r.id)
-        ):
+        for r in sorted((r for r in mine if r.n == n), key=lambda r: (cs.index(r.config), r.seed, r.id)):
             steps, losses = zip(*curves[r.id], strict=True)
-            label = " ".join(x for x in (r.windows, f"s{r.seed}" if len(seeds) > 1 else "", _extra_axes(r)) if x)
-            i = ws.index(r.windows)
+            label = " ".join(x for x in (r.config, f"s{r.seed}" if len(seeds) > 1 else "") if x)
             ax.plot(
                 steps,
                 losses,
                 lw=0.9,
-                color="gray" if r.windows == "global" else f"C{i % 10}",
-                ls=styles[seeds.index(r.seed) % len(styles)],
                 label=label,
+                markevery=max(1, len(steps) // 8),
+                markersize=3,
+                **_style(cs.index(r.config), seeds.index(r.seed)),
             )
         ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -261,7 +276,16 @@ def _mean_std(vals: list[float]) -> tuple[float, float, int]:
     return m, sd, len(vals)
 
 
-def _fmt(ms: tuple[float, float, int], digits: int = 2) -> str:
+def _style(colour: int, style: int) -> dict:
+    """Matplotlib keywords: a colour and marker per configuration, a line style per seed (or N)."""
+    return {
+        "color": f"C{colour % 10}",
+        "marker": MARKERS[colour % len(MARKERS)],
+        "ls": ["-", "--", ":", "-."][style % 4],
+    }
+
+
+def _fmt(ms: tuple[float, float, int], digits: int = DIGITS) -> str:
     m, sd, k = ms
     if k == 0:
         return ""
@@ -269,8 +293,19 @@ def _fmt(ms: tuple[float, float, int], digits: int = 2) -> str:
 
 
 def _windows_order(ws) -> list[str]:
+    """Configurations with global attention first (one per setting of the other axes), then the rest, sorted."""
     ws = sorted(set(ws))
-    return (["global"] if "global" in ws else []) + [w for w in ws if w != "global"]
+    return [w for w in ws if _is_global(w)] + [w for w in ws if not _is_global(w)]
+
+
+def _is_global(config: str) -> bool:
+    return config.split(" ", 1)[0] == "global"
+
+
+def _baseline(config: str) -> str:
+    """The global-attention configuration a configuration is compared with: same other axes."""
+    rest = config.split(" ", 1)[1:]
+    return " ".join(["global", *rest])
 
 
 def _n_label(n) -> str:
@@ -281,12 +316,12 @@ def _n_label(n) -> str:
 
 
 def gather(runs: list[RunInfo], metric: str, key: str) -> dict[tuple, list[float]]:
-    """{(variant, windows, n): [value per run]} of evals[metric][key]."""
+    """{(variant, configuration, n): [value per run]} of evals[metric][key]."""
     out: dict[tuple, list[float]] = {}
     for r in runs:
         ev = r.evals.get(metric)
         if isinstance(ev, dict) and isinstance(ev.get(key), (int, float)):
-            out.setdefault((r.variant, r.windows, r.n), []).append(float(ev[key]))
+            out.setdefault((r.variant, r.config, r.n), []).append(float(ev[key]))
     return out
 
 
@@ -330,25 +365,23 @@ def psnr_table(runs: list[RunInfo]) -> tuple[str, dict]:
     return "\n\n".join(parts), gap
 
 
-def fid_table(runs: list[RunInfo]) -> tuple[str, dict, str]:
-    label = "FID (Inception)"
-    fid = gather(runs, "fid", "fid")
-    if not fid:
-        label = "FID on pixel features (not comparable to Inception FID)"
-        fid = gather(runs, "fid_pixels", "fid")
+def fid_table(runs: list[RunInfo], metric: str = "fid") -> tuple[str, dict, str]:
+    """The FID of one feature network (FID_METRICS) per configuration, with the change against global."""
+    label = FID_METRICS[metric]
+    fid = gather(runs, metric, "fid")
     if not fid:
         return "", {}, label
     ws = _windows_order(k[1] for k in fid)
     keys = sorted({(k[0], k[2]) for k in fid}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
     rows = []
     for v, n in keys:
-        base = _mean_std(fid.get((v, "global", n), []))[0]
         row = [v, _n_label(n)]
         for w in ws:
+            base = _mean_std(fid.get((v, _baseline(w), n), []))[0]
             m = _mean_std(fid.get((v, w, n), []))
-            cell = _fmt(m, 4)
-            if cell and w != "global" and math.isfinite(base) and base > 0:
-                cell += f" ({(m[0] - base) / base * 100:+.2f}%)"
+            cell = _fmt(m)
+            if cell and not _is_global(w) and math.isfinite(base) and base > 0:
+                cell += f" ({(m[0] - base) / base * 100:+.1f}%)"
             row.append(cell)
         rows.append(row)
     return (
@@ -377,7 +410,7 @@ def placement_table(gap: dict, fid: dict) -> str:
         return ""
 
     def cell(table: dict, v: str, pre: str, pl: str, n) -> str:
-        return _fmt(_mean_std([x for w in placed.get((pre, pl), []) for x in table.get((v, w, n), [])]), 3)
+        return _fmt(_mean_std([x for w in placed.get((pre, pl), []) for x in table.get((v, w, n), [])]))
 
     keys = sorted({(k[0], k[2]) for k in list(gap) + list(fid)}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
     rows = []
@@ -385,7 +418,7 @@ def placement_table(gap: dict, fid: dict) -> str:
         for name, table in (("PSNR gap", gap), ("FID", fid)):
             if not any(k[0] == v and k[2] == n for k in table):
                 continue
-            row = [v, _n_label(n), name, _fmt(_mean_std(table.get((v, "global", n), [])), 3)]
+            row = [v, _n_label(n), name, _fmt(_mean_std(table.get((v, "global", n), [])))]
             for pre in presets:
                 row += [cell(table, v, pre, pl, n) for pl in PLACEMENTS]
             rows.append(row)
@@ -394,16 +427,16 @@ def placement_table(gap: dict, fid: dict) -> str:
 
 
 def _by_seed(runs: list[RunInfo], metric: str, key: str) -> dict[tuple, dict[int, float]]:
-    """{(variant, windows, n): {seed: value}} of evals[metric][key]."""
+    """{(variant, configuration, n): {seed: value}} of evals[metric][key]."""
     out: dict[tuple, dict[int, float]] = {}
     for r in runs:
         ev = r.evals.get(metric)
         if isinstance(ev, dict) and isinstance(ev.get(key), (int, float)) and math.isfinite(ev[key]):
-            out.setdefault((r.variant, r.windows, r.n), {})[r.seed] = float(ev[key])
+            out.setdefault((r.variant, r.config, r.n), {})[r.seed] = float(ev[key])
     return out
 
 
-def _spread(vals: list[float], digits: int = 2) -> str:
+def _spread(vals: list[float], digits: int = DIGITS) -> str:
     """'mean ± std [min..max]' (sample std); one value alone as it is."""
     m, sd, k = _mean_std(vals)
     if k == 0:
@@ -414,22 +447,24 @@ def _spread(vals: list[float], digits: int = 2) -> str:
 
 
 def spread_table(runs: list[RunInfo]) -> str:
-    """Per configuration (variant, windows, N) over its seeds/shuffles: mean ± std [min..max] of the PSNR gap, the
-    test PSNR and the FID, and the gap's difference to global attention paired by seed (same data shuffle)."""
+    """Per configuration (variant, configuration, N) over its seeds/shuffles: mean ± std [min..max] of the PSNR
+    gap, the test PSNR and each FID measured, each with its difference to global attention paired by seed (the
+    same data shuffle), and the share of class-conditional samples the classifier assigns to their class."""
     gap = _by_seed(runs, "psnr_gap", "avg_gap")
     if not gap:
         return ""
     test = _by_seed(runs, "psnr_gap", "avg_test_psnr")
-    fid_metric = "fid" if _by_seed(runs, "fid", "fid") else "fid_pixels"
-    fid = _by_seed(runs, fid_metric, "fid")
+    fids = [(m, _by_seed(runs, m, "fid")) for m in FID_METRICS]
+    fids = [(m, t) for m, t in fids if t]
+    acc = _by_seed(runs, "fid_classifier", "sample_accuracy")
     keys = sorted(
-        gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1], "global"]).index(k[1]), k[1])
+        gap, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order(k[1] for k in gap).index(k[1]), k[1])
     )
 
     def paired(table: dict, v: str, w: str, n, better: str) -> str:
         """This configuration minus global, per seed (same data shuffle), and how often it is lower/higher."""
-        mine, base = table.get((v, w, n), {}), table.get((v, "global", n), {})
-        d = [mine[s] - base[s] for s in sorted(mine) if s in base] if w != "global" else []
+        mine, base = table.get((v, w, n), {}), table.get((v, _baseline(w), n), {})
+        d = [mine[s] - base[s] for s in sorted(mine) if s in base] if not _is_global(w) else []
         if not d:
             return ""
         count = sum(x < 0 for x in d) if better == "lower" else sum(x > 0 for x in d)
@@ -437,20 +472,23 @@ def spread_table(runs: list[RunInfo]) -> str:
 
     rows = []
     for v, w, n in keys:
-        rows.append(
-            [
-                v,
-                _n_label(n),
-                w,
-                str(len(gap[(v, w, n)])),
-                _spread(list(gap[(v, w, n)].values())),
-                paired(gap, v, w, n, "lower"),
-                _spread(list(test.get((v, w, n), {}).values())),
-                paired(test, v, w, n, "higher"),
-                _spread(list(fid.get((v, w, n), {}).values()), 3),
-            ]
-        )
-    fid_name = "FID" if fid_metric == "fid" else "pixel FID"
+        row = [
+            v,
+            _n_label(n),
+            w,
+            str(len(gap[(v, w, n)])),
+            _spread(list(gap[(v, w, n)].values())),
+            paired(gap, v, w, n, "lower"),
+            _spread(list(test.get((v, w, n), {}).values())),
+            paired(test, v, w, n, "higher"),
+        ]
+        for _m, table in fids:
+            row += [_spread(list(table.get((v, w, n), {}).values())), paired(table, v, w, n, "lower")]
+        if acc:
+            vals = list(acc.get((v, w, n), {}).values())
+            row.append(f"{100 * sum(vals) / len(vals):.1f}%" if vals else "")
+        rows.append(row)
+    names = {"fid": "FID", "fid_classifier": "classifier FID", "fid_pixels": "pixel FID"}
     header = [
         "variant",
         "N",
@@ -460,8 +498,11 @@ def spread_table(runs: list[RunInfo]) -> str:
         "gap − global (dB)",
         "test PSNR (dB)",
         "test PSNR − global (dB)",
-        fid_name,
     ]
+    for m, _t in fids:
+        header += [names[m], f"{names[m]} − global"]
+    if acc:
+        header.append("samples classified as drawn")
     return (
         "mean ± sample std [min..max] over the runs of each configuration (seeds / data shuffles); the "
         '"− global" columns subtract the global run trained on the same shuffle\n\n' + _md_table(header, rows)
@@ -475,14 +516,15 @@ def locality_table(runs: list[RunInfo]) -> tuple[str, dict]:
         ev = r.evals.get("locality")
         if not isinstance(ev, dict) or not ev.get("blocks"):
             continue
-        groups.setdefault((r.variant, r.windows, r.n), []).append([b["mean_distance"] for b in ev["blocks"]])
+        groups.setdefault((r.variant, r.config, r.n), []).append([b["mean_distance"] for b in ev["blocks"]])
         uniform = ev.get("uniform", {}).get("mean_distance", uniform)
     if not groups:
         return "", {}
     depth = max(len(v[0]) for v in groups.values())
     rows = []
     means = {}
-    for key in sorted(groups, key=lambda k: (k[0], -1 if k[2] is None else k[2], _windows_order([k[1]])[0])):
+    order = _windows_order(k[1] for k in groups)
+    for key in sorted(groups, key=lambda k: (k[0], -1 if k[2] is None else k[2], order.index(k[1]))):
         per_block = [_mean_std([d[b] for d in groups[key] if b < len(d)])[0] for b in range(depth)]
         means[key] = per_block
         rows.append([key[0], key[1], _n_label(key[2])] + [f"{x:.2f}" if math.isfinite(x) else "" for x in per_block])
@@ -528,16 +570,27 @@ def _plt():
 
 
 def plot_gap_vs_n(gap: dict, path: str) -> str | None:
+    """Average PSNR gap against N: mean ± std per configuration (colour, marker), line style per variant."""
     keys = [k for k in gap if k[2]]
     if not keys:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for v in sorted({k[0] for k in keys}):
+    cs = _windows_order(k[1] for k in keys)
+    variants = sorted({k[0] for k in keys})
+    for v in variants:
         for w in _windows_order(k[1] for k in keys if k[0] == v):
             ns = sorted(k[2] for k in keys if k[0] == v and k[1] == w)
             ms = [_mean_std(gap[(v, w, n)]) for n in ns]
-            ax.errorbar(ns, [m[0] for m in ms], yerr=[m[1] for m in ms], marker="o", capsize=3, label=f"{v} {w}")
+            label = f"{v} {w}" if len(variants) > 1 else w
+            ax.errorbar(
+                ns,
+                [m[0] for m in ms],
+                yerr=[m[1] for m in ms],
+                capsize=3,
+                label=label,
+                **_style(cs.index(w), variants.index(v)),
+            )
     ax.set_xscale("log")
     ax.set_xlabel("training-set size N")
     ax.set_ylabel("average PSNR gap (dB)")
@@ -548,30 +601,69 @@ def plot_gap_vs_n(gap: dict, path: str) -> str | None:
 
 
 def plot_curves(runs: list[RunInfo], path: str) -> str | None:
-    """Train (solid) and test (dashed) PSNR against t, one colour per (windows, N); first run of each group."""
-    seen, items = set(), []
-    for r in sorted(runs, key=lambda r: (r.windows != "global", r.windows, r.n or 0)):
+    """Against the input timestep t, per (configuration, N), mean over its seeds: train (solid) and held-out
+    (dashed) PSNR; the held-out PSNR minus that of global attention on the same shuffle (mean ± std of the paired
+    differences; the raw held-out PSNR when no configuration has a global baseline); and the PSNR gap (mean ± std).
+    A colour and marker per configuration, a line style per N."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in runs:
         ev = r.evals.get("psnr_gap")
-        key = (r.variant, r.windows, r.n)
-        if isinstance(ev, dict) and ev.get("timesteps") and key not in seen:
-            seen.add(key)
-            items.append((key, ev))
-    if not items:
+        if isinstance(ev, dict) and ev.get("timesteps"):
+            groups.setdefault((r.variant, r.config, r.n), {})[r.seed] = ev
+    if not groups:
         return None
+    import numpy as np
+
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, ((_v, w, n), ev) in enumerate(items):
-        label = f"{w} {_n_label(n)}"
-        a.plot(ev["timesteps"], ev["train_psnr"], color=f"C{i % 10}", label=f"{label} train")
-        a.plot(ev["timesteps"], ev["test_psnr"], color=f"C{i % 10}", ls="--", label=f"{label} test")
-        b.plot(ev["timesteps"], ev["gap"], color=f"C{i % 10}", label=label)
-    a.set_xlabel("input diffusion step t")
+    cs = _windows_order(k[1] for k in groups)
+    ns = sorted({k[2] for k in groups}, key=lambda n: -1 if n is None else n)
+    paired = any(not _is_global(k[1]) and (k[0], _baseline(k[1]), k[2]) in groups for k in groups)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
+
+    def draw(ax, ts, vals, st, ls, label, band=True):
+        mean = vals.mean(0)
+        every = max(1, len(ts) // 8)
+        ax.plot(ts, mean, color=st["color"], marker=st["marker"], ls=ls, markevery=every, ms=3, lw=1, label=label)
+        if band and len(vals) > 1:
+            sd = vals.std(0, ddof=1)
+            ax.fill_between(ts, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0)
+
+    for (v, w, n), by_seed in sorted(groups.items(), key=lambda kv: (cs.index(kv[0][1]), ns.index(kv[0][2]))):
+        ts = next(iter(by_seed.values()))["timesteps"]
+        evs = {s: e for s, e in by_seed.items() if e["timesteps"] == ts}
+        label = f"{w} {_n_label(n)}" if len(ns) > 1 else w
+        st = _style(cs.index(w), ns.index(n))
+        draw(a, ts, np.array([e["train_psnr"] for e in evs.values()]), st, st["ls"], f"{label} train", band=False)
+        draw(a, ts, np.array([e["test_psnr"] for e in evs.values()]), st, "--", f"{label} test", band=False)
+        draw(c, ts, np.array([e["gap"] for e in evs.values()]), st, st["ls"], label)
+        if not paired:
+            draw(b, ts, np.array([e["test_psnr"] for e in evs.values()]), st, st["ls"], label)
+            continue
+        base = groups.get((v, _baseline(w), n), {})
+        diffs = [
+            np.array(e["test_psnr"]) - np.array(base[s]["test_psnr"])
+            for s, e in evs.items()
+            if s in base and base[s]["timesteps"] == ts
+        ]
+        if diffs:
+            draw(b, ts, np.array(diffs), st, st["ls"], label)
+    a.set_title("train (solid) and held-out (dashed) PSNR")
     a.set_ylabel("PSNR of one-step x0 estimate (dB)")
+    if paired:
+        b.set_title("held-out PSNR − global's, paired by shuffle")
+        b.set_ylabel("test PSNR − global (dB)")
+        b.axhline(0, color="gray", lw=0.5)
+    else:
+        b.set_title("held-out PSNR, mean ± std over shuffles")
+        b.set_ylabel("test PSNR (dB)")
+    c.set_title("PSNR gap, mean ± std over shuffles")
+    c.set_ylabel("PSNR gap, train − test (dB)")
+    c.axhline(0, color="gray", lw=0.5)
+    for ax in (a, b, c):
+        ax.set_xlabel("input diffusion step t")
     a.legend(fontsize=6, ncol=2)
-    b.set_xlabel("input diffusion step t")
-    b.set_ylabel("PSNR gap (dB)")
-    b.axhline(0, color="gray", lw=0.5)
     b.legend(fontsize=7)
+    c.legend(fontsize=7)
     fig.tight_layout()
     return common.save_figure(fig, path)
 
@@ -582,6 +674,7 @@ def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
     plt = _plt()
     ns = sorted({k[2] for k in table}, key=lambda n: -1 if n is None else n)
     ws = _windows_order(k[1] for k in table)
+    cs = _windows_order(k[1] for k in table)
     fig, axes = plt.subplots(1, len(ns), figsize=(max(4, 1 + 0.6 * len(ws)) * len(ns), 3.4), squeeze=False)
     for ax, n in zip(axes[0], ns, strict=True):
         ms = [_mean_std([x for k, v in table.items() if k[1] == w and k[2] == n for x in v]) for w in ws]
@@ -590,7 +683,7 @@ def plot_bars(table: dict, ylabel: str, path: str) -> str | None:
             [m[0] for m in ms],
             yerr=[m[1] for m in ms],
             capsize=3,
-            color=["gray" if w == "global" else f"C{i}" for i, w in enumerate(ws)],
+            color=[f"C{cs.index(w) % 10}" for w in ws],
         )
         ax.set_xticks(range(len(ws)), ws, rotation=45, ha="right", fontsize=8)
         ax.set_title(_n_label(n))
@@ -628,12 +721,15 @@ def plot_paired(runs: list[RunInfo], path: str) -> str | None:
 
 
 def plot_locality(means: dict, uniform_note: bool, path: str) -> str | None:
+    """Mean attention distance per block: a colour and marker per configuration, a line style per N."""
     if not means:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    cs = _windows_order(k[1] for k in means)
+    ns = sorted({k[2] for k in means}, key=lambda n: -1 if n is None else n)
     for (v, w, n), per in means.items():
-        ax.plot(range(len(per)), per, marker="o", label=f"{v} {w} {_n_label(n)}")
+        ax.plot(range(len(per)), per, label=f"{v} {w} {_n_label(n)}", **_style(cs.index(w), ns.index(n)))
     ax.set_xlabel("block")
     ax.set_ylabel("mean attention distance (tokens)")
     ax.legend(fontsize=7)
@@ -661,7 +757,9 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
     if grids:
         md += ["Newest sample grid of each run (EMA weights):", "", samples_table(runs, grids), ""]
     psnr_md, gap = psnr_table(runs)
-    fid_md, fid, fid_label = fid_table(runs)
+    fid_tables = [(m, *fid_table(runs, m)) for m in FID_METRICS]
+    fid_tables = [t for t in fid_tables if t[1]]
+    fid = fid_tables[0][2] if fid_tables else {}
     loc_md, loc_means = locality_table(runs)
     figs = []
     if psnr_md:
@@ -673,10 +771,11 @@ def build_report(runs: list[RunInfo], out: str, title: str) -> str:
             md += ["![train and test PSNR against t](psnr_curves.png)", ""]
         if plot_bars(gap, "average PSNR gap (dB)", common.join(out, "psnr_gap_bars.png")):
             md += ["![PSNR gap per window configuration](psnr_gap_bars.png)", ""]
-    if fid_md:
-        md += ["## FID", "", fid_md, ""]
-        if plot_bars(fid, fid_label.split(";")[0], common.join(out, "fid.png")):
-            md += ["![FID per window configuration](fid.png)", ""]
+    for metric, fid_md, table, label in fid_tables:
+        md += [f"## {label[0].upper() + label[1:]}", "", fid_md, ""]
+        png = f"{metric}.png"
+        if plot_bars(table, label.split(" (")[0], common.join(out, png)):
+            md += [f"![{label.split(' (')[0]} per window configuration]({png})", ""]
     pl = placement_table(gap, fid)
     if pl:
         md += ["## Placement (head / mix / tail)", "", pl, ""]

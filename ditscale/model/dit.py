@@ -619,13 +619,17 @@ def DiT_T_2(**kwargs):
     return DiT(depth=4, hidden_size=96, patch_size=2, num_heads=3, **kwargs)
 
 
+def DiT_XXS_2(**kwargs):  # the CPU study's model (docs/results.md): the paper's 12 blocks, so its window presets fit
+    return DiT(depth=12, hidden_size=64, patch_size=2, num_heads=2, **kwargs)
+
+
 DiT_models = {
     "DiT-XL/2": DiT_XL_2,  "DiT-XL/4": DiT_XL_4,  "DiT-XL/8": DiT_XL_8,
     "DiT-L/2":  DiT_L_2,   "DiT-L/4":  DiT_L_4,   "DiT-L/8":  DiT_L_8,
     "DiT-B/2":  DiT_B_2,   "DiT-B/4":  DiT_B_4,   "DiT-B/8":  DiT_B_8,
     "DiT-S/2":  DiT_S_2,   "DiT-S/4":  DiT_S_4,   "DiT-S/8":  DiT_S_8,
     "DiT-XL/1": DiT_XL_1,  "DiT-L/1":  DiT_L_1,   "DiT-B/1":  DiT_B_1,   "DiT-S/1": DiT_S_1,
-    "DiT-XS/1": DiT_XS_1,  "DiT-T/1":  DiT_T_1,   "DiT-T/2":  DiT_T_2,
+    "DiT-XS/1": DiT_XS_1,  "DiT-T/1":  DiT_T_1,   "DiT-T/2":  DiT_T_2,   "DiT-XXS/2": DiT_XXS_2,
 }  # fmt: skip
 
 

@@ -184,8 +184,9 @@ def _require(module: str, extra: str):
 
 
 class TensorBoardLogger(Logger):
-    """TensorBoard event files in <run dir>/tensorboard (scalars under train/, sample grids as images). A resumed
-    run purges the events after its checkpoint, so the curves have no repeated steps."""
+    """TensorBoard event files in <run dir>/tensorboard (scalars under train/, sample grids as images, and the run's
+    config: as hparams, one flat key per field for the HPARAMS tab, and as YAML text under config). A resumed run
+    purges the events after its checkpoint, so the curves have no repeated steps."""
 
     def __init__(self, rundir, start_step: int):
         _require("tensorboard", "tensorboard")
@@ -193,6 +194,29 @@ class TensorBoardLogger(Logger):
 
         self.rundir, self.rel = rundir, "tensorboard"
         self.writer = SummaryWriter(str(rundir.local_file(self.rel)), purge_step=start_step + 1 if start_step else None)
+        self._write_config(start_step)
+
+    def _write_config(self, step: int) -> None:
+        """The config the trainer recorded in the run dir (config.yaml, written before the loggers start)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        text, tree = self.rundir.read_text("config.yaml"), self.rundir.saved_config()
+        if not text or not isinstance(tree, dict):
+            return
+        flat: dict = {}
+
+        def walk(prefix: str, node) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:  # hparams take numbers, strings and booleans; lists and nulls as their text
+                flat[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+        walk("", tree)
+        for summary in hparams(flat, {"train/loss": None}):  # the metric is the train/loss scalar of this run
+            self.writer.file_writer.add_summary(summary)
+        indented = "\n".join("    " + line for line in text.splitlines())  # markdown code block
+        self.writer.add_text("config", indented, step)
 
     def log(self, step: int, record: dict) -> None:
         for k in SCALARS:
