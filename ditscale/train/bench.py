@@ -40,7 +40,6 @@ def run(args) -> int:
 
     from ditscale import distenv
     from ditscale.config import load_config
-    from ditscale.diffusion import diffusion_from_config
     from ditscale.train import engine as eng
     from ditscale.train.ema import EMA
     from ditscale.train.step import diffusion_loss, model_fn
@@ -55,8 +54,8 @@ def run(args) -> int:
         validate(cfg, 1)
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
-    precision = eng.resolve_precision(cfg)
-    diffusion = diffusion_from_config(cfg)
+    precision = eng.resolve_precision(cfg.train.precision)
+    diffusion = cfg.diffusion.build(cfg.model.learn_sigma)
     b = cfg.train.micro_batch
     nb = args.warmup + args.steps
     m = cfg.model
@@ -68,7 +67,7 @@ def run(args) -> int:
         ]
         it = None
     else:
-        loader = cfg.data.loader(batch_size=b, seed=cfg.run.seed)
+        loader = cfg.data.loader(micro_batch=b, global_batch=b, seed=cfg.run.seed)
         it = iter(loader)
         batches = [next(it) for _ in range(nb)]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -82,14 +81,7 @@ def run(args) -> int:
     plain_ema = EMA(plain, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(plain)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(
-        [p for p in plain.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        **fused,
-    )
+    opt = cfg.optim.optimizer([p for p in plain.parameters() if p.requires_grad], fused=device.type == "cuda")
     if cfg.train.compile:
         plain.compile()
     plain_fn = model_fn(plain, precision, device)
@@ -110,7 +102,7 @@ def run(args) -> int:
     ds_ema = EMA(model, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(model)
-    engine, _, _ = eng.build_engine(cfg, model, 1)
+    engine, _, _ = cfg.train.engine(model, cfg.optim, 1)
     ds_fn = model_fn(engine, precision, device)
     zero3 = cfg.train.zero_stage == 3
 
