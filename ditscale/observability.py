@@ -2,12 +2,16 @@
 them are in ditscale.train.loggers).
 
 Prometheus: every rank serves /metrics on `log.metrics_addr`, port `log.metrics_port + local_rank` (0 = off),
-with labels run, variant, windows, data_size, rank. Names follow Prometheus conventions (ditscale_ prefix, base
-units, _total for counters). `ditscale_run_info` (value 1) adds the labels of the run that are not on every series
-(dataset, seed), and `ditscale_train_planned_steps` the steps the run trains for: dashboards join on `run` to
-group by them, and alerts tell a finished run (step = planned steps) from one that died. So that Prometheus sees
-the final step at all, a finished run's exporter stays up until every client that scrapes it regularly has
-fetched it once more (Metrics.close()).
+with labels run_id, run, variant, windows, data_size, rank. `run_id` is the run's identity (one per run dir,
+ditscale.io.rundir.run_id): two runs of one config share `run` (cfg.run.name) but never `run_id`, so every
+dashboard query, recording rule and alert groups and joins by `run_id`. Names follow Prometheus conventions
+(ditscale_ prefix, base units, _total for counters). `ditscale_run_info` (value 1) adds the labels of the run that
+are not on every series (dataset, seed), and `ditscale_train_planned_steps` the steps the run trains for:
+dashboards join on `run_id` to group by them, and alerts tell a finished run (step = planned steps) from one that
+died. A value that was not measured is absent, never 0: the loss, throughput, learning rate and gradient norm
+have no sample until a log step reports them (no gradient norm at all where DeepSpeed computes none), GPU memory
+none without a GPU. So that Prometheus sees the final step at all, a finished run's exporter stays up until every
+client that scrapes it regularly has fetched it once more (Metrics.close()).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-LABELS = ("run", "variant", "windows", "data_size", "rank")
+LABELS = ("run_id", "run", "variant", "windows", "data_size", "rank")
 INFO_LABELS = ("dataset", "seed")  # on ditscale_run_info only
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
 CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, math.inf)
@@ -84,6 +88,17 @@ def _serve(registry, port: int, addr: str, scrapes: ScrapeLog):
     return httpd
 
 
+class Unmeasured:
+    """A labelled gauge whose series exists only once it is set: until then /metrics declares the family (HELP and
+    TYPE) but has no sample, so Prometheus and the dashboard see "no value" instead of a 0 never measured."""
+
+    def __init__(self, family, labels: dict[str, str]):
+        self.family, self.labels = family, labels
+
+    def set(self, value: float) -> None:
+        self.family.labels(**self.labels).set(value)
+
+
 class Metrics:
     """The contract's Prometheus metrics for one rank, in a private registry, served over HTTP when port > 0."""
 
@@ -94,24 +109,35 @@ class Metrics:
         addr: str = "0.0.0.0",
         info: dict[str, str] | None = None,
         planned_steps: int | None = None,
+        start_step: int = 0,
     ):
         """labels: LABELS' values; info: INFO_LABELS' values (dataset, seed) for ditscale_run_info;
-        planned_steps: train.steps. Both are set before the server starts, so every scrape has them."""
+        planned_steps: train.steps; start_step: the steps done when this process starts (a resume's checkpoint).
+        All are set before the server starts, so every scrape has them."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         r, names = self.registry, list(LABELS)
 
+        missing = set(LABELS) - set(labels)
+        if missing:
+            raise ValueError(f"Metrics labels lack {sorted(missing)} (every series carries {', '.join(LABELS)})")
+        labels = {k: str(labels[k]) for k in LABELS}
+
         def g(name: str, doc: str):
             return Gauge(name, doc, names, registry=r).labels(**labels)
+
+        def unmeasured(name: str, doc: str) -> Unmeasured:
+            return Unmeasured(Gauge(name, doc, names, registry=r), labels)
 
         def c(name: str, doc: str):  # prometheus_client appends _total to counter names itself
             return Counter(name.removesuffix("_total"), doc, names, registry=r).labels(**labels)
 
-        self.loss = g("ditscale_train_loss", "training loss (mean over ranks and the last logging window)")
+        self.loss = unmeasured("ditscale_train_loss", "training loss (mean over ranks and the last logging window)")
         self.step = g("ditscale_train_step", "optimizer steps completed")
+        self.step.set(start_step)
         self.samples = c("ditscale_samples_total", "training samples consumed by all ranks")
-        self.images_per_second = g("ditscale_images_per_second", "training throughput of the whole job")
+        self.images_per_second = unmeasured("ditscale_images_per_second", "training throughput of the whole job")
         self.step_time = Histogram(
             "ditscale_step_time_seconds",
             "wall time of one optimizer step on this rank",
@@ -120,10 +146,13 @@ class Metrics:
             registry=r,
         ).labels(**labels)
         self.data_wait = c("ditscale_data_wait_seconds_total", "time this rank waited for the data loader")
-        self.grad_norm = g("ditscale_grad_norm", "global gradient norm before clipping")
-        self.learning_rate = g("ditscale_learning_rate", "learning rate")
-        self.gpu_allocated = g("ditscale_gpu_memory_allocated_bytes", "GPU memory allocated by tensors")
-        self.gpu_reserved = g("ditscale_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator")
+        # absent where DeepSpeed computes no norm (e.g. ZeRO-0 in fp32: the optimizer reports none)
+        self.grad_norm = unmeasured("ditscale_grad_norm", "global gradient norm before clipping")
+        self.learning_rate = unmeasured("ditscale_learning_rate", "learning rate")
+        self.gpu_allocated = unmeasured("ditscale_gpu_memory_allocated_bytes", "GPU memory allocated by tensors")
+        self.gpu_reserved = unmeasured(
+            "ditscale_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator"
+        )
         self.checkpoint_time = Histogram(
             "ditscale_checkpoint_seconds",
             "wall time of one checkpoint save",

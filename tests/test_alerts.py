@@ -1,15 +1,18 @@
 """ditscale's Prometheus rules: k8s/rules/ditscale.rules.yaml is the source of truth.
 
 - `promtool check rules` accepts it, and `promtool test rules tests/rules/ditscale.test.yaml` passes: input series
-  for every alert, firing and not firing (promtool comes with Debian's prometheus package);
+  for every alert, firing and not firing, each with two runs of one config (same run name, two run_ids) that must
+  alert apart (promtool comes with Debian's prometheus package); rules that group by the name only fail them;
 - k8s/45-prometheus-rules.yaml (a PrometheusRule for the Prometheus Operator) embeds exactly its groups
   (regenerate with `python tests/test_alerts.py`);
 - a real Prometheus loads the rules and evaluates every one of them without error while it scrapes a real
-  training run (the shared 2-rank run of tests/plugins/prometheus.py).
+  training run (the shared 2-rank run of tests/plugins/prometheus.py); alerts on two concurrent runs of one config
+  in a real Prometheus: tests/test_runs_apart.py.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,6 +82,20 @@ def test_the_rules_are_the_issue_list():
     assert "[10m]" in by["DitscaleStepStalled"]["expr"] and by["DitscaleTargetDown"]["for"] == "10m"
 
 
+def test_every_rule_groups_and_joins_by_run_id():
+    """Run-level rules keep run_id in each aggregation (run beside it, for people) and match on run_id: two runs of
+    one config never merge into one series or alert. The target-down alert is per scrape target (job, instance)."""
+    for r in rules():
+        expr = r["expr"]
+        for group in re.findall(r"\b(?:sum|avg|max|min|count|quantile) by \(([^)]*)\)", expr):
+            names = [x.strip() for x in group.split(",")]
+            assert names[:2] == ["run_id", "run"] or names == ["run_id"], (r.get("alert") or r["record"], group)
+        for on in re.findall(r"\bon \(([^)]*)\)", expr):
+            assert on in ("run_id", "job, instance"), (r.get("alert") or r["record"], on)
+        if "alert" in r and r["alert"] != "DitscaleTargetDown":
+            assert "$labels.run_id" in r["annotations"]["summary"], r["alert"]
+
+
 def test_promtool_check_rules():
     r = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=WAIT_S)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -117,6 +134,25 @@ def test_promtool_unit_tests_catch_a_broken_rule(tmp_path):
         capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode != 0 and "DitscaleStraggler" in r.stdout + r.stderr
+
+
+def test_promtool_unit_tests_catch_rules_that_merge_runs_of_one_name(tmp_path):
+    """The unit tests' two runs of one config tell rules grouped by run_id from rules grouped by the name alone:
+    the same tests fail against the rules with run_id taken out (merged alerts, a stall hidden by its twin)."""
+    (tmp_path / "k8s" / "rules").mkdir(parents=True)
+    (tmp_path / "tests" / "rules").mkdir(parents=True)
+    merged = RULES.read_text().replace("by (run_id, run,", "by (run,").replace("(run_id)", "(run)")
+    assert "by (run_id" not in merged and "on (run_id)" not in merged
+    (tmp_path / "k8s" / "rules" / RULES.name).write_text(merged)
+    shutil.copy(RULE_TESTS, tmp_path / "tests" / "rules" / RULE_TESTS.name)
+    r = subprocess.run(
+        [promtool(), "test", "rules", f"tests/rules/{RULE_TESTS.name}"],
+        capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path,
+    )  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    for alert in ALERTS - {"DitscaleTargetDown"}:
+        assert f"alertname: {alert}," in out, (alert, out)
 
 
 def test_prometheus_rule_embeds_exactly_the_rules_file():

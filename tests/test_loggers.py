@@ -91,3 +91,85 @@ def test_plain_log_line():
     line = format_line(rec, 300)
     assert line == "step 40/300 loss 0.1234 img/s 512.3 lr 1.00e-03 grad_norm 0.412 data_wait 3.2% eta 00:01:05"
     assert format_line({**rec, "grad_norm": None, "step_time": 0.0}, 300).endswith("grad_norm - data_wait 3.2% eta ?")
+
+
+def test_every_logger_implements_the_protocol(tmp_path):
+    """jsonl, prometheus, tensorboard, wandb and the console declare the Logger protocol and have its methods;
+    make_loggers builds Loggers only."""
+    from ditscale.config import load_config
+    from ditscale.distenv import DistEnv
+    from ditscale.io.rundir import RunDir
+    from ditscale.observability import Metrics
+    from ditscale.train import loggers as L
+
+    for cls in (L.JsonlLogger, L.PrometheusLogger, L.TensorBoardLogger, L.WandbLogger, L.ConsoleLogger):
+        assert L.Logger in cls.__mro__ and issubclass(cls, L.Logger), cls
+        for name in ("log", "image", "sync", "close"):
+            assert name in vars(cls), (cls, name)  # implemented, not the protocol's empty default
+    cfg = load_config(None, ["log.loggers=[jsonl,prometheus]", "log.metrics_port=0", "log.progress=false"])
+    metrics = Metrics({k: "x" for k in ("run_id", "run", "variant", "windows", "data_size", "rank")})
+    made = L.make_loggers(cfg, RunDir(str(tmp_path / "run")), DistEnv(), metrics, start_step=0)
+    assert [type(lg).__name__ for lg in made] == ["JsonlLogger", "PrometheusLogger", "ConsoleLogger"]
+    assert all(isinstance(lg, L.Logger) for lg in made)
+    for lg in made:
+        lg.close()
+
+
+class _Recorder:
+    """A logger that keeps what it is given (declares nothing: the protocol is structural)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def log(self, step, record):
+        self.calls.append(("log", step, dict(record)))
+
+    def image(self, step, tag, path):
+        self.calls.append(("image", step, tag))
+
+    def sync(self):
+        self.calls.append(("sync",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+class _NoNormEngine:
+    """What TrainLog asks of the DeepSpeed engine: the global gradient norm, here None (none computed)."""
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def test_train_log_drives_its_loggers_and_exports_only_measured_values(tmp_path):
+    """TrainLog talks to its loggers through the protocol only; before the first log step the exporter has no loss
+    (absent, not 0), and a log step without a gradient norm leaves the norm absent while the record says None."""
+    import torch
+
+    from ditscale.config import load_config
+    from ditscale.distenv import DistEnv
+    from ditscale.io.rundir import RunDir
+    from ditscale.train.loggers import Logger, TrainLog
+
+    cfg = load_config(None, ["log.every=2", "log.loggers=[prometheus]", "log.metrics_port=0", "train.steps=4"])
+    labels = {"run_id": "feedbeef", "run": "r", "variant": "DiT-T/2", "windows": "global", "data_size": "8"}
+    tl = TrainLog(cfg, DistEnv(), RunDir(str(tmp_path / "run")), torch.device("cpu"), {**labels, "rank": "0"}, 0)
+    rec = _Recorder()
+    assert isinstance(rec, Logger)
+    tl.loggers.append(rec)
+    reg = tl.metrics.registry
+    sample = {**labels, "rank": "0"}
+    try:
+        tl.after_step(1, torch.tensor(0.5), 0.1, 0.01, 1e-3, _NoNormEngine(), loader=None)
+        assert reg.get_sample_value("ditscale_train_step", sample) == 1
+        assert reg.get_sample_value("ditscale_train_loss", sample) is None  # no log step yet
+        tl.after_step(2, torch.tensor(0.25), 0.1, 0.01, 1e-3, _NoNormEngine(), loader=None)
+        assert reg.get_sample_value("ditscale_train_loss", sample) == 0.375
+        assert reg.get_sample_value("ditscale_grad_norm", sample) is None
+        tl.image(2, "samples", tmp_path / "g.png")
+        tl.sync()
+    finally:
+        tl.close()
+    kinds = [c[0] for c in rec.calls]
+    assert kinds == ["log", "image", "sync", "close"], rec.calls
+    assert rec.calls[0][1] == 2 and rec.calls[0][2]["grad_norm"] is None and rec.calls[0][2]["loss"] == 0.375

@@ -54,11 +54,11 @@ def test_ray_bad_input_and_dry_run(digits_data, tmp_path):
 
 
 def _targets(d: Path) -> dict[str, str]:
-    """file_sd files -> "host:port" of the exporter each names."""
+    """file_sd files (<run>-rank<r>-<run_id>.json) -> "host:port" of the exporter each names, keyed <run>-rank<r>."""
     out = {}
     for f in d.glob("*.json") if d.is_dir() else ():
         try:
-            out[f.stem] = json.loads(f.read_text())[0]["targets"][0]
+            out[f.stem.rsplit("-", 1)[0]] = json.loads(f.read_text())[0]["targets"][0]
         except (OSError, ValueError, LookupError):
             continue
     return out

@@ -137,7 +137,8 @@ def _free_port() -> int:
 def test_prometheus_exporter_names_and_labels():
     from ditscale.observability import Metrics
 
-    labels = {"run": "r1", "variant": "DiT-T/2", "windows": "local@head", "data_size": "1000", "rank": "0"}
+    labels = {"run_id": "abc", "run": "r1", "variant": "DiT-T/2", "windows": "local@head", "data_size": "1000"}
+    labels["rank"] = "0"
     port = _free_port()
     m = Metrics(labels, port=port, addr="127.0.0.1")
     try:
@@ -152,7 +153,7 @@ def test_prometheus_exporter_names_and_labels():
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         m.close()
-    lab = 'data_size="1000",rank="0",run="r1",variant="DiT-T/2",windows="local@head"'
+    lab = 'data_size="1000",rank="0",run="r1",run_id="abc",variant="DiT-T/2",windows="local@head"'
     for line in (
         f"ditscale_train_loss{{{lab}}} 0.5",
         f"ditscale_train_step{{{lab}}} 3.0",
@@ -169,13 +170,12 @@ def test_prometheus_exporter_names_and_labels():
 
 
 def test_exporter_on_a_busy_port_does_not_stop_training():
-    from ditscale.observability import Metrics
+    from ditscale.observability import LABELS, Metrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        m = Metrics({k: "x" for k in ("run", "variant", "windows", "data_size", "rank")}, port=s.getsockname()[1],
-                    addr="127.0.0.1")  # fmt: skip
+        m = Metrics({k: "x" for k in LABELS}, port=s.getsockname()[1], addr="127.0.0.1")
         assert m.server is None
         m.close()
 
@@ -257,7 +257,7 @@ def test_busy_metrics_port_falls_back_and_the_endpoint_is_published(tmp_path):
     from ditscale.distenv import DistEnv
     from ditscale.train.loggers import FileSD, start_metrics
 
-    labels = {"run": "r1", "variant": "DiT-T/2", "windows": "global", "data_size": "10", "rank": "0"}
+    labels = {"run_id": "abc", "run": "r1", "variant": "DiT-T/2", "windows": "global", "data_size": "10", "rank": "0"}
     with socket.socket() as busy:
         busy.bind(("", 0))
         busy.listen()
@@ -267,12 +267,12 @@ def test_busy_metrics_port_falls_back_and_the_endpoint_is_published(tmp_path):
         try:
             assert m.server is not None and m.port != port  # another run holds the port: a free one instead
             sd = FileSD(cfg.log.file_sd, m, labels)
-            target = json.loads((tmp_path / "sd" / "r1-rank0.json").read_text())
+            target = json.loads((tmp_path / "sd" / "r1-rank0-abc.json").read_text())
             assert target[0]["targets"][0].endswith(f":{m.port}")
-            assert target[0]["labels"] == {"ditscale_run": "r1", "ditscale_rank": "0"}
+            assert target[0]["labels"] == {"ditscale_run_id": "abc", "ditscale_run": "r1", "ditscale_rank": "0"}
             body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
             assert 'run="r1"' in body
             sd.close()
-            assert not (tmp_path / "sd" / "r1-rank0.json").exists()
+            assert not (tmp_path / "sd" / "r1-rank0-abc.json").exists()
         finally:
             m.close()

@@ -63,6 +63,16 @@ def is_tag(name: str) -> bool:
     return name.startswith("step_") and name[5:].isdigit()
 
 
+def run_id(url: str) -> str:
+    """A run's identity: a short stable hash of where its run dir lives (a URL as given, a local path made
+    absolute; symlinks are not resolved). Unique per run directory, so two runs of one config (same run.name,
+    another --run-dir) never share it, and the same after a resume from any host that sees the same path. Every
+    Prometheus series carries it as `run_id` beside the human `run` name; W&B uses it as its run id."""
+    url = storage.normalize(str(url))
+    where = url if storage.is_url(url) else os.path.abspath(url)
+    return hashlib.sha1(where.encode()).hexdigest()[:16]
+
+
 def staging_root() -> Path:
     """Node-local scratch space for URL run dirs (DITSCALE_STAGING, else the system temp dir)."""
     return Path(os.environ.get("DITSCALE_STAGING") or Path(tempfile.gettempdir()) / "ditscale-staging")
@@ -189,6 +199,10 @@ class RunDir:
 
     def __str__(self) -> str:
         return self.url
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.url)
 
     def __repr__(self) -> str:
         return f"RunDir({self.url!r})"

@@ -3,8 +3,7 @@
 `TrainLog` is the trainer's part. Every step it updates host-side counters (Prometheus step, samples, step time,
 data wait) and adds the step's loss to a device-side sum; only every `log.every` steps (and at the end or on a
 stop) does it read device values back (the one host sync of the step, all-reduced over ranks) and write a record
-to each logger. A logger is anything with `log(step, record)`, `image(step, tag, path)` and `close()` (and
-`sync()` when it has files to upload with each checkpoint); `log.loggers` chooses them:
+to each logger. Every logger implements the `Logger` protocol below; `log.loggers` chooses them:
 - "jsonl": metrics.jsonl in the run dir (rank 0; a resume drops the lines after its checkpoint);
 - "prometheus": /metrics on every rank (ditscale.observability.Metrics);
 - "tensorboard": event files in <run dir>/tensorboard (rank 0; extra `ditscale[tensorboard]`);
@@ -21,13 +20,36 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
 log = logging.getLogger("ditscale.train")
 
 
-class JsonlLogger:
+@runtime_checkable
+class Logger(Protocol):
+    """Where the trainer's records go. TrainLog calls these on the ranks `make_loggers` gives the logger to."""
+
+    def log(self, step: int, record: dict) -> None:
+        """One record of a log step: step, loss, images_per_second, step_time, data_wait_share, lr, grad_norm
+        (None when not computed), samples, skipped, time."""
+        ...
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        """A sample grid saved at `path` (a PNG) at `step`."""
+        ...
+
+    def sync(self) -> None:
+        """Make what was logged durable in the run dir (called with each checkpoint; uploads for URL run dirs)."""
+        ...
+
+    def close(self) -> None:
+        """The run ends: flush and release; nothing is logged after."""
+        ...
+
+
+class JsonlLogger(Logger):
     """metrics.jsonl, one record per line, flushed per line; uploaded with each checkpoint for URL run dirs."""
 
     def __init__(self, rundir, start_step: int):
@@ -76,8 +98,9 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-class PrometheusLogger:
-    """The record's gauges on this rank's /metrics (counters and histograms are updated every step)."""
+class PrometheusLogger(Logger):
+    """The record's gauges on this rank's /metrics (counters and histograms are updated every step). A value the
+    record does not have (grad_norm None: no norm computed) is not set, so it stays absent rather than 0."""
 
     def __init__(self, metrics):
         self.m = metrics
@@ -96,11 +119,14 @@ class PrometheusLogger:
     def image(self, step: int, tag: str, path: Path) -> None:
         pass
 
+    def sync(self) -> None:
+        pass  # Prometheus scrapes; nothing to write
+
     def close(self) -> None:
-        pass
+        pass  # the exporter is TrainLog's (Metrics.close waits for the final scrape)
 
 
-class ConsoleLogger:
+class ConsoleLogger(Logger):
     """A progress bar on a terminal; otherwise (Slurm logs, kubectl logs) one plain line per record."""
 
     def __init__(self, total: int, start: int, progress: bool):
@@ -111,7 +137,8 @@ class ConsoleLogger:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last = start
 
-    def log(self, step: int, r: dict) -> None:
+    def log(self, step: int, record: dict) -> None:
+        r = record
         if self.bar is not None:
             self.bar.set_postfix(loss=_num(r["loss"], ".4f"), img_s=f"{r['images_per_second']:.1f}", refresh=False)
             self.bar.update(step - self.last)
@@ -120,6 +147,9 @@ class ConsoleLogger:
         self.last = step
 
     def image(self, step: int, tag: str, path: Path) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:
@@ -159,7 +189,7 @@ def _require(module: str, extra: str):
         ) from None
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(Logger):
     """TensorBoard event files in <run dir>/tensorboard (scalars under train/, sample grids as images). A resumed
     run purges the events after its checkpoint, so the curves have no repeated steps."""
 
@@ -192,19 +222,17 @@ class TensorBoardLogger:
             self.rundir.upload_tree(self.rundir.local / self.rel, self.rel)
 
 
-class WandbLogger:
-    """Weights & Biases: one W&B run per ditscale run (its id derives from run.dir, so a resumed run continues
+class WandbLogger(Logger):
+    """Weights & Biases: one W&B run per ditscale run (its id is the run's run_id, so a resumed run continues
     it). Works offline (WANDB_MODE=offline: files under <run dir>/wandb, `wandb sync` them later)."""
 
     def __init__(self, cfg, rundir):
-        import hashlib
-
         self.wandb = _require("wandb", "wandb")
         where = rundir.local_file("wandb").parent  # W&B writes its wandb/ folder there
         self.run = self.wandb.init(
             project=cfg.log.wandb_project,
             name=cfg.run.name,
-            id=hashlib.sha1(rundir.url.encode()).hexdigest()[:16],
+            id=rundir.run_id,
             resume="allow",
             dir=str(where),
             config=cfg.model_dump(mode="json"),
@@ -216,13 +244,16 @@ class WandbLogger:
     def image(self, step: int, tag: str, path: Path) -> None:
         self.run.log({tag: self.wandb.Image(str(path))}, step=step)
 
+    def sync(self) -> None:
+        pass  # W&B uploads (or, offline, writes) by itself
+
     def close(self) -> None:
         self.run.finish()
 
 
-def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list:
+def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list[Logger]:
     """The loggers of `log.loggers` for this rank (all but Prometheus on rank 0 only), then the console."""
-    out: list = []
+    out: list[Logger] = []
     for name in cfg.log.loggers:
         if name == "prometheus" and metrics is not None:
             out.append(PrometheusLogger(metrics))
@@ -247,12 +278,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None = None):
+def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None = None, start_step: int = 0):
     """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
     the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
     from ditscale.observability import Metrics
 
-    kw = {"info": info, "planned_steps": cfg.train.steps}
+    kw = {"info": info, "planned_steps": cfg.train.steps, "start_step": start_step}
     if not cfg.log.metrics_port or "prometheus" not in cfg.log.loggers:
         return Metrics(labels, port=0, **kw)
     addr = cfg.log.metrics_addr
@@ -264,8 +295,11 @@ def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None
 
 
 class FileSD:
-    """A Prometheus file_sd target for this rank's exporter: `<log.file_sd>/<run>-rank<r>.json`, written when the
-    exporter starts and removed when the run ends. Point a scrape config's `file_sd_configs` at `<dir>/*.json`."""
+    """A Prometheus file_sd target for this rank's exporter: `<log.file_sd>/<run>-rank<r>-<run_id>.json`, written
+    when the exporter starts and removed when the run ends. Point a scrape config's `file_sd_configs` at
+    `<dir>/*.json`. Its target labels `ditscale_run_id`, `ditscale_run` and `ditscale_rank` land on the target's
+    `up` series too, so a target that is down still says which run it served; two runs of one name in one folder
+    get two files (the launchers drop a run's leftovers with the glob `<run>-rank*.json`)."""
 
     def __init__(self, directory: str, metrics, labels: dict[str, str]):
         import os
@@ -282,9 +316,13 @@ class FileSD:
         )
         target = {
             "targets": [f"{host}:{metrics.port}"],
-            "labels": {"ditscale_run": labels["run"], "ditscale_rank": labels["rank"]},
+            "labels": {
+                "ditscale_run_id": labels["run_id"],
+                "ditscale_run": labels["run"],
+                "ditscale_rank": labels["rank"],
+            },
         }
-        self.url = storage.join(directory, f"{labels['run']}-rank{labels['rank']}.json")
+        self.url = storage.join(directory, f"{labels['run']}-rank{labels['rank']}-{labels['run_id']}.json")
         storage.write_text(self.url, json.dumps([target], indent=1) + "\n")
 
     def close(self) -> None:
@@ -311,9 +349,9 @@ class TrainLog:
     ):
         self.cfg, self.denv, self.device = cfg, denv, device
         self.tokens = tokens or {}  # written into every record (the lease generation that wrote it)
-        self.metrics = start_metrics(cfg, denv, labels, info)
+        self.metrics = start_metrics(cfg, denv, labels, info, start_step)
         self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)
-        self.loggers = make_loggers(cfg, rundir, denv, self.metrics, start_step)
+        self.loggers: list[Logger] = make_loggers(cfg, rundir, denv, self.metrics, start_step)
         self.per_rank_samples = cfg.train.global_batch // max(denv.world_size, 1)
         self.last: dict | None = None
         self._reset()
@@ -379,8 +417,7 @@ class TrainLog:
     def sync(self) -> None:
         """Make what was logged durable in the run dir (called with each checkpoint)."""
         for lg in self.loggers:
-            if hasattr(lg, "sync"):
-                lg.sync()
+            lg.sync()
 
     def close(self) -> None:
         for lg in self.loggers:

@@ -113,7 +113,9 @@ def run_training(cfg: Config, allow_config_change: bool = False) -> dict:
 
 
 def _labels(cfg: Config, manifest: dict, rank: int) -> dict[str, str]:
+    """The labels of every series this rank exports: run_id tells runs apart (one per run dir), run names them."""
     return {
+        "run_id": RunDir(cfg.run.dir).run_id,
         "run": cfg.run.name,
         "variant": cfg.model.variant,
         "windows": cfg.model.windows,
