@@ -382,15 +382,15 @@ class Checkpointer:
             (stage / tag).mkdir(parents=True, exist_ok=True)
         dist.barrier()
         t0 = time.perf_counter()
-        error: str | None = None
-        mine: dict = {"files": {}, "tensors": {}}
-        try:
-            mine = self._write_shares(stage / tag, rank, world)
-            if rank == 0:
+        errors: list[str] = []
+        mine = self._write_shares(stage / tag, rank, world, errors)  # collective: never raises on one rank only
+        if rank == 0 and not errors:
+            try:
                 ema = {k: v.contiguous() for k, v in self.ema.state_dict().items()}
                 mine["files"][EMA_FILE] = _write_file(stage / tag / EMA_FILE, save_safetensors(ema))
-        except Exception as e:  # disk full, permissions: reported with the path, below
-            error = write_failure(stage / tag, e)
+            except Exception as e:  # disk full, permissions: reported with the path, below
+                errors.append(write_failure(stage / tag, e))
+        error = errors[0] if errors else None
         self._settle(error, stage, tag, "writing")
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
@@ -415,8 +415,9 @@ class Checkpointer:
             log.info("checkpoint %s/%s/%s (%.1fs)", self.rundir, CKPT, tag, time.perf_counter() - t0)
         return tag
 
-    def _write_shares(self, where: Path, rank: int, world: int) -> dict:
-        """Assemble every parameter (collective, one at a time) and write this rank's share in <= 1 GiB files."""
+    def _write_shares(self, where: Path, rank: int, world: int, errors: list[str]) -> dict:
+        """Assemble every parameter (collective, one at a time) and write this rank's share in <= 1 GiB files.
+        A failed write is appended to `errors` and the assembly goes on, so no rank leaves the others waiting."""
         sizes = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in self.state.params]
         owner = owners(sizes, world)
         files: dict[str, dict] = {}
@@ -426,11 +427,14 @@ class Checkpointer:
 
         def flush() -> None:
             nonlocal batch, nbytes, chunk
-            if batch:
+            if batch and not errors:
                 name = train_file(rank, chunk)
-                files[name] = _write_file(where / name, save_safetensors(batch))
+                try:
+                    files[name] = _write_file(where / name, save_safetensors(batch))
+                except Exception as e:  # disk full, permissions: reported with the path
+                    errors.append(write_failure(where, e))
                 tensors.update(dict.fromkeys(batch, name))
-                batch, nbytes, chunk = {}, 0, chunk + 1
+            batch, nbytes, chunk = {}, 0, chunk + 1
 
         for i, (name, full) in enumerate(self.state.tensors()):
             if owner[i] != rank:

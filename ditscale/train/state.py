@@ -53,6 +53,9 @@ class TrainState:
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
     def tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Every parameter's full state, in order. Collective; the optimizer state exists and DeepSpeed's fragments
+        point at it first (after loading, DeepSpeed relinks them only at its next step)."""
+        self._ensure_adam_state()
         for name, p in self.params:
             yield name, self.full(name, p)
 

@@ -29,7 +29,15 @@ import torch
 
 from ditscale import distenv
 from ditscale.config import Config, config_changes, dump_config, fixed_changes, format_changes
-from ditscale.errors import ConfigError, DataError, DitscaleError, DivergedError, LeaseLostError, RunLockedError
+from ditscale.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DitscaleError,
+    DivergedError,
+    LeaseLostError,
+    RunLockedError,
+)
 from ditscale.io.rundir import RunDir
 from ditscale.train import engine as eng
 from ditscale.train import stop as stopping
@@ -112,6 +120,29 @@ def run_training(cfg: Config, allow_config_change: bool = False) -> dict:
         eng.shutdown(ok, destroy=owned)
 
 
+def run_conversion(cfg: Config) -> str:
+    """Rewrite the newest checkpoint of an older ditscale's layout (format 1) as format 2, in place. Run it on
+    the world size and ZeRO stage that wrote it (`python -m ditscale checkpoint convert` starts those
+    processes on this machine). The tag of the rewritten checkpoint."""
+    denv = distenv.detect()
+    eng.setup_process_env(denv)
+    rundir = RunDir(cfg.run.dir)
+    manifest = validate(cfg, denv.world_size)
+    device = eng.init_distributed(denv)
+    trainer, ok = None, False
+    try:
+        trainer = Trainer(cfg, denv, device, rundir, manifest, event="converted")
+        if trainer.step == 0:
+            raise CheckpointError(f"run {rundir}: no checkpoint to convert")
+        tag = trainer.checkpointer.save(trainer.step, trainer.loader.state_dict(), fence_ok=trainer._fence_ok)
+        ok = True
+        return tag
+    finally:
+        if trainer is not None:
+            trainer.close()
+        eng.shutdown(ok)
+
+
 def _labels(cfg: Config, manifest: dict, rank: int) -> dict[str, str]:
     """The labels of every series this rank exports: run_id tells runs apart (one per run dir), run names them."""
     return {
@@ -146,8 +177,10 @@ class Trainer:
         rundir: RunDir,
         manifest: dict,
         allow_config_change: bool = False,
+        event: str | None = None,
     ):
         self.cfg, self.denv, self.device, self.rundir = cfg, denv, device, rundir
+        self.event = event  # what the history calls this start, when not created/resumed/changed
         self.lease = None
         self.stop = stopping.StopSignal(denv.world_size, on_exit=self._release_lease)
         self.start = self._claim_run_dir(allow_config_change)
@@ -293,7 +326,8 @@ class Trainer:
             "gen": self.gen,
         }
         ev = self.start
-        self.rundir.record_config(dump_config(self.cfg), self.step, ev["changes"], ev["event"], **where)
+        event = self.event or ev["event"]
+        self.rundir.record_config(dump_config(self.cfg), self.step, ev["changes"], event, **where)
         if ev["event"] != "created":
             final = self.rundir.read_json("final.json")
             if isinstance(final, dict) and final.get("diverged"):
@@ -531,4 +565,4 @@ class Trainer:
         self._release_lease()
 
 
-__all__ = ["Trainer", "run_training", "validate"]
+__all__ = ["Trainer", "run_conversion", "run_training", "validate"]
