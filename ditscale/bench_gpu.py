@@ -41,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ditscale.io import storage
+
 SECTIONS = {
     "a": "correctness: flex / halo vs masked SDPA",
     "b": "attention time (fwd+bwd)",
@@ -78,9 +80,7 @@ class Results:
         self.write()
 
     def write(self) -> None:
-        tmp = self.out / ".bench-gpu.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.out / "bench-gpu.json")
+        storage.write_text(str(self.out / "bench-gpu.json"), json.dumps(self.data, indent=1, default=str) + "\n")
         (self.out / "bench-gpu.md").write_text(markdown(self.data))
 
 

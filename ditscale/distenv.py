@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 
@@ -43,6 +44,14 @@ class DistEnv:
             MASTER_ADDR=self.master_addr,
             MASTER_PORT=str(self.master_port),
         )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing on `host` listens on right now, picked by the OS ("" checks every interface). Another
+    process may take it before the caller binds it: what must never clash (a run's metrics port) falls back again."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _first_slurm_host(nodelist: str) -> str:

@@ -236,7 +236,9 @@ def expand(
         raise LaunchError(f"{origin}: {e}") from None
     recipe = parse_recipe(grid["data"], gvars, str(p), name) if grid.get("data") is not None else None
     id_template = grid.get("id") or "-".join(["{grid}"] + [f"{a.prefix}{{{a.name}}}" for a in axes])
-    run_dir_template = f"{run_root.rstrip('/')}/{{id}}" if run_root else grid.get("run_dir", "runs/{grid}/{id}")
+    # --run-root is a path taken as given: its braces are not placeholders
+    literal_root = run_root.rstrip("/").replace("{", "{{").replace("}", "}}") if run_root else None
+    run_dir_template = f"{literal_root}/{{id}}" if literal_root else grid.get("run_dir", "runs/{grid}/{id}")
 
     runs: list[RunSpec] = []
     seen: dict[str, dict] = {}
@@ -328,39 +330,37 @@ def _report(bad: list[str], problems: list[str] | None, origin: str = "") -> Non
 
 
 def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list[RunSpec]:
-    """Each run's model variant exists and its window spec fits the model depth (cheap: built on the meta device).
-    Returns the valid runs; the others are reported together (or appended to `problems`)."""
+    """Each run's model variant exists, its window spec fits the model depth (the model package's one check) and
+    the model builds at its size (cheap: on the meta device). Returns the valid runs; the others are reported
+    together (or appended to `problems`)."""
     try:
         import torch
 
-        from ditscale.model import DiT_models, parse_windows
+        from ditscale.model import DiT_models, check_variant_windows
     except ImportError:  # model package not available: the trainer validates at start
         return runs
-    depths: dict[str, int | str] = {}  # variant -> depth, or why it cannot be built
+    builds: dict[str, str | None] = {}  # variant@size: why it cannot be built, or None
     ok, bad = [], []
     for r in runs:
         m = r.config.model
         where = f"run {r.id!r}"
-        if m.variant not in DiT_models:
-            bad.append(f"{where}: model.variant {m.variant!r} is unknown (expected one of {sorted(DiT_models)})")
+        try:
+            check_variant_windows(m.variant, m.windows)
+        except DitscaleError as e:
+            bad.append(f"{where}: {e}")
             continue
         key = f"{m.variant}@{m.input_size}x{m.in_channels}"
-        if key not in depths:
+        if key not in builds:
+            builds[key] = None
             try:
                 with torch.device("meta"):
-                    model = DiT_models[m.variant](input_size=m.input_size, in_channels=m.in_channels, num_classes=1)
-                depths[key] = int(model.depth)
+                    DiT_models[m.variant](input_size=m.input_size, in_channels=m.in_channels, num_classes=1)
             except DitscaleError as e:
-                depths[key] = f"model: {e}"
+                builds[key] = f"model: {e}"
             except Exception as e:
-                depths[key] = f"model.variant {m.variant!r} with input_size {m.input_size}: {e}"
-        if isinstance(depths[key], str):
-            bad.append(f"{where}: {depths[key]}")
-            continue
-        try:
-            parse_windows(m.windows, depths[key])
-        except (DitscaleError, ValueError, TypeError) as e:
-            bad.append(f"{where}: model.windows {m.windows!r}: {e}")
+                builds[key] = f"model.variant {m.variant!r} with input_size {m.input_size}: {e}"
+        if builds[key]:
+            bad.append(f"{where}: {builds[key]}")
             continue
         ok.append(r)
     _report(bad, problems)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -241,13 +242,22 @@ def grid_image(images, nrow: int | None = None, pad: int = 2):
     return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)))
 
 
-def save_grid(images, path: Path | str, nrow: int | None = None, scale: int = 1) -> Path:
+def save_grid(images, path: Path | str, nrow: int | None = None, scale: int = 1) -> Path | str:
+    """Write the grid image (format from the suffix, PNG by default) to a local path or URL, atomically: under a
+    temporary name, then renamed into place, so a killed writer never leaves a truncated image at `path`.
+    Returns `path` (a Path when local)."""
+    import io
+
+    from PIL import Image
+
+    from ditscale.io import storage
+
     img = grid_image(images, nrow=nrow)
     if scale > 1:
-        from PIL import Image
-
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    target = os.fspath(path)
+    fmt = Image.registered_extensions().get(os.path.splitext(target)[1].lower(), "PNG")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    storage.write_bytes(target, buf.getvalue())
+    return Path(target) if storage.is_local(target) else target

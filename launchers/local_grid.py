@@ -46,31 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ditscale.launch import local as L
+    from ditscale.launch import local as local_launch
     from ditscale.launch import results_dir
 
     try:
         plan = plan_from_args(args)
         base = results_dir(plan.runs, plan.name)
-        opts = L.LocalOptions(
+        opts = local_launch.LocalOptions(
             log_dir=Path(args.log_dir or base / "_local").absolute(),
             parallel=args.parallel,
             threads=args.threads,
             stall_after_s=args.stall_after,
         )
         if args.status:
-            print(L.status(plan, opts))
+            print(local_launch.status(plan, opts))
             return 0
         if args.collect:
             collect_and_print(plan, args.results_dir)
             return 0
         if args.dry_run:
-            L.run_grid(plan, opts, dry_run=True)
+            local_launch.run_grid(plan, opts, dry_run=True)
             return 0
-        ex = L.LocalExecutor(plan, opts)
+        ex = local_launch.LocalExecutor(plan, opts)
         out = ex.run()
         print()
-        print(L.status(plan, opts))
+        print(local_launch.status(plan, opts))
         if ex.interrupts:
             return 130
         failed = [rid for rid, m in out.items() if not m.get("finished")]

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the driver at once, through its clean-up (Ray's exit hooks, this driver's leftover actors)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from ditscale import results
-    from ditscale.launch import ray as R
+    from ditscale.launch import ray as ray_launch
     from ditscale.launch import results_dir
 
     try:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             collect_and_print(plan, args.results_dir)
             return 0
-        opts = R.RayOptions(
+        opts = ray_launch.RayOptions(
             address=None if args.address in ("", "local") else args.address,
             workers_per_run=args.workers_per_run,
             use_gpu=args.gpus,
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             resource_wait_s=args.resource_wait,
         )
         try:
-            out = R.run_grid(plan, opts, dry_run=args.dry_run)
-        except R.ClusterLostError as e:
+            out = ray_launch.run_grid(plan, opts, dry_run=args.dry_run)
+        except ray_launch.ClusterLostError as e:
             print(results.format_status(results.run_states(plan.runs)), flush=True)
             print(f"error: {e}", file=sys.stderr, flush=True)
             os._exit(EXIT_CLUSTER_LOST)  # nothing more to say to a dead cluster (Ray's exit hooks would wait on it)

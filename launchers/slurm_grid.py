@@ -71,18 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ditscale.launch import results_dir
-    from ditscale.launch import slurm as S
+    from ditscale.launch import slurm as slurm_launch
 
     if not (args.status or args.collect or args.partition):
         mode = "--dry-run" if args.dry_run else "submitting"
         print(f"error: --partition is required for {mode} (sinfo lists the partitions)", file=sys.stderr)
         return 2
     try:
-        timeout = S.parse_time(args.time)
+        timeout = slurm_launch.parse_time(args.time)
         resources = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": timeout}
         plan = plan_from_args(args, resources)
         base = results_dir(plan.runs, plan.name)
-        opts = S.SlurmOptions(
+        opts = slurm_launch.SlurmOptions(
             partition=args.partition,
             log_dir=Path(args.log_dir or base / "_slurm").absolute(),
             account=args.account,
@@ -95,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             prepare_partition=args.prepare_partition,
         )
         if args.status:
-            print(S.status(plan, opts))
+            print(slurm_launch.status(plan, opts))
             return 0
         if args.collect:
             collect_and_print(plan, args.results_dir)
             return 0
-        S.submit(plan, opts, dry_run=args.dry_run)
+        slurm_launch.submit(plan, opts, dry_run=args.dry_run)
         if args.wait and not args.dry_run:
-            ok = S.wait(plan, opts)
-            print(S.status(plan, opts))
+            ok = slurm_launch.wait(plan, opts)
+            print(slurm_launch.status(plan, opts))
             return 0 if ok else 1
         return 0
     except DitscaleError as e:

@@ -41,12 +41,11 @@ def digits8_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def warm_deepspeed():
     """Build DeepSpeed's CPU shm_comm op once (~50 s the first time; cached in TORCH_EXTENSIONS_DIR)."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.ports import free_port
+
+    port = free_port()
     code = (
         "import deepspeed, torch.distributed as d; deepspeed.init_distributed(dist_backend='gloo', "
         "auto_mpi_discovery=False, verbose=False); d.destroy_process_group()"

@@ -148,7 +148,7 @@ def test_each_eval_command_and_report(runs, tmp_path, monkeypatch):
         assert len(r["paired"]) == 4 and -1 <= r["paired_similarity"]["mean"] <= 1
         assert (run / "eval" / "pair.png").stat().st_size > 0
 
-    out = tmp_path / "report"
+    out = tmp_path / "report #1 {r}"  # taken as given
     assert main(["report", "--grid", str(runs["tmp"] / "runs"), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "PSNR gap" in text and "Two-model test" in text and "Attention locality" in text

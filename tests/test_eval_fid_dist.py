@@ -4,13 +4,13 @@ of a single process, whatever the world size."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
 from ditscale.eval import fid
+from tests.ports import free_port
 
 
 def _draw(model, labels, noise, g):
@@ -39,9 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_sample_features_two_ranks_match_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     single = fid.sample_features(
         None, _draw, fid.PixelFeatures(), 11, num_classes=3, shape=(1, 4, 4), batch_size=4, seed=5

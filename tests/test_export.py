@@ -3,6 +3,7 @@ modes, `load_exported` rebuilding the exact model, and the `ditscale export` com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import warnings
@@ -75,6 +76,10 @@ def test_export_json_is_typed_and_files_share_a_mode(tmp_path):
     assert len(set(modes.values())) == 1, modes
     from safetensors import safe_open
 
+    files = meta.pop("files")  # the size and sha256 of the weights files of this export
+    for kind in ("pt", "safetensors"):
+        data = paths[kind].read_bytes()
+        assert files[kind] == {"name": f"m.{kind}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     with safe_open(str(paths["safetensors"]), framework="pt") as f:
         assert json.loads(f.metadata()["ditscale"]) == meta
 
@@ -162,3 +167,44 @@ def test_export_command_is_quiet_for_a_global_model(tmp_path, capsys, fake_run):
     assert main(["export", "--run", "runs/fake", "--out", str(tmp_path / "g")]) == 0
     assert "note" not in capsys.readouterr().err
     assert WINDOWS_KEY not in torch.load(tmp_path / "g.pt", weights_only=True)
+
+
+def test_export_to_object_storage_and_back(s3_server):
+    """NAME may be an s3:// URL: the three files are written there (each one PUT) and load_exported reads them."""
+    model = tiny("3,3")
+    url = f"{s3_server.bucket()}/exports #1/m"
+    paths = save_model(model, url + ".pt", variant="DiT-T/2")
+    assert paths == {k: f"{url}.{k}" for k in ("pt", "safetensors", "json")}
+    x, t, y = inputs()
+    for name in (url, url + ".pt", url + ".safetensors", url + ".json"):
+        with torch.no_grad():
+            assert torch.equal(load_exported(name)(x, t, y), model(x, t, y)), name
+
+
+def test_an_interrupted_export_over_an_old_style_one_leaves_no_description_that_vouches_for_it(tmp_path, monkeypatch):
+    """NAME.json written before the checksums lists none: it is removed before the new files are renamed in, so a
+    NAME.pt of the new export never loads with it."""
+    from ditscale.io import storage
+
+    old = tiny("3,3")
+    save_model(old, tmp_path / "m", variant="DiT-T/2")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    del meta["files"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))  # an export from before the checksums
+    real, calls = storage.write_bytes, []
+
+    def dies_after_the_first_file(url, data, *a, **kw):
+        calls.append(url)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process ends here (tests/test_atomic_outputs.py kills real ones)
+        return real(url, data, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_bytes", dies_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny("3,3", seed=5), tmp_path / "m", variant="DiT-T/2")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="no ditscale model description"):
+        load_exported(tmp_path / "m.pt")  # the new weights, and no description of them
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "m.safetensors")(x, t, y), old(x, t, y))  # whole by itself

@@ -106,3 +106,14 @@ def test_no_library_module_imports_a_command_module():
     found = {n: sorted(d for d in package_imports(n, p, mods) if is_command(d)) for n, p in mods.items()}
     offenders = {n: d for n, d in found.items() if d and not is_command(n)}
     assert not offenders, offenders
+
+
+def test_one_port_picker_for_the_library_and_one_for_the_tests():
+    """ditscale.distenv.free_port and tests/ports.py's, used by all: no module picks a free port its own way."""
+    owners = {ROOT / "ditscale" / "distenv.py", ROOT / "tests" / "ports.py"}
+    found = []
+    for path in sorted([*PKG.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "launchers").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") == "free_port" and path not in owners:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not found, found

@@ -10,22 +10,17 @@ import pytest
 
 from ditscale.config import config_from_dict
 from ditscale.errors import ConfigError
+from tests.ports import free_port
 
 LABELS = {"run_id": "0123abcd", "run": "r1", "variant": "DiT-T/2", "windows": "local@head", "data_size": "1000"}
 LABELS["rank"] = "0"
 LAB = 'data_size="1000",rank="0",run="r1",run_id="0123abcd",variant="DiT-T/2",windows="local@head"'
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_info_and_planned_steps_are_exported():
     from ditscale.observability import Metrics
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", info={"dataset": "celeba32", "seed": "2"}, planned_steps=400)
     try:
         assert m.server.server_address[0] == "127.0.0.1"
@@ -64,7 +59,7 @@ def test_metrics_server_binds_the_configured_address_only():
     other = _non_loopback_address()
     if other is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1")
     try:
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).status == 200
@@ -105,7 +100,7 @@ def test_finished_run_serves_until_its_scraper_fetched_the_final_step():
 
     from ditscale.observability import Metrics
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", planned_steps=3)
     m.step.set(2)
     assert not m.finished()
@@ -157,7 +152,7 @@ def test_values_not_measured_are_absent_not_zero():
     from ditscale.observability import Metrics
     from ditscale.train.loggers import PrometheusLogger
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", planned_steps=400, start_step=120)
     unmeasured = ["ditscale_train_loss", "ditscale_images_per_second", "ditscale_learning_rate", "ditscale_grad_norm"]
     unmeasured += ["ditscale_gpu_memory_allocated_bytes", "ditscale_gpu_memory_reserved_bytes"]
@@ -184,7 +179,7 @@ def test_every_series_carries_the_run_id():
 
     from ditscale.observability import Metrics
 
-    port = _free_port()
+    port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1", planned_steps=4)
     try:
         m.loss.set(1.0)
@@ -229,7 +224,7 @@ def test_a_real_run_exports_no_loss_before_its_first_log_step_and_no_grad_norm_a
 
     from tests import trainers as T
 
-    port = _free_port()
+    port = free_port()
     cfg = T.tiny_config(
         tmp_path / "c.yaml",
         str(digits8_dir / "manifest.json"),

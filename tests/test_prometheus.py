@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-from tests.plugins.prometheus import WAIT_S, free_port
+from tests.plugins.prometheus import WAIT_S
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.plugins.prometheus import free_port
 from tests.plugins.ray import RayCluster, start_ray_head
+from tests.ports import free_port
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.plugins.prometheus import free_port
+from tests.ports import free_port
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

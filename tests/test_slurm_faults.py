@@ -27,7 +27,7 @@ import pytest
 from ditscale.errors import LaunchError
 from ditscale.launch import slurm as S
 from ditscale.launch import task as T
-from tests.plugins.prometheus import free_port
+from tests.ports import free_port
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

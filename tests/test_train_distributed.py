@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from tests import trainers as T
+from tests.ports import free_port
 from tests.trainers import ROOT, losses, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -116,7 +117,7 @@ def test_zero3(tmp_path, config_file, reference):
 
 def test_sigterm_checkpoints_and_resumes_with_metrics_endpoint(tmp_path, config_file, reference):
     run_dir = tmp_path / "sigterm"
-    port = T.free_port()
+    port = free_port()
     proc = T.torchrun(config_file, run_dir, f"log.metrics_port={port}", delay=1.5)
     wait_for_step(run_dir, 3, proc)
     # Scrape both ranks' exporters over HTTP while the run is going.

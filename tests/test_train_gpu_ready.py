@@ -14,6 +14,7 @@ import torch
 
 from tests import trainers as T
 from tests.needs import skip_or_fail
+from tests.ports import free_port
 from tests.trainers import tiny_config
 
 SYNC_METHODS = ("item", "__int__", "__float__", "__bool__", "tolist", "cpu")
@@ -28,10 +29,8 @@ def in_process_group(monkeypatch):
     """A process group of one in this process (what `python -m ditscale train` alone joins)."""
     import torch.distributed as dist
 
-    from ditscale.train.engine import _free_port
-
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_PORT": str(free_port())}  # fmt: skip
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     yield

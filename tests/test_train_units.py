@@ -16,6 +16,7 @@ from ditscale.io.rundir import RunDir, tag_for
 from ditscale.train import engine as eng
 from ditscale.train.checkpoint import load_for_eval
 from ditscale.train.ema import EMA
+from tests.ports import free_port
 
 
 def _tiny_model(**kw):
@@ -128,18 +129,12 @@ def test_warmup_factor():
     assert eng.warmup_factor(0)(0) == 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prometheus_exporter_names_and_labels():
     from ditscale.observability import Metrics
 
     labels = {"run_id": "abc", "run": "r1", "variant": "DiT-T/2", "windows": "local@head", "data_size": "1000"}
     labels["rank"] = "0"
-    port = _free_port()
+    port = free_port()
     m = Metrics(labels, port=port, addr="127.0.0.1")
     try:
         m.loss.set(0.5)

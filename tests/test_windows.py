@@ -172,3 +172,72 @@ def test_unquoted_valid_specs_become_spec_strings():
     assert load_config(None, ["model.windows=[3, 5, null]"]).model.windows == "3,5,-"
     assert load_config(None, ["model.windows=null"]).model.windows == "global"
     assert parse_windows(load_config(None, ["model.windows=3"]).model.windows, 4) == [3, G, G, G]
+
+
+# -------------------------------------------------------------------------------- windows.py is the one owner
+GRID = """
+name: t
+config:
+  model: {{variant: {variant}, input_size: 8, in_channels: 1, num_classes: 10}}
+  data: {{train: /nonexistent/manifest.json}}
+  train: {{steps: 10, global_batch: 8, micro_batch: 4}}
+axes:
+  windows: {{key: model.windows, values: [{windows}]}}
+"""
+
+
+def test_a_new_placement_reaches_the_parser_the_grid_check_and_the_report(monkeypatch, tmp_path):
+    from ditscale import grid
+    from ditscale.errors import LaunchError
+    from ditscale.eval import report
+    from ditscale.model import windows
+
+    # "edge": half the windowed blocks at the head, the rest at the tail; one entry in windows.PLACEMENTS
+    monkeypatch.setitem(
+        windows.PLACEMENTS, "edge", lambda m, depth: [*range((m + 1) // 2), *range(depth - m // 2, depth)]
+    )
+    assert parse_windows("3,5@edge", 4) == [3, G, G, 5]
+    assert windows.placement_of("Local @ EDGE") == ("local", "edge")
+
+    p = tmp_path / "g.yaml"
+    p.write_text(GRID.format(variant="DiT-T/2", windows="global, 3x2@edge"))
+    assert [r.config.model.windows for r in grid.expand(p)] == ["global", "3x2@edge"]
+    p.write_text(GRID.format(variant="DiT-T/2", windows="local@edge"))  # 6 windowed blocks, depth 4
+    with pytest.raises(LaunchError, match=r"run 't-local@edge': model.windows 'local@edge' on DiT-T/2: .* depth 4"):
+        grid.expand(p)
+
+    gap = {("DiT-T/1", "global", 10): [7.0], ("DiT-T/1", "local@head", 10): [5.0], ("DiT-T/1", "local@edge", 10): [4.0]}
+    header, _rule, row = report.placement_table(gap, {}).splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")][-4:] == [
+        "local@head",
+        "local@mix",
+        "local@tail",
+        "local@edge",
+    ]
+    assert [c.strip() for c in row.strip("|").split("|")][-4:] == ["5.000", "", "", "4.000"]
+
+
+@pytest.mark.parametrize("variant,spec", [("DiT-Q/3", "global"), ("DiT-T/2", "local@head"), ("DiT-T/2", "3x5")])
+def test_variant_and_window_errors_say_the_same_at_every_entry_point(variant, spec, tmp_path):
+    """create_model, the trainer's validate and the grid planner share one check, hence one message."""
+    from ditscale import grid
+    from ditscale.config import load_config
+    from ditscale.errors import LaunchError
+    from ditscale.model import create_model
+    from ditscale.train.trainer import validate
+
+    with pytest.raises(ConfigError) as built:
+        create_model(variant, input_size=8, in_channels=1, num_classes=10, windows=spec)
+    message = str(built.value)
+    assert message.startswith("model.variant 'DiT-Q/3'" if variant == "DiT-Q/3" else f"model.windows {spec!r}")
+
+    cfg = load_config(None, [f"model.variant={variant}", f"model.windows={spec}", "model.input_size=8"])
+    with pytest.raises(ConfigError) as trained:
+        validate(cfg, world_size=1)
+    assert str(trained.value) == message
+
+    p = tmp_path / "g.yaml"
+    p.write_text(GRID.format(variant=variant, windows=spec))
+    with pytest.raises(LaunchError) as planned:
+        grid.expand(p)
+    assert str(planned.value).split(": run 't-", 1)[1].split("': ", 1)[1] == message

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +18,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300  # s: process start + imports + DeepSpeed init on a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_config(path: Path, digits: str, **sections) -> Path:

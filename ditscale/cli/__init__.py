@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from ditscale.cli.args import ArgumentParser
 from ditscale.errors import DitscaleError
 
 # command -> (module, one-line help)
@@ -29,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # overrides and other positionals may come before or after the options
         prog="python -m ditscale",
         description="ditscale: Diffusion Transformers with local-attention windows, at cluster scale.",
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help="dit: output file (.pt, .safetensors and .json are written); diffusers: output folder",
+        help="dit: output file, a path or URL (.pt, .safetensors and .json are written, each atomically); diffusers: "
+        "output folder (written whole, then swapped into place)",
     )
     parser.add_argument("--format", choices=("dit", "diffusers"), default="dit", help="output format (default: dit)")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
@@ -35,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
         note = reference_note(spec)
     if note:
         print(note, file=sys.stderr)
-    print("wrote " + ", ".join(str(Path(p)) for p in paths.values()))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

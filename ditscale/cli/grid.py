@@ -25,15 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditscale import grid as G
     from ditscale import results
+    from ditscale.grid import check_data, expand, parse_vars, summarize
     from ditscale.launch.common import resolve_grid
 
-    runs = G.expand(
-        resolve_grid(args.grid)[0], vars=G.parse_vars(args.var), run_root=args.run_root, overrides=args.overrides
+    runs = expand(
+        resolve_grid(args.grid)[0], vars=parse_vars(args.var), run_root=args.run_root, overrides=args.overrides
     )
     if args.check_data:
-        G.check_data(runs)
+        check_data(runs)
         if runs and runs[0].recipe is not None:  # the recipe's outputs: what exists, what the launchers would build
             from ditscale.launch.prepare import format_data_plan, plan_data
 
@@ -52,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         print(results.to_markdown(table))
         print("\nwrote " + ", ".join(str(p) for p in paths))
     else:
-        print(G.summarize(runs))
+        print(summarize(runs))
         print(f"\n{len(runs)} runs in grid {runs[0].grid if runs else args.grid!r}")
     return 0

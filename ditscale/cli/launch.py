@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ditscale import grid as G
 from ditscale import results
+from ditscale.grid import parse_vars
 from ditscale.launch.common import DEFAULT_GRID, Plan, plan_grid, resolve_grid, results_dir
 
 
@@ -42,7 +42,7 @@ def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> P
         print(f"grid: {grid} (the default grid; --grid FILE picks another)", file=sys.stderr, flush=True)
     plan = plan_grid(
         grid,
-        vars=G.parse_vars(args.var),
+        vars=parse_vars(args.var),
         run_root=args.run_root,
         overrides=args.overrides,
         resources=resources,

@@ -11,7 +11,7 @@ import os
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    parser.add_argument("--run-dir", help="run directory or URL (overrides run.dir)")
+    parser.add_argument("--run-dir", help="run directory or URL, taken as given (overrides run.dir)")
     parser.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -19,16 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run's config; the change is recorded in the run's config_history.jsonl with its step",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides (before or after options), e.g. train.steps=100",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ditscale.config import load_config
 
-    overrides = list(args.overrides)
+    cfg = load_config(args.config, args.overrides)  # fails here, before torch/DeepSpeed work, on a bad key or type
     if args.run_dir:
-        overrides.append(f"run.dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)  # fails here, before torch/DeepSpeed work, on a bad key or type
+        cfg.run.dir = args.run_dir  # the path as given: not a YAML value ("runs/a #2" keeps its "#2")
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 

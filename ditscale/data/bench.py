@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ditscale.distenv import free_port
 
 
 def synthetic_images(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -95,9 +96,7 @@ def _start_moto() -> tuple[subprocess.Popen, str] | None:
     binary = str(binary) if binary.exists() else shutil.which("moto_server")
     if not binary:
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -76,7 +76,7 @@ def psnr_gap(
     device: str = "auto",
 ) -> dict:
     """One-step denoising PSNR of K train and K held-out images at `points` timesteps; the average gap."""
-    from ditscale.eval import psnr as P
+    from ditscale.eval import psnr
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
     train_url = train or cfg.data.train
@@ -89,11 +89,11 @@ def psnr_gap(
     if overlap:
         log.warning("train and test shards share %d indices: the gap is underestimated", len(overlap))
     diffusion = common.make_diffusion(cfg)
-    res = P.psnr_gap(model, diffusion, train[:2], test[:2], num_points=points, batch_size=batch_size, seed=seed)
+    res = psnr.psnr_gap(model, diffusion, train[:2], test[:2], num_points=points, batch_size=batch_size, seed=seed)
     res = {**_meta(run, cfg, "psnr_gap", tag, ema, seed), "train_shards": train_url, "test_shards": test_url, **res}
     common.write_result(run, "psnr_gap", res)
     common.save_figure(
-        P.plot_psnr(res, f"{cfg.run.name}: {cfg.model.variant} {cfg.model.windows}"),
+        psnr.plot_psnr(res, f"{cfg.run.name}: {cfg.model.variant} {cfg.model.windows}"),
         common.join(common.eval_dir(run), "psnr_gap.png"),
     )
     print(f"avg PSNR gap {res['avg_gap']:.3f} dB (train {res['avg_train_psnr']:.2f}, test {res['avg_test_psnr']:.2f})")
@@ -120,7 +120,7 @@ def pair(
     device: str = "auto",
 ) -> dict:
     """The two-model test on disjoint subsets: the same noise, DDIM eta 0; paired and nearest-train similarity."""
-    from ditscale.eval import pair as P
+    from ditscale.eval import pair as pair_test
 
     run_a, run_b = runs
     device = common.resolve_device(device)
@@ -140,14 +140,14 @@ def pair(
     train_a = common.load_images(cfg_a.data.train, model=model_a)
     train_b = common.load_images(cfg_b.data.train, model=model_b)
     man_a, man_b = common.manifest_of(cfg_a.data.train), common.manifest_of(cfg_b.data.train)
-    ids_a, ids_b = P.subset_ids(man_a), P.subset_ids(man_b)
+    ids_a, ids_b = pair_test.subset_ids(man_a), pair_test.subset_ids(man_b)
     if ids_a is not None and ids_b is not None:
         how = "manifest indices"
     else:  # every sample carries its source index: shared indices with identical pixels are the same image
         how = "source indices and pixels of the samples"
-        ids_a = P.shared_samples(train_a[2], train_a[0], train_b[2], train_b[0])
+        ids_a = pair_test.shared_samples(train_a[2], train_a[0], train_b[2], train_b[0])
         ids_b = ids_a
-    P.check_disjoint(ids_a, ids_b, cfg_a.data.train, cfg_b.data.train)
+    pair_test.check_disjoint(ids_a, ids_b, cfg_a.data.train, cfg_b.data.train)
     g = torch.Generator().manual_seed(seed)
     shape = (samples, model_a.in_channels, model_a.input_size, model_a.input_size)
     noise = torch.randn(shape, generator=g)
@@ -159,7 +159,7 @@ def pair(
         sa.append(generate(model_a, cfg_a, labels[sl], steps=steps, method="ddim", noise=noise[sl]))
         sb.append(generate(model_b, cfg_b, labels[sl], steps=steps, method="ddim", noise=noise[sl]))
     sa, sb = torch.cat(sa), torch.cat(sb)
-    stats = P.pair_stats(sa, sb, train_a[0], train_b[0])
+    stats = pair_test.pair_stats(sa, sb, train_a[0], train_b[0])
     res = {
         "metric": "pair",
         "runs": [run_a, run_b],
@@ -171,7 +171,7 @@ def pair(
         "sampler": f"ddim{steps} eta=0",
         "seed": seed,
         "ema": bool(ema),
-        **P.summarise(stats),
+        **pair_test.summarise(stats),
         "paired": stats["paired"].tolist(),
         "nearest_a": stats["nearest_a"].tolist(),
         "nearest_b": stats["nearest_b"].tolist(),
@@ -180,7 +180,7 @@ def pair(
     outs = [out] if out else [common.eval_dir(run_a), common.eval_dir(run_b)]
     for out in outs:
         common.write_json(common.join(out, "pair.json"), res)
-        common.save_figure(P.plot_pair(stats, sa, sb, title), common.join(out, "pair.png"))
+        common.save_figure(pair_test.plot_pair(stats, sa, sb, title), common.join(out, "pair.png"))
     ps, ns = res["paired_similarity"], res["nearest_train_similarity"]
     print(
         f"paired cos sim mean {ps['mean']:.3f} (median {ps['median']:.3f}); nearest-train cos sim mean {ns['mean']:.3f}"
@@ -210,7 +210,7 @@ def locality(
     device: str = "auto",
 ) -> dict:
     """Per-block attention distance and k x k mass at the given timesteps; attention-map figures."""
-    from ditscale.eval import locality as L
+    from ditscale.eval import locality as attention_locality
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
     url = data or (cfg.data.test if split == "test" else cfg.data.train) or cfg.data.train
@@ -220,16 +220,17 @@ def locality(
     bad = [t for t in ts if not 0 <= t < diffusion.num_timesteps]
     if bad:
         raise ConfigError(f"--timesteps {bad}: expected values in [0, {diffusion.num_timesteps - 1}]")
-    res, maps = L.locality(model, diffusion, images, common.model_labels(model, labels), ts, seed=seed)
+    res, maps = attention_locality.locality(model, diffusion, images, common.model_labels(model, labels), ts, seed=seed)
     res = {**_meta(run, cfg, "locality", tag, ema, seed), "data": url, **res}
     common.write_result(run, "locality", res)
     h, w = res["grid"]
     name = f"{cfg.run.name}: {cfg.model.variant} {cfg.model.windows}"
     for t in ts:
         common.save_figure(
-            L.plot_maps(maps[t], h, w, f"{name}, t={t}"), common.join(common.eval_dir(run), f"attention_t{t}.png")
+            attention_locality.plot_maps(maps[t], h, w, f"{name}, t={t}"),
+            common.join(common.eval_dir(run), f"attention_t{t}.png"),
         )
-    common.save_figure(L.plot_locality(res, name), common.join(common.eval_dir(run), "locality.png"))
+    common.save_figure(attention_locality.plot_locality(res, name), common.join(common.eval_dir(run), "locality.png"))
     for b in res["blocks"]:
         print(
             f"block {b['block']}: mean distance {b['mean_distance']:.2f} tokens, 3x3 mass {b['mass_3x3']:.3f}, "
@@ -274,7 +275,7 @@ def fid(
 
     import torch.distributed as dist
 
-    from ditscale.eval import fid as F
+    from ditscale.eval import fid as fid_metric
 
     started = _init_distributed()
     try:
@@ -284,10 +285,10 @@ def fid(
         if not ref_url:
             raise DataError(f"run {run!r} has no data.train: pass --ref MANIFEST")
         common.check_compatible(model, common.manifest_of(ref_url), ref_url)
-        extractor = F.make_extractor(features, inception_weights)
+        extractor = fid_metric.make_extractor(features, inception_weights)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:  # compute (or read) the cached reference statistics once
-            mu_r, sig_r, info = F.reference_stats(
+            mu_r, sig_r, info = fid_metric.reference_stats(
                 ref_url,
                 features,
                 extractor,
@@ -302,7 +303,7 @@ def fid(
         def draw(m, labels, noise, g):
             return generate(m, cfg, labels, steps=steps, method=method, noise=noise, generator=g, cfg_scale=cfg_scale)
 
-        feats = F.sample_features(
+        feats = fid_metric.sample_features(
             model,
             draw,
             extractor,
@@ -314,7 +315,7 @@ def fid(
         )
         if rank != 0:
             return {}
-        value = F.fid_from_features(feats, mu_r, sig_r)
+        value = fid_metric.fid_from_features(feats, mu_r, sig_r)
         world = dist.get_world_size() if dist.is_initialized() else 1
         res = {
             **_meta(run, cfg, "fid", tag, ema, seed),

@@ -13,6 +13,7 @@ Reference statistics (mean, covariance) are computed once per (shards, features)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditscale.errors import CheckpointError, ConfigError, DataError
+from ditscale.io import storage
 
 log = logging.getLogger("ditscale.eval.fid")
 
@@ -221,10 +223,9 @@ def load_inception(path: str | None = None) -> FIDInceptionV3:
             f"({WEIGHTS_NAME}, as used by pytorch-fid / torch-fidelity / clean-fid) on local disk: download it "
             f"once and pass --inception-weights PATH or set {WEIGHTS_ENV}. Nothing is downloaded at run time."
         )
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read Inception weights {path!r}: {e}") from e
+    from ditscale.model.checkpoint import load_tensor_file
+
+    sd = load_tensor_file(path, source=f"Inception weights {path}")  # tensors only: a pickle with code is refused
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -304,8 +305,11 @@ def reference_stats(
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = (cache or cache_dir()) / "fid_stats" / f"{features}-{key}.npz"
     if path.is_file():
-        z = np.load(path)
-        return z["mu"], z["sigma"], {"path": str(path), "cached": True, "num_images": int(z["n"])}
+        try:
+            with np.load(path, allow_pickle=False) as z:  # arrays only, never objects
+                return z["mu"], z["sigma"], {"path": str(path), "cached": True, "num_images": int(z["n"])}
+        except Exception as e:  # a damaged or foreign cache file: computed again and replaced
+            log.warning("reference statistics cache %s cannot be read (%s); computing it again", path, e)
     # streamed in batches: the reference set never has to fit in memory as images
     chunks, batch = [], []
     for count, (img, _label, _index) in enumerate(iter_dataset(manifest_url), start=1):
@@ -321,10 +325,9 @@ def reference_stats(
         raise DataError(f"reference shards {manifest_url!r} hold no samples")
     feats = np.concatenate(chunks)
     mu, sigma = feature_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=len(feats))
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, mu=mu, sigma=sigma, n=len(feats))
+    storage.write_bytes(str(path), buf.getvalue())  # atomic: concurrent evals never read a half-written cache
     return mu, sigma, {"path": str(path), "cached": False, "num_images": len(feats)}
 
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 
-from ditscale.errors import ConfigError
+from ditscale.errors import ConfigError, WindowSpecError
 from ditscale.eval import common
 from ditscale.io import storage
 from ditscale.io.rundir import SAMPLES, RunDir
+from ditscale.model.windows import PLACEMENTS, placement_of
 
 log = logging.getLogger("ditscale.report")
-PLACEMENTS = ("head", "mix", "tail")
 
 
 @dataclass
@@ -345,10 +345,27 @@ def fid_table(runs: list[RunInfo]) -> tuple[str, dict, str]:
     )
 
 
+def _placed(windows: str) -> tuple[str, str] | None:
+    """(preset, placement) of a window spec written with a placement; None for one without (or one the parser
+    refuses: a run dir written by another version has no place in the comparison)."""
+    try:
+        return placement_of(windows)
+    except WindowSpecError:
+        return None
+
+
 def placement_table(gap: dict, fid: dict) -> str:
-    presets = sorted({k[1].split("@")[0] for k in list(gap) + list(fid) if "@" in k[1]})
+    placed: dict[tuple[str, str], list[str]] = {}  # (preset, placement) -> the window specs written that way
+    for w in sorted({k[1] for k in list(gap) + list(fid)}):
+        if (p := _placed(w)) is not None:
+            placed.setdefault(p, []).append(w)
+    presets = sorted({pre for pre, _ in placed})
     if not presets:
         return ""
+
+    def cell(table: dict, v: str, pre: str, pl: str, n) -> str:
+        return _fmt(_mean_std([x for w in placed.get((pre, pl), []) for x in table.get((v, w, n), [])]), 3)
+
     keys = sorted({(k[0], k[2]) for k in list(gap) + list(fid)}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
     rows = []
     for v, n in keys:
@@ -357,7 +374,7 @@ def placement_table(gap: dict, fid: dict) -> str:
                 continue
             row = [v, _n_label(n), name, _fmt(_mean_std(table.get((v, "global", n), [])), 3)]
             for pre in presets:
-                row += [_fmt(_mean_std(table.get((v, f"{pre}@{pl}", n), [])), 3) for pl in PLACEMENTS]
+                row += [cell(table, v, pre, pl, n) for pl in PLACEMENTS]
             rows.append(row)
     header = ["variant", "N", "metric", "global"] + [f"{pre}@{pl}" for pre in presets for pl in PLACEMENTS]
     return _md_table(header, rows)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from ditscale.io import storage
+
 log = logging.getLogger("ditscale.eval.study")
 
 
@@ -139,7 +141,7 @@ def _train(run: dict, threads: int) -> float:
         return 0.0
     d.mkdir(parents=True, exist_ok=True)
     cfg_file = d.parent / f"{run['id']}.yaml"
-    cfg_file.write_text(yaml.safe_dump(run["config"], sort_keys=False))
+    storage.write_text(str(cfg_file), yaml.safe_dump(run["config"], sort_keys=False))
     env = {"OMP_NUM_THREADS": str(threads)}
     import os
 
@@ -178,21 +180,21 @@ def run_study(args: StudyOptions) -> int:
         took = _train(r, args.threads)
         if took:
             timings[r["id"]] = {"train_s": round(took, 1)}
-            (out / "timings.json").write_text(json.dumps(timings, indent=2))
+            storage.write_text(str(out / "timings.json"), json.dumps(timings, indent=2))
         log.info("trained %s in %.0fs", r["id"], took)
     if args.train_only:
         return 0
-    from ditscale.eval import evaluate as E
+    from ditscale.eval import evaluate as evaluations
 
     ema = args.ema
     for r in runs:
         ev, run = Path(r["dir"]) / "eval", r["dir"]
         t0 = time.perf_counter()
         todo = {
-            "psnr_gap": lambda run=run: E.psnr_gap(run, k=args.k, points=args.points, ema=ema),
-            "locality": lambda run=run: E.locality(run, images=64, ema=ema),
-            "jacobian": lambda run=run: E.jacobian(run, sigma=0.3, ema=ema),
-            "fid_pixels": lambda run=run: E.fid(
+            "psnr_gap": lambda run=run: evaluations.psnr_gap(run, k=args.k, points=args.points, ema=ema),
+            "locality": lambda run=run: evaluations.locality(run, images=64, ema=ema),
+            "jacobian": lambda run=run: evaluations.jacobian(run, sigma=0.3, ema=ema),
+            "fid_pixels": lambda run=run: evaluations.fid(
                 run,
                 features="pixels",
                 samples=args.samples,
@@ -209,11 +211,11 @@ def run_study(args: StudyOptions) -> int:
     for a, b in pairs:
         da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
-            E.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
+            evaluations.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
     from ditscale.eval import report
 
     found, _ = report.discover(str(out / "runs"))
     report.build_report(found, str(out / "report"), "Small-scale study: digits 8x8, " + args.variant)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    storage.write_text(str(out / "timings.json"), json.dumps(timings, indent=2))
     print(f"wrote {out / 'report' / 'report.md'}")
     return 0

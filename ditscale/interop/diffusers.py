@@ -18,13 +18,21 @@ Two things a plain `DiTTransformer2DModel.from_pretrained(folder)` does differen
   diffusers reports as an unexpected config attribute and ignores: it then computes global attention);
   `load_diffusers` installs `WindowAttnProcessor` on the windowed blocks.
 ditscale's own settings go in config.json's private entry `_ditscale` (diffusers keeps it in `model.config`).
+
+A folder is written whole or not at all: `save_diffusers` writes it under a temporary name beside OUT and swaps it
+into place in one rename (Linux renameat2 RENAME_EXCHANGE; elsewhere two renames, so a kill between them leaves no
+OUT rather than a mix of two exports). Reading a folder runs no code: config.json is JSON, the weights are
+safetensors, or a `.bin` read with torch.load(weights_only=True) (CheckpointError naming the file otherwise).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +40,15 @@ from typing import Any
 import torch
 
 from ditscale.errors import CheckpointError
+from ditscale.io import storage
 from ditscale.model.attention import attention
 from ditscale.model.spec import model_spec
 
 WINDOWS_CONFIG_KEY = "ditscale_windows"
 PRIVATE_CONFIG_KEY = "_ditscale"
 DIFFUSERS_CLASS_DROPOUT = 0.1  # CombinedTimestepLabelEmbeddings always has the null-class row
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 
 
 def _diffusers():
@@ -206,23 +217,88 @@ def save_diffusers(
     model_or_state, out: str | os.PathLike, *, spec: Mapping[str, Any] | None = None, info: Mapping | None = None
 ) -> Path:
     """Write a folder that `diffusers.DiTTransformer2DModel.from_pretrained(out)` loads (config.json,
-    diffusion_pytorch_model.safetensors; files all with the mode of config.json). `model_or_state`: a DiT, or a
-    state dict with `spec` (ditscale.model.export.model_spec). Returns the folder."""
+    diffusion_pytorch_model.safetensors; files all with the mode of config.json), whole or not at all: it is
+    written beside OUT under a temporary name and swapped into place (an older export there is replaced; a folder
+    holding other files is refused). `model_or_state`: a DiT, or a state dict with `spec`
+    (ditscale.model.export.model_spec). Returns the folder."""
     if isinstance(model_or_state, Mapping):
         if spec is None:
             raise CheckpointError("save_diffusers of a state dict needs its model description (spec)")
         state = model_or_state
     else:
         state, spec = model_or_state.state_dict(), spec or model_spec(model_or_state)
+    if not storage.is_local(os.fspath(out)):
+        raise CheckpointError(f"{out}: a diffusers folder is written to a local path (copy it to object storage)")
+    out = Path(storage.normalize(os.fspath(out))).absolute()
+    _check_replaceable(out)
     transformer = build_diffusers(state, spec, info=info)
-    out = Path(out)
-    transformer.save_pretrained(out, safe_serialization=True)
-    ref = out / "config.json"
-    mode = ref.stat().st_mode & 0o777
-    for p in out.iterdir():
-        if p.is_file():
-            os.chmod(p, mode)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / storage.tmp_name(out.name)
+    try:
+        transformer.save_pretrained(tmp, safe_serialization=True)
+        mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777
+        for p in tmp.iterdir():
+            if p.is_file():
+                os.chmod(p, mode)
+                with open(p, "rb") as f:  # on disk before the folder is swapped in
+                    os.fsync(f.fileno())
+        storage.fsync_dir(str(tmp))
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished folder, or the older export swapped out
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """OUT may be absent, an empty folder, or a diffusers model folder (what an export writes): nothing else is
+    replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; a diffusers export is a folder")
+    others = sorted(
+        p.name
+        for p in out.iterdir()
+        if not (p.name == CONFIG_NAME or p.name.startswith("diffusion_pytorch_model.")) or not p.is_file()
+    )
+    if others:
+        raise CheckpointError(
+            f"{out}: holds other files than a diffusers model ({', '.join(others[:5])}); an export replaces the "
+            "whole folder, so pick another --out (or remove them)"
+        )
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux renameat2); False where the system or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise CheckpointError(f"cannot move {a} into place as {b}: {os.strerror(err)}")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Make the finished folder `tmp` be `out`; the older `out`, if any, ends at `tmp` (the caller removes it)."""
+    if out.exists() and _exchange(tmp, out):
+        storage.fsync_dir(str(out.parent))
+        return
+    if out.exists():  # no atomic exchange here: between these two renames there is no OUT (never a mix)
+        old = out.parent / storage.tmp_name(out.name)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        os.rename(old, tmp)
+    else:
+        os.rename(tmp, out)
+    storage.fsync_dir(str(out.parent))
 
 
 def diffusers_note(spec: Mapping[str, Any]) -> str:
@@ -244,12 +320,81 @@ def diffusers_note(spec: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ diffusers -> ditscale
 
 
-def load_diffusers(path: str | os.PathLike, *, backend: str = "auto", timestep_embedding: str = "auto", **kwargs):
-    """DiTTransformer2DModel.from_pretrained(path, **kwargs) with apply_ditscale: a folder written by ditscale
-    computes exactly the exported DiT (eval mode)."""
+def read_diffusers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state dict) of a local DiTTransformer2DModel folder, read without running code: config.json as
+    JSON; diffusion_pytorch_model.safetensors (or its shards), else the .bin (or its shards) through
+    torch.load(weights_only=True). CheckpointError naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    from ditscale.model.checkpoint import load_tensor_file
+
+    folder = Path(path)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (expected a DiTTransformer2DModel folder)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: not JSON ({e})") from None
+    for name in WEIGHTS_NAMES:
+        index = folder / f"{name}.index.json"
+        if (folder / name).is_file():
+            files = [folder / name]
+        elif index.is_file():
+            try:
+                files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a weights index ({type(e).__name__}: {e})") from None
+        else:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            if name.endswith(".safetensors"):
+                try:
+                    state.update(load_file(str(f)))
+                except FileNotFoundError:
+                    raise CheckpointError(f"{f}: file not found (listed by {index})") from None
+                except Exception as e:
+                    raise CheckpointError(f"{f}: not a safetensors file, or a damaged one ({e})") from None
+            else:
+                part = load_tensor_file(f)
+                if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                    raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(part).__name__}")
+                state.update(part)
+        return config, state
+    raise CheckpointError(f"{folder}: no weights ({' or '.join(WEIGHTS_NAMES)})")
+
+
+def _transformer_from_folder(path: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+    """The DiTTransformer2DModel of a local folder (read_diffusers), built from its config, weights loaded strictly."""
     diffusers = _diffusers()
-    kwargs.setdefault("low_cpu_mem_usage", False)  # without accelerate installed, diffusers asks for it otherwise
-    transformer = diffusers.DiTTransformer2DModel.from_pretrained(str(path), **kwargs)
+    if not storage.is_local(os.fspath(path)) or not Path(path).is_dir():
+        raise CheckpointError(
+            f"{path}: not a local folder; ditscale reads diffusers models from local folders only (download one "
+            "first, e.g. huggingface_hub.snapshot_download)"
+        )
+    config, state = read_diffusers(path)
+    if config.get("_class_name", "DiTTransformer2DModel") != "DiTTransformer2DModel":
+        raise CheckpointError(f"{path}: a {config['_class_name']}, not a DiTTransformer2DModel")
+    transformer = diffusers.DiTTransformer2DModel.from_config(config)
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: its weights do not fit its {CONFIG_NAME}: {len(missing)} missing ({missing[:5]}), "
+            f"{len(unexpected)} unexpected ({unexpected[:5]})"
+        )
+    return transformer.to(torch_dtype) if torch_dtype is not None else transformer
+
+
+def load_diffusers(
+    path: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    timestep_embedding: str = "auto",
+    torch_dtype: torch.dtype | None = None,
+):
+    """The DiTTransformer2DModel of a local folder (what from_pretrained(path) loads, read without running code)
+    with apply_ditscale: a folder written by ditscale computes exactly the exported DiT (eval mode)."""
+    transformer = _transformer_from_folder(path, torch_dtype)
     return apply_ditscale(transformer, backend=backend, timestep_embedding=timestep_embedding).eval()
 
 
@@ -266,14 +411,13 @@ def from_diffusers(source, *, attention_backend: str = "auto", atol: float = 0.0
     from ditscale.model.checkpoint import load_reference_state_dict
     from ditscale.model.dit import DiT
 
-    diffusers = _diffusers()
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        if (path / "transformer" / "config.json").is_file() and not (path / "config.json").is_file():
+        if (path / "transformer" / CONFIG_NAME).is_file() and not (path / CONFIG_NAME).is_file():
             path = path / "transformer"
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_NAME).is_file():
             raise CheckpointError(f"{source}: no diffusers config.json (expected a DiTTransformer2DModel folder)")
-        transformer = diffusers.DiTTransformer2DModel.from_pretrained(str(path), low_cpu_mem_usage=False)
+        transformer = _transformer_from_folder(path)
         where = str(path)
     else:
         transformer, where = source, type(source).__name__

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditscale import grid as G
 from ditscale.errors import LaunchError
-from ditscale.grid import RunSpec
+from ditscale.grid import RunSpec, expand, raise_problems
+from ditscale.grid import check_data as check_grid_data
 from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.launch")
@@ -82,12 +82,12 @@ def plan_grid(
     Raises LaunchError naming the run and the key before anything is submitted.
     """
     problems: list[str] = []  # every bad run in one error: config, window spec, data
-    runs = G.expand(grid_file, vars=vars, run_root=run_root, overrides=overrides, problems=problems)
+    runs = expand(grid_file, vars=vars, run_root=run_root, overrides=overrides, problems=problems)
     for r in runs:
         r.resources.update({k: v for k, v in (resources or {}).items() if v is not None})
     if check_data:  # a recipe's outputs are left to its data plan (below)
-        G.check_data(runs, problems=problems)
-    G.raise_problems(problems)
+        check_grid_data(runs, problems=problems)
+    raise_problems(problems)
     p = Plan(str(grid_file), runs)
     for r in runs:
         (p.done if RunDir(r.run_dir).is_done(r.config.train.steps) else p.todo).append(r)

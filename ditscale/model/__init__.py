@@ -8,7 +8,7 @@ from ditscale.model.attention import (
     window_mask,
 )
 from ditscale.model.checkpoint import extract_state_dict, load_reference_state_dict
-from ditscale.model.dit import DiT, DiT_models, create_model
+from ditscale.model.dit import DiT, DiT_models, check_variant_windows, create_model, variant_depth
 from ditscale.model.export import load_exported, save_export, save_model
 from ditscale.model.spec import model_spec
 from ditscale.model.windows import (
@@ -18,6 +18,7 @@ from ditscale.model.windows import (
     format_windows,
     parse_windows,
     placement_indices,
+    placement_of,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "GlobalWindowWarning",
     "PRESETS",
     "attention",
+    "check_variant_windows",
     "covering_windows",
     "create_model",
     "extract_state_dict",
@@ -36,9 +38,11 @@ __all__ = [
     "model_spec",
     "parse_windows",
     "placement_indices",
+    "placement_of",
     "qkv_attention",
     "save_export",
     "save_model",
     "sdpa_mask_attention",
+    "variant_depth",
     "window_mask",
 ]

@@ -18,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from ditscale.errors import StorageError
+from ditscale.io import storage
 
 ROUNDS = 3  # timed rounds after one warm-up round; the fastest round of each candidate counts
 TIE = 0.05  # candidates within 5% of the fastest are a tie, broken by the cost model (then the smaller value)
@@ -193,12 +195,6 @@ def _write(path: Path | None, key: str, entry: dict) -> None:
         return
     entries = _read(path)
     entries[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    except OSError:  # a read-only cache: keep the choice in memory only
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+    # atomic (readers see the old file or the new one); a read-only cache keeps the choice in memory only
+    with contextlib.suppress(OSError, StorageError):
+        storage.write_text(str(path), json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True))

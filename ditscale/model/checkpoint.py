@@ -1,9 +1,16 @@
-"""Loading official facebookresearch/DiT checkpoints (and ditscale exports) into a DiT, with clear errors."""
+"""Loading official facebookresearch/DiT checkpoints (and ditscale exports) into a DiT, with clear errors.
+
+Nothing read here runs code: `.pt` files go through `load_tensor_file` (torch.load with weights_only=True: tensors,
+plain containers and numbers, plus only the classes a caller allow-lists), safetensors files hold tensors only.
+"""
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Mapping
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -14,6 +21,46 @@ from ditscale.errors import CheckpointError
 WINDOWS_KEY = "ditscale_windows"
 
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+# What a facebookresearch/DiT checkpoint holds besides tensors and plain containers: train.py saves {"model", "ema",
+# "opt", "args"} with `args` an argparse.Namespace. It is read as a types.SimpleNamespace (attributes only): the one
+# name allow-listed for reference checkpoints.
+REFERENCE_GLOBALS = ((types.SimpleNamespace, "argparse.Namespace"),)
+
+
+def load_tensor_file(
+    path: str | os.PathLike, data: bytes | None = None, *, allow: Iterable = (), source: str | None = None
+) -> Any:
+    """torch.load(weights_only=True) of the file `path` (or of its bytes `data`, read by the caller), `allow` the
+    only classes allow-listed beyond tensors and plain containers (classes, or (class, "module.Name") to read the
+    pickled name as that class). A pickle that would run code or build other objects is refused before anything in
+    it runs: CheckpointError naming the file (`source`, default `path`); so is a damaged file."""
+    source = source or str(path)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source}: file not found") from None
+    except Exception as e:
+        raise refused(source, e) from None
+
+
+def refused(source: str | os.PathLike, exc: BaseException) -> CheckpointError:
+    """The error for a weights file torch.load(weights_only=True) would not load: it names the file and says why."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        detail = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "")
+        # torch's advice to allow-list what the file asks for is dropped: that is how code would get in
+        detail = detail.split(" Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")
+        return CheckpointError(
+            f"{source}: refused: it holds code or objects that are not tensors (or is not a tensors file at all); "
+            f"nothing in it was run ({detail}). Only tensors and plain containers are loaded from weights files"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CheckpointError(f"{source}: cannot read it as a weights file ({type(exc).__name__}: {first})")
 
 
 def extract_state_dict(obj, source: str = "checkpoint", prefer: str = "ema") -> dict[str, torch.Tensor]:
@@ -61,14 +108,14 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
         source = source or str(sd_or_path)
         if not os.path.exists(sd_or_path):
             raise CheckpointError(f"{source}: checkpoint file not found")
-        try:
-            obj = torch.load(sd_or_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{source}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        obj = load_tensor_file(sd_or_path, allow=REFERENCE_GLOBALS, source=source)
     else:
         obj = sd_or_path
     source = source or "state dict"
     sd = extract_state_dict(obj, source, prefer)
+    others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise CheckpointError(f"{source}: entries that are not tensors: {others[:8]} (expected a state dict)")
     sd = _check_windows_marker(model, sd, source)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

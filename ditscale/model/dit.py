@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ditscale.errors import ConfigError, ModelInputError
+from ditscale.errors import ConfigError, ModelInputError, WindowSpecError
 from ditscale.model.attention import BACKENDS, attention_probs, qkv_attention
 from ditscale.model.windows import check_window_coverage, format_windows, parse_windows
 
@@ -631,6 +632,27 @@ DiT_models = {
 }  # fmt: skip
 
 
+@functools.cache
+def variant_depth(variant: str) -> int:
+    """The number of blocks of a variant in DiT_models, read from the variant itself (built once on the meta device,
+    which costs no memory) so that the table above stays the only place that says it."""
+    patch = int(variant.rsplit("/", 1)[1])  # "DiT-XL/2": patch size 2; a one-patch input builds any variant
+    with torch.device("meta"):
+        return int(DiT_models[variant](input_size=patch, in_channels=1, num_classes=1).depth)
+
+
+def check_variant_windows(variant: str, windows: str | Sequence[int | None] | None) -> list[int | None]:
+    """The one check of model.variant and model.windows together: create_model, the trainer's `validate` and the
+    grid planner all call it, so each says the same. ConfigError naming an unknown variant; WindowSpecError naming
+    model.windows when the spec does not fit the variant's depth. Returns the per-block windows."""
+    if variant not in DiT_models:
+        raise ConfigError(f"model.variant {variant!r}: unknown DiT variant; expected one of {', '.join(DiT_models)}")
+    try:
+        return parse_windows(windows, variant_depth(variant))
+    except WindowSpecError as e:
+        raise WindowSpecError(f"model.windows {windows!r} on {variant}: {e}") from None
+
+
 def create_model(
     variant: str,
     *,
@@ -644,8 +666,7 @@ def create_model(
     strict_windows: bool = False,
 ) -> DiT:
     """Build a DiT variant by name; `windows` may be a spec string, parsed against the variant's depth."""
-    if variant not in DiT_models:
-        raise ConfigError(f"model.variant {variant!r}: unknown DiT variant; expected one of {', '.join(DiT_models)}")
+    check_variant_windows(variant, windows)
     return DiT_models[variant](
         input_size=input_size,
         in_channels=in_channels,

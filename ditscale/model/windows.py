@@ -29,7 +29,7 @@ WindowSpecError quoting the spec.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ditscale.errors import WindowSpecError
 
@@ -37,25 +37,33 @@ PRESETS: dict[str, list[int]] = {
     "local": [3, 5, 7, 9, 11, 13],
     "local*": [3, 3, 3, 5, 5, 5, 7, 7, 7],
 }
-PLACEMENTS = ("head", "mix", "tail")
 _GLOBAL_WORDS = {"-", "g", "global", "none"}
 _ITEM = re.compile(r"^(?P<k>-|g|global|none|\d+)(?:x(?P<n>\d+))?$")
 
 
+def _mix(m: int, depth: int) -> list[int]:
+    if m <= 1:
+        return list(range(m))
+    # exact rational rounding, halves up: floor((2*i*(D-1) + (m-1)) / (2*(m-1)))
+    return [(2 * i * (depth - 1) + (m - 1)) // (2 * (m - 1)) for i in range(m)]
+
+
+# Each placement: (m windowed blocks, depth) -> their block indices. A new placement is one entry here: the parser,
+# the grid check, format_windows and the report's placement comparison all read this table.
+PLACEMENTS: dict[str, Callable[[int, int], list[int]]] = {
+    "head": lambda m, depth: list(range(m)),
+    "mix": _mix,
+    "tail": lambda m, depth: list(range(depth - m, depth)),
+}
+
+
 def placement_indices(m: int, depth: int, placement: str) -> list[int]:
-    """Block indices of m windowed blocks in a model of `depth` blocks for placement head, mix or tail."""
+    """Block indices of m windowed blocks in a model of `depth` blocks for a placement (head, mix or tail)."""
     if not 0 <= m <= depth:
         raise ValueError(f"cannot place {m} windowed blocks in depth {depth}")
-    if placement == "head":
-        return list(range(m))
-    if placement == "tail":
-        return list(range(depth - m, depth))
-    if placement == "mix":
-        if m <= 1:
-            return list(range(m))
-        # exact rational rounding, halves up: floor((2*i*(D-1) + (m-1)) / (2*(m-1)))
-        return [(2 * i * (depth - 1) + (m - 1)) // (2 * (m - 1)) for i in range(m)]
-    raise ValueError(f"unknown placement {placement!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}")
+    return PLACEMENTS[placement](m, depth)
 
 
 def _check_k(k: object, spec: object) -> int | None:
@@ -97,18 +105,23 @@ def _parse_items(body: str, spec: str) -> list[int | None]:
     return out
 
 
+def _split(spec: str) -> tuple[str, str | None]:
+    """The body and the placement of a spec string, as the parser reads them (no whitespace, lower case)."""
+    body, at, placement = "".join(spec.split()).lower().partition("@")
+    if not at:
+        return body, None
+    if placement not in PLACEMENTS:
+        raise WindowSpecError(
+            f"window spec {spec!r}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}"
+        )
+    return body, placement
+
+
 def _parse_spec(spec: str) -> tuple[list[int | None], str | None] | None:
     """The items and placement of a spec string, before it meets a depth; None for "global"."""
-    s = "".join(spec.split()).lower()
-    if s in ("", "global", "none"):
+    if "".join(spec.split()).lower() in ("", "global", "none"):
         return None
-    body, placement = s, None
-    if "@" in s:
-        body, _, placement = s.partition("@")
-        if placement not in PLACEMENTS:
-            raise WindowSpecError(
-                f"window spec {spec!r}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}"
-            )
+    body, placement = _split(spec)
     if body in PRESETS:
         windows: list[int | None] = list(PRESETS[body])
     elif body in ("global", "none", ""):
@@ -145,6 +158,13 @@ def check_spec(spec: str) -> str:
         raise WindowSpecError(f"window spec {spec!r}: expected a spec string such as 'local@head' or '3,5,7'")
     _parse_spec(spec)
     return spec
+
+
+def placement_of(spec: str) -> tuple[str, str] | None:
+    """(body, placement) of a spec written with a placement, as the parser reads it: "Local* @ MIX" ->
+    ("local*", "mix"); None for a spec without one. Raises WindowSpecError for a spec the parser refuses."""
+    body, placement = _split(check_spec(spec))
+    return None if placement is None else (body, placement)
 
 
 def parse_windows(spec: str | Sequence[int | str | None] | None, depth: int) -> list[int | None]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from ditscale.cache import project_cache
 from ditscale.config import OptimSection, TrainSection
-from ditscale.distenv import DistEnv
+from ditscale.distenv import DistEnv, free_port
 from ditscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,18 +61,12 @@ def _remove_stale_build_locks(ext_dir: Path, max_age_s: float = 900.0) -> None:
             pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(denv: DistEnv) -> torch.device:
     """Join the process group (gloo on CPU, nccl on CUDA; a group of one when started alone)."""
     import deepspeed
 
     if not denv.is_distributed and "MASTER_PORT" not in os.environ:
-        denv = dataclasses.replace(denv, master_port=_free_port())
+        denv = dataclasses.replace(denv, master_port=free_port())
     denv.export()
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank)

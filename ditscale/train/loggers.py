@@ -24,6 +24,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ditscale.distenv import free_port
+
 log = logging.getLogger("ditscale.train")
 
 
@@ -270,14 +272,6 @@ def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list[Logger]:
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None = None, start_step: int = 0):
     """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
     the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
@@ -290,7 +284,7 @@ def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None
     m = Metrics(labels, port=cfg.log.metrics_port + denv.local_rank, addr=addr, **kw)
     if m.server is None:
         m.close()
-        m = Metrics(labels, port=_free_port(), addr=addr, **kw)
+        m = Metrics(labels, port=free_port(host=""), addr=addr, **kw)
     return m
 
 

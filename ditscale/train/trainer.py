@@ -54,12 +54,11 @@ def validate(cfg: Config, world_size: int) -> dict:
     """Config checks that need the model registry or the data: the manifest, and every shard it names exists
     (one listing, not downloads). Returns the manifest."""
     from ditscale.data import missing_shards, read_manifest
-    from ditscale.model import DiT_models
+    from ditscale.model import check_variant_windows
 
     m = cfg.model
-    if m.variant not in DiT_models:
-        raise ConfigError(f"model.variant {m.variant!r} is not a known DiT variant; known: {', '.join(DiT_models)}")
-    try:  # builds the module on the meta device: validates the window spec against the depth, costs no memory
+    check_variant_windows(m.variant, m.windows)
+    try:  # builds the module on the meta device (no memory): input size against patch size, strict_windows
         with torch.device("meta"):
             m.build()
     except DitscaleError:

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from tests.needs import skip_or_fail
+from tests.ports import free_port
 
 SCRAPE_INTERVAL = "500ms"
 WAIT_S = 120.0  # the longest any wait here lasts; every wait returns as soon as its condition holds
@@ -43,27 +43,6 @@ RULES = Path(__file__).resolve().parents[2] / "k8s" / "rules" / "ditscale.rules.
 
 def find_prometheus() -> str | None:
     return shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
-
-
-def free_port(consecutive: int = 1) -> int:
-    """A loopback port p such that p .. p+consecutive-1 are all free right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + consecutive > 65535:
-            continue
-        ok = True
-        for p in range(base + 1, base + consecutive):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError(f"no {consecutive} consecutive free loopback ports")
 
 
 def _http(url: str, data: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:

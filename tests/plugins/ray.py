@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _ray_bin() -> str | None:
@@ -144,12 +139,12 @@ class RayCluster:
 def start_ray_head(num_cpus: int = 4) -> RayCluster:
     ray = _ray_bin()
     temp_dir = Path(tempfile.mkdtemp(prefix="dsray-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    port = _free_port()
+    port = free_port()
     cmd = [
         ray, "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-        "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+        "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
     ]  # fmt: skip
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # loopback only
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # workers use this venv's python

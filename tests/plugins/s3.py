@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.needs import skip_or_fail
+from tests.ports import free_port
 
 
 def _moto_server_binary() -> str | None:
@@ -28,12 +29,6 @@ def _moto_server_binary() -> str | None:
     if candidate.exists():
         return str(candidate)
     return shutil.which("moto_server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:
@@ -66,7 +61,7 @@ def s3_server():
     binary = _moto_server_binary()
     if binary is None:
         skip_or_fail("moto_server not installed (pip install 'moto[server]')")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{port}.log"), "wb")
     proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

@@ -26,16 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 NODES = ("n1", "n2")
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 2
 PARTITIONS = ("gpu", "debug")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(procs: list[subprocess.Popen], wait_s: float = 10.0) -> None:
@@ -168,7 +164,7 @@ class SlurmCluster:
 
 def _write_conf(root: Path, munge_socket: Path) -> Path:
     host = socket.gethostname()
-    ctl_port, *node_ports = (_free_port() for _ in range(1 + len(NODES)))
+    ctl_port, *node_ports = (free_port() for _ in range(1 + len(NODES)))
     lines = [
         "ClusterName=ditscale-test",
         f"SlurmctldHost={host}(127.0.0.1)",
