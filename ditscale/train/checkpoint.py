@@ -31,7 +31,6 @@ DeepSpeed's three record classes allowed); `python -m ditscale checkpoint conver
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import math
@@ -46,9 +45,10 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ditscale.errors import CheckpointError, DitscaleError
+from ditscale.errors import CheckpointError, DitscaleError, LeaseLostError
 from ditscale.io import integrity, storage
 from ditscale.io.rundir import CKPT, RunDir, step_of, tag_for
+from ditscale.model.checkpoint import load_tensor_file
 from ditscale.train.state import KINDS, TrainState
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Checkpoint:
         """The EMA weights (this one file read and verified)."""
         if self._ema is None:
             if self.legacy:
-                self._ema = _load_tensor_pickle(self.read_file("ema.pt"), f"{self.where}/ema.pt")
+                self._ema = load_tensor_file("ema.pt", self.read_file("ema.pt"), source=f"{self.where}/ema.pt")
             else:
                 self._ema = load_safetensors(self.read_file(EMA_FILE))
         return self._ema
@@ -186,14 +186,6 @@ class Checkpoint:
                 with safe_open(str(local / name), framework="pt") as f:
                     out[key[len("param/") :]] = f.get_tensor(key)
         return out
-
-
-def _load_tensor_pickle(data: bytes, where: str):
-    """A tensor file of an older ditscale: torch.load(weights_only=True) refuses anything but tensors."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{where}: not a plain tensor file, refused ({type(e).__name__}: {e})") from None
 
 
 def newest_intact(rundir: RunDir, check: Callable[[Checkpoint], object] | None = None):
@@ -395,15 +387,14 @@ class Checkpointer:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
         if self.rundir.remote:
-            if not self.agree(fence_ok()):
-                self._drop(stage, tag)
-                raise CheckpointError(f"checkpoint {self.rundir}/{CKPT}/{tag}: not uploaded: the lease was lost")
+            self._fence(fence_ok, stage, tag, "uploaded")
             try:
                 if local_rank == 0:  # every node uploads what its ranks wrote (names never collide between ranks)
                     storage.put_tree(str(stage / tag), self.rundir.path(f"{CKPT}/{tag}"))
             except DitscaleError as e:
                 error = str(e)
             self._settle(error, stage, tag, "uploading")
+        self._fence(fence_ok, stage, tag, "published")
         if rank == 0:
             meta = self._meta(step, tag, data_state, gathered)
             self._publish(tag, stage, meta)
@@ -473,6 +464,16 @@ class Checkpointer:
     def _scheduler_steps(self) -> int:
         return int(self.scheduler.last_epoch) if self.scheduler is not None else 0
 
+    def _fence(self, fence_ok: Callable[[], bool], stage: Path, tag: str, what: str) -> None:
+        """Every rank learns whether rank 0 still provably holds the lease; if not, nothing more is written."""
+        if self.agree(fence_ok()):
+            return
+        self._drop(stage, tag)
+        raise LeaseLostError(
+            f"checkpoint {self.rundir}/{CKPT}/{tag}: not {what}: this trainer can no longer prove it holds the run's "
+            "lease; it writes nothing more"
+        )
+
     def _drop(self, stage: Path, tag: str) -> None:
         if self.denv.local_rank == 0:
             shutil.rmtree(stage / tag, ignore_errors=True)
@@ -502,7 +503,10 @@ class Checkpointer:
             (stage / tag).rename(final)
             storage.fsync_dir(str(rd.local / CKPT))
         rd.publish_latest(tag)
-        for old in rd.complete_tags()[: -self.keep]:
+        # Keep this one and the keep-1 newest before it. Newer tags than this one are left alone: a resume that
+        # skipped them (damaged) will write over them as it reaches their steps.
+        older = [t for t in rd.complete_tags() if step_of(t) < step_of(tag)]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             rd.rmtree(f"{CKPT}/{old}")
             log.info("removed old checkpoint %s", old)
 
@@ -520,14 +524,7 @@ class SafeCheckpointEngine:
                 from deepspeed.runtime.zero.config import ZeroStageEnum
                 from deepspeed.utils.tensor_fragment import fragment_address
 
-                try:
-                    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                        return torch.load(path, map_location=map_location, weights_only=True)
-                except Exception as e:
-                    raise CheckpointError(
-                        f"{path}: refused: it holds objects other than tensors and DeepSpeed's records "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})"
-                    ) from None
+                return load_tensor_file(path, allow=(LossScaler, ZeroStageEnum, fragment_address))
 
         return _Safe()
 

@@ -225,6 +225,8 @@ class Trainer:
             gen=self.gen,
         )
         self.step = self.checkpointer.resume()
+        if os.environ.get("DITSCALE_TEST_DUMP_STATE") and self.step:  # tests only: the state as resumed
+            self._dump_state(os.environ["DITSCALE_TEST_DUMP_STATE"])
         if denv.is_main:
             log.info(
                 "%s: %s %s, %d processes, ZeRO-%d, %s, global batch %d (micro %d x accum %d), %s at step %d",
@@ -247,8 +249,10 @@ class Trainer:
         self.log = TrainLog(cfg, denv, rundir, device, labels, self.step, info, tokens={"gen": self.gen})
         self.samples = SampleGrids(cfg, rundir, enabled=denv.is_main)
         self.delay = float(os.environ.get("DITSCALE_TEST_STEP_DELAY", "0"))  # tests only: time to scrape or signal
-        self.pause_at = {k: _test_hook(f"PAUSE_{k.upper()}") for k in ("step", "log", "checkpoint", "publish")}
+        points = ("step", "log", "sample", "checkpoint", "publish")
+        self.pause_at = {k: _test_hook(f"PAUSE_{k.upper()}") for k in points}
         self.nan_at = _test_hook("NONFINITE_AT")
+        self.record_to = os.environ.get("DITSCALE_TEST_RECORD_SAMPLES", "")
 
     # --- the run dir: one writer, no silent config drift -------------------------------------------------------
     def _claim_run_dir(self, allow_config_change: bool) -> dict:
@@ -343,6 +347,23 @@ class Trainer:
         """Rank 0's lease can no longer be proven (every rank hears it through stop.poll)."""
         return self.lease is not None and not self.lease.provable()
 
+    def _dump_state(self, path: str) -> None:
+        """Tests only: every parameter's full state right after the resume (collective), as safetensors."""
+        from safetensors.torch import save_file
+
+        out = {f"{k}/{n}": v for n, full in self.checkpointer.state.tensors() for k, v in full.items()}
+        if self.denv.is_main:
+            out["optimizer/steps"] = torch.tensor([self.checkpointer.state.optimizer_steps()])
+            save_file(out, path)
+
+    def _record(self, batches: list) -> None:
+        """Tests only: the global element ids and dataset indices this rank trains on at the next step."""
+        import json
+
+        ids = [i for _, _, b in batches for i in b.tolist()]
+        with open(f"{self.record_to}.rank{self.denv.rank}", "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "ids": ids, "indices": self.recorded}) + "\n")
+
     def _pause(self, point: str) -> None:
         """Tests only: stop this process (SIGSTOP) at a named point of a step, to test a paused holder."""
         if self.step in self.pause_at.get(point, ()) and self.denv.is_main:
@@ -375,6 +396,7 @@ class Trainer:
                 self._check_finite()
             self._pause("log")
             self.log.after_step(self.step, loss, time.perf_counter() - t0, wait, lr, self.engine, self.loader)
+            self._pause("sample")
             path = self.samples.maybe_sample(self.step, self.ema.model)
             if path is not None:
                 self.log.image(self.step, "samples", path)
@@ -388,13 +410,17 @@ class Trainer:
         raised: the other ranks must hear of it (stop.poll) before anyone leaves, or they would wait in a
         collective forever."""
         batches = []
+        self.recorded = []
         try:
             for _ in range(self.accum):
                 x, y = next(data)
                 batches.append((x, y, self.loader.last_ids))
+                self.recorded += self.loader.last_indices.tolist() if self.record_to else []
         except Exception as e:
             log.error("rank %d: reading the next batch failed: %s: %s", self.denv.rank, type(e).__name__, e)
             return batches, e
+        if self.record_to:
+            self._record(batches)
         return batches, None
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, bool]:
