@@ -57,8 +57,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def margin_for(lease_s: float) -> float:
-    """How much of the lease a write keeps in hand: a quarter (30 s of the default 120 s), at least 1 s."""
-    return max(1.0, lease_s / 4)
+    """How much of the lease a write keeps in hand: a quarter (30 s of the default 120 s), at least 1 s, but never
+    more than half the lease."""
+    return max(min(1.0, lease_s / 2), lease_s / 4)
 
 
 @dataclass(frozen=True)

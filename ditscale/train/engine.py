@@ -11,13 +11,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ditscale.cache import project_cache
-from ditscale.config import OptimSection, TrainSection
 from ditscale.distenv import DistEnv, free_port
 from ditscale.errors import ConfigError
+
+if TYPE_CHECKING:  # the sections build the engine (TrainSection.engine): no import back at run time
+    from ditscale.config import OptimSection, TrainSection
 
 log = logging.getLogger(__name__)
 
