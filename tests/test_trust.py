@@ -19,7 +19,7 @@ from ditscale.io.rundir import RunDir
 from tests import trainers as T
 
 pytestmark = pytest.mark.slow
-LEASE = 10.0  # s: the paused trainer must lose it in a test's time
+LEASE = 6.0  # s: the paused trainer must lose it in a test's time (margin 1.5 s)
 
 
 def strict_json(text: str):
@@ -51,51 +51,47 @@ def stopped(pid: int) -> bool:
 
 # --------------------------------------------------------------------------------------------------------- fencing
 @pytest.mark.parametrize(
-    ("point", "store"),
-    [
-        ("step", "local"),
-        ("log", "local"),
-        ("sample", "local"),
-        ("checkpoint", "local"),
-        ("publish", "local"),
-        ("step", "s3"),
-        ("publish", "s3"),
-    ],
+    ("store", "points"),
+    [("local", ["step", "log", "sample", "checkpoint", "publish"]), ("s3", ["step", "publish"])],
 )
 def test_a_paused_trainer_writes_nothing_after_losing_its_lease(
-    tmp_path, digits8_dir, warm_deepspeed, point, store, request
+    tmp_path, digits8_dir, warm_deepspeed, store, points, request
 ):
-    """Trainer A pauses (SIGSTOP) at `point` of step 4, past its lease; B takes the run over and finishes it; A is
-    woken: it exits with 4 (lease lost) and not one file of the run dir changes after that."""
-    env: dict[str, str] = {}  # the S3 fixture points the AWS_* variables of this session at its server
-    run = request.getfixturevalue("s3_server").bucket() + "/run" if store == "s3" else str(tmp_path / "run")
+    """For each pause point, on a run dir of its own (all at once): trainer A pauses itself (SIGSTOP) at that point
+    of step 4, past its lease; B takes the run over and finishes it; A is woken: it exits with 4 (lease lost) and
+    not one file of the run dir changes after that, `latest` never moves back, every kept checkpoint is B's."""
+    base = request.getfixturevalue("s3_server").bucket() if store == "s3" else str(tmp_path)
+    runs = {p: storage.join(base, f"run-{p}") for p in points}
     cfg = T.tiny_config(
         tmp_path / "c.yaml",
         str(digits8_dir / "manifest.json"),
         run={"name": "t", "seed": 0, "lease_seconds": LEASE},
-        train={"steps": 10},
+        train={"steps": 8},
         checkpoint={"every": 1, "keep": 3},
         log={"every": 1, "sample_every": 1},
     )
-    a = T.alone(cfg, run, env={**env, f"DITSCALE_TEST_PAUSE_{point.upper()}": "3"}, delay=0.2)
-    assert T.wait_until(lambda: stopped(a.pid) or a.proc.poll() is not None, timeout=600), a.output[-3000:]
-    assert stopped(a.pid), a.output[-3000:]
-    time.sleep(LEASE + 2)  # its heartbeat is now older than its lease
-    b = T.alone(cfg, run, env=env)
-    out_b = T.run_ok(b)
-    assert "took over the lease of a dead trainer" in out_b
-    before = snapshot(run)
-    os.kill(a.pid, signal.SIGCONT)
-    rc, out_a = a.finish(timeout=300)
-    assert rc == 4, out_a[-3000:]
-    assert "lease" in out_a.splitlines()[-1] or "lease" in out_a[-2000:]
-    assert snapshot(run) == before  # not one byte written by A after its loss
-    steps = [strict_json(x)["step"] for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 10  # strictly increasing, to the end
-    rd = RunDir(run)
-    assert rd.latest_hint() == "step_00000010" and rd.final()["gen"] == 2
-    gens = {t: rd.read_json(f"checkpoints/{t}/meta.json")["lease_gen"] for t in rd.complete_tags()}
-    assert set(gens.values()) == {2}, gens  # the kept checkpoints are all B's
+    paused = {p: T.alone(cfg, runs[p], env={f"DITSCALE_TEST_PAUSE_{p.upper()}": "3"}, delay=0.2) for p in points}
+    for p, a in paused.items():
+        assert T.wait_until(lambda a=a: stopped(a.pid) or a.proc.poll() is not None, timeout=900), p
+        assert stopped(a.pid), (p, a.output[-3000:])
+    time.sleep(LEASE + 1)  # every A's heartbeat is now older than its lease
+    takers = {p: T.alone(cfg, runs[p]) for p in points}
+    for p, b in takers.items():
+        assert "took over the lease of a dead trainer" in T.run_ok(b, timeout=900), p
+    before = {p: snapshot(runs[p]) for p in points}
+    for a in paused.values():
+        os.kill(a.pid, signal.SIGCONT)
+    for p, a in paused.items():
+        rc, out = a.finish(timeout=600)
+        assert rc == 4 and "lease" in out[-2000:], (p, out[-3000:])
+        assert snapshot(runs[p]) == before[p], p  # not one byte written by A after its loss
+        lines = storage.read_text(storage.join(runs[p], "metrics.jsonl")).splitlines()
+        steps = [strict_json(x)["step"] for x in lines]
+        assert steps == sorted(set(steps)) and steps[-1] == 8, (p, steps)  # strictly increasing, to the end
+        rd = RunDir(runs[p])
+        assert rd.latest_hint() == "step_00000008" and rd.final()["gen"] == 2, p
+        gens = {t: rd.read_json(f"checkpoints/{t}/meta.json")["lease_gen"] for t in rd.complete_tags()}
+        assert set(gens.values()) == {2}, (p, gens)  # the kept checkpoints are all B's
 
 
 # ------------------------------------------------------------------------------------------------------- integrity
@@ -121,8 +117,11 @@ def _damage(ck: Path, how: str) -> str:
     return "meta.json"
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "ema", "meta"])
-def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(tmp_path, digits8_dir, warm_deepspeed, how):
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(tmp_path, digits8_dir, warm_deepspeed):
+    """One run to step 6 (checkpoints 2, 4, 6); per kind of damage to step 6 a copy of it resumes to step 8 (all at
+    once) from step 4, naming the damaged file, with the losses of an undisturbed resume from step 4."""
+    import shutil
+
     cfg = T.tiny_config(
         tmp_path / "c.yaml",
         str(digits8_dir / "manifest.json"),
@@ -131,21 +130,22 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(tmp_pat
         log={"sample_every": 0},
     )
     T.run_ok(T.alone(cfg, tmp_path / "run"))
-    # the reference: an undisturbed resume from step 4
-    import shutil
-
-    shutil.copytree(tmp_path / "run", tmp_path / "ref")
-    shutil.rmtree(tmp_path / "ref" / "checkpoints" / "step_00000006")
-    (tmp_path / "ref" / "final.json").unlink()
-    T.run_ok(T.alone(cfg, tmp_path / "ref", "train.steps=8"))
-    name = _damage(tmp_path / "run" / "checkpoints" / "step_00000006", how)
     (tmp_path / "run" / "final.json").unlink()
-    out = T.run_ok(T.alone(cfg, tmp_path / "run", "train.steps=8"))
-    assert "step_00000006" in out and name in out and "skipping it" in out
-    assert "resumed at step 4" in out
-    assert T.losses(tmp_path / "run")[4:] == T.losses(tmp_path / "ref")[4:]  # steps 5..8, float for float
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert names == ["step_00000004", "step_00000006", "step_00000008"]  # the intact step 4 was never pruned
+    kinds = ["flip", "truncate", "ema", "meta"]
+    for name in ["ref", *kinds]:
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+    shutil.rmtree(tmp_path / "ref" / "checkpoints" / "step_00000006")  # the undisturbed resume from step 4
+    damaged = {how: _damage(tmp_path / how / "checkpoints" / "step_00000006", how) for how in kinds}
+    procs = {name: T.alone(cfg, tmp_path / name, "train.steps=8") for name in ["ref", *kinds]}
+    outs = {name: T.run_ok(p) for name, p in procs.items()}
+    ref = T.losses(tmp_path / "ref")[4:]
+    for how in kinds:
+        out = outs[how]
+        assert "step_00000006" in out and damaged[how] in out and "skipping it" in out, how
+        assert "resumed at step 4" in out, how
+        assert T.losses(tmp_path / how)[4:] == ref, how  # steps 5..8, float for float
+        names = sorted(p.name for p in (tmp_path / how / "checkpoints").iterdir() if p.name.startswith("step_"))
+        assert names == ["step_00000004", "step_00000006", "step_00000008"], how  # step 4 never pruned
 
 
 def test_export_of_a_damaged_ema_is_a_named_error(tmp_path, digits8_dir, warm_deepspeed):

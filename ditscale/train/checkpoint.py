@@ -257,6 +257,7 @@ class Checkpointer:
         """Load the newest intact checkpoint into engine, EMA, scheduler and loader; its step (0: none)."""
         import torch.distributed as dist
 
+        t0 = time.perf_counter()
         box: list = [None, None]
         if self.denv.rank == 0:
             ck, skipped = newest_intact(self.rundir)
@@ -277,6 +278,7 @@ class Checkpointer:
         if self.rundir.remote and self.denv.local_rank == 0 and self.denv.rank != 0:
             ck.verify()  # this node's download
         dist.barrier()
+        t_verified = time.perf_counter()
         self._check_shapes(ck)
         local = ck.local_dir()
         files: dict[str, object] = {}
@@ -294,6 +296,18 @@ class Checkpointer:
         self._set_schedule(int(opt.get("scheduler_steps", opt.get("steps", 0))))
         self.loader.load_state_dict(ck.meta["data"])
         self.last_saved = ck.step
+        if self.denv.rank == 0:
+            m = ck.meta
+            log.info(
+                "resumed from %s (written by %s processes at ZeRO-%s) in %.2f s: found and verified in %.2f s, "
+                "loaded in %.2f s",
+                ck.where,
+                m.get("world_size"),
+                m.get("zero_stage"),
+                time.perf_counter() - t0,
+                t_verified - t0,
+                time.perf_counter() - t_verified,
+            )
         return ck.step
 
     def _check_shapes(self, ck: Checkpoint) -> None:
