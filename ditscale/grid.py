@@ -41,7 +41,6 @@ grid file, the run id and the key.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 import string
@@ -254,7 +253,7 @@ def expand(
                 raise LaunchError(f"{where}: duplicate run id (values {values} and {seen[run_id]}); make 'id' unique")
             seen[run_id] = values
             ctx = {**ctx_values, "id": run_id}
-            run_tree = _fmt(copy.deepcopy(tree), ctx, f"{where}: config")
+            run_tree = _fmt(tree, ctx, f"{where}: config")  # a new tree: _fmt rebuilds every dict and list
             resources = dict(resources0)
             dotted: list[tuple[str, Any]] = []
             for a, i in zip(axes, combo, strict=True):
@@ -388,6 +387,57 @@ def check_data(runs: list[RunSpec], problems: list[str] | None = None) -> list[R
                     errors.append(f"run {r.id!r}: data.{key} {url!r} cannot be read: {seen[url]}")
             elif seen[url]:
                 errors.append(f"run {r.id!r}: data.{key} {url!r} cannot be read (as above)")
+        bad += errors
+        if not errors:
+            ok.append(r)
+    _report(bad, problems)
+    return ok
+
+
+def check_model_vs_data(runs: list[RunSpec], problems: list[str] | None = None) -> list[RunSpec]:
+    """Each run's model fits its data: channels, image (or latent) size and classes of the training manifest (or
+    of the grid's data recipe, for data it has not built yet), and a held-out test set that says the same. What the
+    trainer would refuse at its start is named here, before anything is submitted (every bad run together)."""
+    from ditscale.data import read_manifest
+
+    cache: dict[str, dict | None] = {}
+
+    def manifest(url: str) -> dict | None:
+        if url not in cache:
+            try:
+                cache[url] = read_manifest(url)
+            except Exception:  # unreadable data is check_data's (or the recipe's) to name
+                cache[url] = None
+        return cache[url]
+
+    ok, bad = [], []
+    for r in runs:
+        m, where = r.config.model, f"run {r.id!r}"
+        errors = []
+        made = r.recipe.outputs() if r.recipe is not None else set()
+        for key in ("train", "test"):
+            url = getattr(r.config.data, key)
+            if not url:
+                continue
+            have = manifest(url) if url not in made or r.recipe is None else None
+            if have is None and r.recipe is not None and url in made:
+                full = manifest(r.recipe.full_manifest) if r.recipe.manifest is None else manifest(r.recipe.manifest)
+                have = {"channels": r.recipe.channels, "resolution": r.recipe.resolution, "kind": "pixels"}
+                have["num_classes"] = (full or {}).get("num_classes", 0)
+            if not have:
+                continue
+            kind = have.get("kind", "pixels")
+            if kind != r.config.data.kind:
+                errors.append(f"{where}: data.kind={r.config.data.kind!r} but data.{key} {url} holds {kind!r}")
+            if have.get("channels") not in (None, m.in_channels):
+                errors.append(f"{where}: model.in_channels={m.in_channels} but data.{key} {url} has "
+                              f"{have['channels']} channels")  # fmt: skip
+            if have.get("resolution") not in (None, m.input_size):
+                errors.append(f"{where}: model.input_size={m.input_size} but data.{key} {url} has size "
+                              f"{have['resolution']}")  # fmt: skip
+            if (have.get("num_classes") or 0) > m.num_classes:
+                errors.append(f"{where}: model.num_classes={m.num_classes} but data.{key} {url} has "
+                              f"{have['num_classes']} classes")  # fmt: skip
         bad += errors
         if not errors:
             ok.append(r)

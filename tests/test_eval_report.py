@@ -157,6 +157,29 @@ def test_report_reads_run_dirs_in_object_storage(s3_server, tmp_path):
     assert text.count("| done |") == 3 and text.count("| started |") == 1
 
 
+def test_report_grid_is_a_folder_of_run_dirs_on_s3(s3_server, tmp_path):
+    """`report --grid s3://bucket/runs`: the run roots the launchers (and the RayJob) write, found by one listing
+    (issue #22 item 8); the report goes beside them unless --out says otherwise."""
+    import subprocess
+    import sys
+
+    root = s3_server.bucket() + "/runs"
+    for name, windows, n in (("g-n10-s0", "global", 10), ("l-n10-s0", "local@head", 10)):
+        local = _run(tmp_path / "stage", name, windows, n, 0, 5.0 if windows == "global" else 3.0)
+        _log(local, [1.0, 0.5])
+        s3_server.fs.put(str(local) + "/", f"{root}/{name}/".removeprefix("s3://"), recursive=True)
+    runs, name = report.discover(root)
+    assert name == "runs" and sorted(r.id for r in runs) == ["g-n10-s0", "l-n10-s0"]
+    assert {r.run_dir for r in runs} == {f"{root}/g-n10-s0", f"{root}/l-n10-s0"}
+    r = subprocess.run([sys.executable, "-m", "ditscale", "report", "--grid", root], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"wrote {root}/report/report.md" in r.stdout
+    assert "| g-n10-s0 |" in (s3_server.fs.cat(f"{root}/report/report.md".removeprefix("s3://")).decode())
+    with pytest.raises(ConfigError, match="nothing there"):
+        report.discover(s3_server.bucket() + "/nothing")
+
+
 def test_report_spread_and_paired_difference(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"  # two grids reported together
     for s, (g, h, t) in enumerate([(2.0, 1.5, 2.5), (1.0, 0.9, 1.2), (1.5, 1.3, 1.2)]):

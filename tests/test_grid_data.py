@@ -221,3 +221,46 @@ def test_study_grids_recipes():
     assert {r.config.model.windows for r in runs} == {"global", "3x2@head", "3x2@mix", "3x2@tail"}
     runs = G.expand(ROOT / "configs" / "grids" / "digits-placement-n100.yaml", validate=False)
     assert len(runs) == 6 and {r.subset for r in runs} == {"n100-s0", "n100-s1", "n100-s2"}
+
+
+def test_source_paths_are_checked_at_plan_time(tmp_path):
+    """Every source path a missing step reads is checked before anything runs (and in --dry-run), named with the
+    --var that gives it (issue #22 item 2)."""
+    text = GRID.replace("source: digits", 'source: folder\n  src: "{images}"')
+    plan = plan_grid(str(_grid(tmp_path, text)), vars={"images": str(tmp_path / "nope")})
+    with pytest.raises(LaunchError, match=r"data.src .*nope \(--var images\) does not exist"):
+        P.check_sources(plan.data)
+    (tmp_path / "a-file").write_text("x")
+    plan = plan_grid(str(_grid(tmp_path, text)), vars={"images": str(tmp_path / "a-file")})
+    with pytest.raises(LaunchError, match=r"data.src .*a-file \(--var images\): expected a directory"):
+        P.check_sources(plan.data)
+    (tmp_path / "imgs").mkdir()
+    P.check_sources(plan_grid(str(_grid(tmp_path, text)), vars={"images": str(tmp_path / "imgs")}).data)
+    r = _launcher("local", "--grid", _grid(tmp_path, text), "--var", f"images={tmp_path / 'nope'}", "--dry-run")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_against_data_at_plan_time(tmp_path, digits8_dir):
+    """The model must fit its data: channels, size and classes of the manifest, or of the recipe for data not yet
+    built; every mismatch is named before anything is submitted, also by --dry-run (issue #23)."""
+    bad = GRID.replace("in_channels: 1, num_classes: 10", "in_channels: 3, num_classes: 10")
+    with pytest.raises(LaunchError, match=r"model.in_channels=3 but data.train .* has 1 channels"):
+        plan_grid(str(_grid(tmp_path, bad)))
+    text = GRID.replace("  source: digits\n", f"  manifest: {digits8_dir / 'manifest.json'}\n")
+    few = text.replace("num_classes: 10}", "num_classes: 2}")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    with pytest.raises(LaunchError, match=r"model.num_classes=2 but data.train .* has 10 classes"):
+        plan_grid(str(_grid(tmp_path, few)))
+    r = _launcher("local", "--grid", _grid(tmp_path, few), "--dry-run")
+    assert r.returncode == 2 and "model.num_classes=2" in r.stderr
+
+
+def _launcher(name: str, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, str(root / "launchers" / f"{name}_grid.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300, env=env)

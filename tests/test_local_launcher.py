@@ -1,6 +1,9 @@
 """launchers/local_grid.py: a grid on this machine. Its data does not exist yet: the recipe's steps run first; then
 a 1-process run and a 2-process run (torchrun) train side by side; a rerun trains nothing; --status and --collect
-read the run dirs; SIGTERM makes a running run checkpoint and stop, and the next call resumes it."""
+read the run dirs; --stop (SIGTERM to the launcher) makes a running run checkpoint and stop, and the next call
+resumes it; kill -9 of the
+launcher leaves no process behind (torchrun and its ranks get SIGTERM, checkpoint and exit); a run whose trainer
+fails shows why in --status."""
 
 import json
 import os
@@ -81,7 +84,7 @@ def test_local_grid_end_to_end(tmp_path):
     assert "2 runs: 2 done" in r.stdout
 
     again = launcher(*common, "--parallel", "2")
-    assert again.returncode == 0 and "nothing to train (2 finished, 0 running)" in again.stdout
+    assert again.returncode == 0 and "nothing to train (2 finished, 0 queued or running)" in again.stdout
     assert "preparing" not in again.stdout
 
     col = launcher(*common, "--collect")
@@ -105,7 +108,8 @@ def test_local_sigterm_checkpoints_and_resumes(tmp_path):
             assert p.poll() is None, p.stdout.read()
             time.sleep(0.5)
         assert metrics.exists(), "the run never logged a step"
-        p.send_signal(signal.SIGTERM)
+        stop = launcher(*common, "--stop")  # SIGTERM to the launcher that holds the run's claim
+        assert "asked 1 run(s) to checkpoint and stop: loc-p1" in stop.stdout, stop.stdout + stop.stderr
         out, _ = p.communicate(timeout=180)
     finally:
         if p.poll() is None:
@@ -121,3 +125,56 @@ def test_local_sigterm_checkpoints_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     assert f"loc-p1: resuming from step_{stopped:08d}" in r.stdout and "loc-p1: done" in r.stdout
     assert json.loads((runs / "loc-p1" / "final.json").read_text())["step"] == 60
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs whose command line contains marker (the run's config file: torchrun and its ranks)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def test_kill_9_of_the_launcher_leaves_no_orphans(tmp_path):
+    from tests.waits import wait_for
+
+    two = GRID.replace("values: [1, 2]", "values: [2]")
+    runs = tmp_path / "runs"
+    common = ["--grid", _grid(tmp_path, two), "--run-root", runs, "train.steps=400", "checkpoint.every=300"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DITSCALE_TEST_STEP_DELAY="0.3")
+    p = subprocess.Popen([sys.executable, str(LAUNCHER), *map(str, common)], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    metrics, marker = runs / "loc-p2" / "metrics.jsonl", str(runs / "_local" / "loc-p2.yaml")
+    try:
+        wait_for("two logged steps", lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 900, p)
+        procs = _processes_with(marker)
+        assert len(procs) >= 3, procs  # torchrun and its two ranks
+        p.kill()  # kill -9: no handler runs in the launcher
+        p.wait(timeout=30)
+        wait_for("torchrun and its ranks to exit", lambda: not _processes_with(marker), 180)
+    finally:
+        for pid in _processes_with(marker):  # only if the test failed: stop what it started
+            os.kill(pid, signal.SIGKILL)
+    # the ranks got SIGTERM through torchrun: a checkpoint at the end of the step, not a periodic one (every 300)
+    tag = (runs / "loc-p2" / "checkpoints" / "latest").read_text().strip()
+    assert 2 <= int(tag.split("_")[1]) < 300
+    st = launcher(*common, "--status")
+    assert "loc-p2  resumable" in st.stdout and "gone" in st.stdout, st.stdout
+
+
+def test_a_failed_run_says_why(tmp_path):
+    """A run whose trainer refuses to start on its world size (2 processes x micro_batch 8 do not divide the global
+    batch of 8): the row says failed, with the exit code and the trainer's error line, not a pointer to a log."""
+    two = GRID.replace("values: [1, 2]", "values: [2]")
+    common = ["--grid", _grid(tmp_path, two), "--run-root", tmp_path / "runs", "train.micro_batch=8"]
+    r = launcher(*common)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    st = launcher(*common, "--status")
+    row = next(ln for ln in st.stdout.splitlines() if ln.startswith("loc-p2 "))
+    assert " failed " in row and "exited 1" in row and "exit code 1: " in row and "batch" in row, st.stdout
+    assert "see " not in row

@@ -63,5 +63,5 @@ def test_ray_grid_prepares_missing_data_first(ray_cluster, tmp_path):
     assert json.loads((runs / "rprep-3x2@head" / "final.json").read_text())["step"] == 4
 
     again = launcher(*common)
-    assert again.returncode == 0 and "nothing to train (1 finished, 0 running elsewhere)" in again.stdout
+    assert again.returncode == 0 and "nothing to train (1 finished, 0 queued or running)" in again.stdout
     assert "data build" not in again.stdout

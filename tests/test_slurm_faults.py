@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 
 from ditscale.errors import LaunchError
+from ditscale.launch import claim as C
+from ditscale.launch import records
 from ditscale.launch import slurm as S
 from ditscale.launch import task as T
 from tests.ports import free_port
@@ -120,7 +122,7 @@ def test_submit_time_checks(slurm_cluster, digits8_dir, tmp_path):
     with Lease(str(held / "lock.json"), lease_s=120):
         r = launcher(*common, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "1 already queued or running, 1 to submit" in r.stdout
+    assert "1 queued or running elsewhere, 1 to submit" in r.stdout
     assert f"skip: held by a live trainer (pid {os.getpid()}" in r.stdout
 
     # sbatch refuses the array: a named error, and submitit's pickles do not stay behind
@@ -128,9 +130,15 @@ def test_submit_time_checks(slurm_cluster, digits8_dir, tmp_path):
 
     plan = plan_grid(str(GRID), vars={"data_root": str(digits8_dir)}, run_root=str(tmp_path / "refused"))
     opts = S.SlurmOptions(partition="gpu", log_dir=tmp_path / "refused" / "_slurm", constraint="nosuchfeature")
+    from ditscale.launch.backend import launch
+
     with pytest.raises(LaunchError, match=r"sbatch refused the job array of digits-t2-3x2@head-nodes1: .*feature"):
-        S.submit(plan, opts)
-    assert not [p for p in opts.log_dir.rglob("*") if p.is_file()], list(opts.log_dir.rglob("*"))
+        launch(S.SlurmBackend(opts), plan, launch_record=plan.launch)
+    left = [p for p in opts.log_dir.rglob("*") if p.is_file() and p.parent.name != "launches"]
+    assert not left, left
+    assert not records.jobs(opts.log_dir)  # the launch record names no job
+    claims = C.current([r.run_dir for r in plan.runs])
+    assert all(c is not None and c.ended for c in claims.values())  # the refused runs are free again
     assert _queue(slurm_cluster) == ""
 
 
@@ -152,16 +160,16 @@ def test_job_script_requeues_a_step_no_rank_could_report(slurm_cluster, tmp_path
     ex.update_parameters(**params)
     job = ex.submit(_die).job_id
 
-    def records():
+    def decisions():
         return T.failure_records(tmp_path, job)
 
-    wait_for("the first failure", lambda: len(records()) == 1, 120, slurm_cluster)
-    assert records()[0]["action"] == "requeued" and "srun exited with code" in records()[0]["reason"]
+    wait_for("the first failure", lambda: len(decisions()) == 1, 120, slurm_cluster)
+    assert decisions()[0]["action"] == "requeued" and "srun exited with code" in decisions()[0]["reason"]
     wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout
              .strip() == "PENDING", 120, slurm_cluster)  # fmt: skip
     slurm_cluster.start_now(job)
-    wait_for("the second failure", lambda: len(records()) == 2, 120, slurm_cluster)
-    assert records()[1]["action"] == "gave up"
+    wait_for("the second failure", lambda: len(decisions()) == 2, 120, slurm_cluster)
+    assert decisions()[1]["action"] == "gave up"
     wait_for("the job to end", lambda: job not in _queue(slurm_cluster).split(), 60, slurm_cluster)
 
 
@@ -196,8 +204,9 @@ def test_two_node_run_under_faults(slurm_cluster, prometheus_server, digits8_dir
 
     r = launcher(*common, *steps, env=env)
     assert r.returncode == 0, r.stderr
-    job = json.loads((log_dir / "jobs.json").read_text())[RUN2]["job_id"]
-    assert json.loads((run_dir / "launch.json").read_text())["job_id"] == job
+    job = records.jobs(log_dir)[RUN2]["job_id"]
+    claim = C.current([str(run_dir)])[str(run_dir)]  # the run's claim names its job, beside the run dir
+    assert claim.data["job"] == job and claim.data["backend"] == "slurm" and claim.data["log_dir"] == str(log_dir)
 
     # service discovery: Prometheus knows only the file_sd files the ranks write; it scrapes both ranks
     loss = prometheus_server.wait_for(
@@ -273,7 +282,7 @@ def test_two_node_run_under_faults(slurm_cluster, prometheus_server, digits8_dir
     r = launcher(*common, *more, "--time", "3", "--max-timeouts", "0", env=env)
     assert r.returncode == 0 and "submitted job array" in r.stdout, r.stderr
     assert "warning: --time 3 min" in r.stderr
-    job2 = json.loads((log_dir / "jobs.json").read_text())[RUN2]["job_id"]
+    job2 = records.jobs(log_dir)[RUN2]["job_id"]
     wait_for("the job to end", lambda: job2 not in _queue(slurm_cluster).split(), 400, slurm_cluster)
     err = (log_dir / job2 / f"{job2}_0_log.err").read_text()
     assert f"{RUN2}: resuming from checkpoint step_00000080" in err

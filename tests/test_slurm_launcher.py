@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ditscale.launch import records
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_bad_input_errors_before_submission(slurm_cluster, digits_data, tmp_path
     r = launcher(*common, "--var", f"data_root={digits_data}", "model.windows=local*@mix")
     assert r.returncode == 2 and "digits-t2-3x2@head-nodes1" in r.stderr and "model.windows" in r.stderr
     assert _queue(slurm_cluster) == ""
-    assert not (tmp_path / "_slurm" / "jobs.json").exists()
+    assert not records.jobs(tmp_path / "_slurm")
 
 
 def test_dry_run(slurm_cluster, digits_data, tmp_path):
@@ -96,7 +97,7 @@ def test_dry_run(slurm_cluster, digits_data, tmp_path):
                  "--dry-run", "--time", "0:30:00", "--qos", "normal")  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "2 runs, 0 finished, 0 already queued or running, 2 to submit" in out
+    assert "2 runs, 0 finished, 0 queued or running elsewhere, 2 to submit" in out
     assert "#SBATCH --nodes=2" in out and "#SBATCH --nodes=1" in out and "#SBATCH --ntasks-per-node=1" in out
     assert "#SBATCH --partition=gpu" in out and "#SBATCH --requeue" in out and "#SBATCH --time=30" in out
     assert "#SBATCH --qos=normal" in out and "dry run: nothing submitted" in out
@@ -111,7 +112,7 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     r = launcher(*common, *overrides, env={"DITSCALE_TEST_STEP_DELAY": "0.5"})
     assert r.returncode == 0, r.stderr
     assert "submitted job array" in r.stdout
-    jobs = json.loads((runs_root / "_slurm" / "jobs.json").read_text())
+    jobs = records.jobs(runs_root / "_slurm")
     one, two = runs_root / "digits-t2-3x2@head-nodes1", runs_root / "digits-t2-3x2@head-nodes2"
     job1, job2 = jobs["digits-t2-3x2@head-nodes1"]["job_id"], jobs["digits-t2-3x2@head-nodes2"]["job_id"]
 
@@ -159,3 +160,14 @@ def test_grid_end_to_end_with_requeue(slurm_cluster, digits_data, tmp_path):
     assert all(row["state"] == "done" and row["step"] == 24 for row in table)
     assert (runs_root / "results.csv").read_text().startswith("run,state,step,loss")
     assert "| digits-t2-3x2@head-nodes2 | done | 24 |" in col.stdout
+
+
+def test_dry_run_node_range(slurm_cluster, digits_data, tmp_path):
+    """--nodes MIN-MAX: a run may start on fewer nodes than asked (sbatch --nodes=MIN-MAX)."""
+    r = launcher("--partition", "gpu", "--grid", GRID, "--var", f"data_root={digits_data}", "--run-root", tmp_path,
+                 "--dry-run", "--nodes", "1-2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=1-2" in r.stdout and "nodes=1-2 tasks/node=1" in r.stdout
+    r = launcher("--partition", "gpu", "--grid", GRID, "--var", f"data_root={digits_data}", "--run-root", tmp_path,
+                 "--dry-run", "--nodes", "3-1")  # fmt: skip
+    assert r.returncode == 2 and "--nodes '3-1': expected 1 <= MIN <= MAX" in r.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ditscale.launch import records
 from tests.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +73,14 @@ def test_slurm_grid_prepares_missing_data_first(slurm_cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     build_job = re.search(r"data build\s+job (\S+): python -m ditscale data build digits", r.stdout).group(1)
     subset_job = re.search(r"data n40-s0\s+job (\S+): python -m ditscale data subset", r.stdout).group(1)
-    train_job = json.loads((runs / "_slurm" / "jobs.json").read_text())["prep-3x2@head"]["job_id"]
-    recs = json.loads((runs / "_slurm" / "prepare.json").read_text())
+    train_job = records.jobs(runs / "_slurm")["prep-3x2@head"]["job_id"]
+    recs = records.data_jobs(runs / "_slurm")
     assert {v["job_id"] for v in recs.values()} == {build_job, subset_job}
 
     # the same command while the jobs are queued or running: nothing new
     again = launcher(*common)
     assert again.returncode == 0 and "nothing to submit (0 finished, 1 queued or running)" in again.stdout
-    assert json.loads((runs / "_slurm" / "prepare.json").read_text()) == recs
+    assert records.data_jobs(runs / "_slurm") == recs
 
     final = runs / "prep-3x2@head" / "final.json"
     wait_for("the run to finish", final.exists, 420, slurm_cluster)

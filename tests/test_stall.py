@@ -76,6 +76,28 @@ def test_stall_rules():
     assert RunStatus(RUNNING).stall(1, 1, now=now) is None  # nothing to count from
 
 
+def test_stall_judged_from_the_steady_step_time():
+    """The first logged interval (compilation, warm-up) is slow: it never stretches the threshold (issue #22 item 9).
+    A run killed after its first logged step is stalled after --stall-after, not after 5 first-step intervals."""
+    from ditscale.io.rundir import RUNNING, STARTED, RunStatus
+
+    now = 10_000.0
+    first = {"step": 5, "time": now - 30, "step_time": 26.0}  # the first interval: 26 s per step
+    killed = RunStatus(STARTED, last=first, extra={"recent": [first]})
+    assert killed.stall(20, 5, started=now - 60, now=now) == "last step 5 30s ago, no live trainer"
+    recent = [first] + [{"step": 5 * i, "time": now - 30 + i, "step_time": 0.2} for i in (2, 3, 4)]
+    steady = RunStatus(RUNNING, last=recent[-1], extra={"recent": recent})
+    assert steady.steady_step_time() == 0.2
+    assert steady.stall(20, 5, started=now - 60, now=now + 30) == "last step 20 56s ago, no live trainer"
+    slow = [{"step": 5 * i, "time": now, "step_time": 30.0} for i in (1, 2, 3)]  # really slow steps: 5 x 150 s
+    assert (
+        RunStatus(RUNNING, last=slow[-1], extra={"recent": slow}).stall(20, 5, started=now - 60, now=now + 600) is None
+    )
+    # nothing logged since this start (a requeued job): counted from the start with --stall-after alone
+    old = RunStatus(RUNNING, last=slow[-1], extra={"recent": slow})
+    assert old.stall(20, 5, started=now + 100, now=now + 130) == "no step since it started 30s ago, no live trainer"
+
+
 @pytest.mark.parametrize("launcher", ["local_grid.py", "ray_grid.py"])
 def test_status_shows_a_hung_trainer_as_stalled(tmp_path, launcher):
     grid = tmp_path / "hang.yaml"

@@ -1,4 +1,4 @@
-"""`python -m ditscale bench {attention,data,train,storage,gpu,checkpoint}`: the benchmarks' command lines.
+"""`python -m ditscale bench {attention,data,train,storage,gpu,checkpoint,launch}`: the benchmarks' command lines.
 
 Each benchmark's measuring code lives beside what it measures (ditscale.model.bench, ditscale.data.bench,
 ditscale.train.bench, ditscale.io.bench, ditscale.bench_gpu) and exposes `run(args)`; this module only parses.
@@ -18,6 +18,7 @@ BENCHES = {
     "storage": ("ditscale.io.bench", "the trainer's start-up check that every shard exists (listing vs HEADs)"),
     "checkpoint": ("ditscale.train.bench_checkpoint", "checksum cost of a save; resume on another world size/stage"),
     "gpu": ("ditscale.bench_gpu", "every GPU check in one command: attention, DiT-XL/2 MFU, compile, the trainer"),
+    "launch": ("ditscale.launch.bench", "--dry-run and --status of a large grid, run dirs on disk or S3"),
 }
 
 
@@ -93,6 +94,15 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the figures to this JSON file")
 
 
+def _launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=1000, help="runs in the grid (default 1000)")
+    p.add_argument("--root", required=True, help="where the run dirs go: a folder or s3://bucket/prefix")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions of each (default 3)")
+    p.add_argument("--only", choices=["dry-run", "status"], help="time only one of them")
+    p.add_argument("--no-fill", action="store_true", help="the run dirs are there already (an earlier call)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+
 ARGUMENTS = {
     "attention": _attention_arguments,
     "data": _data_arguments,
@@ -100,6 +110,7 @@ ARGUMENTS = {
     "storage": _storage_arguments,
     "gpu": _gpu_arguments,
     "checkpoint": _checkpoint_arguments,
+    "launch": _launch_arguments,
 }
 
 
@@ -112,4 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "launch":  # it times the launcher command itself: handed in, the library imports no command
+        from ditscale.cli.launch import main
+
+        args.launcher_main = main
     return int(importlib.import_module(args._bench_module).run(args) or 0)

@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
             for r in runs
         ]
         print(json.dumps(out, indent=2, default=str))
-    elif args.status:
-        print(results.format_status(results.run_states(runs)))
+    elif args.status:  # the launchers' status rows, without a scheduler: what the run dirs and claims say
+        from ditscale.launch.backend import Backend, status
+        from ditscale.launch.common import Plan
+
+        print(status(Backend(None), Plan(args.grid, runs)))
     elif args.collect:
         table = results.collect(runs)
         paths = results.write_table(table, args.collect)

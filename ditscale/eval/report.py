@@ -70,9 +70,9 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
     p = Path(grid)
     runs: list[RunInfo] = []
     if p.is_file():
-        from ditscale.grid import expand
+        from ditscale.launch.common import expand_as_launched
 
-        for r in expand(str(p)):
+        for r in expand_as_launched(str(p)):  # as launched: the --var, overrides and run root of its newest launch
             evals = _read_evals(r.run_dir)
             c = r.config
             runs.append(
@@ -88,21 +88,16 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
                 )
             )
         return runs, p.stem
-    if not p.is_dir():
-        raise ConfigError(f"--grid {grid!r}: expected a directory of run dirs or a grid file")
-    for cfg_file in sorted(p.rglob("config.yaml")):
-        if len(cfg_file.relative_to(p).parts) > 4:
-            continue
+    for run_dir, text in _run_dirs_below(grid):
         try:
-            tree = yaml.safe_load(cfg_file.read_text()) or {}
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError:
             continue
         model, run, data = tree.get("model", {}), tree.get("run", {}), tree.get("data", {})
-        run_dir = str(cfg_file.parent)
         evals = _read_evals(run_dir)
         runs.append(
             RunInfo(
-                run.get("name") or cfg_file.parent.name,
+                run.get("name") or storage.basename(run_dir),
                 run_dir,
                 model.get("variant", "?"),
                 str(model.get("windows", "global")),
@@ -111,7 +106,25 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
                 evals,
             )
         )
-    return runs, p.name
+    return runs, storage.basename(grid)
+
+
+def _run_dirs_below(root: str) -> list[tuple[str, str]]:
+    """(run dir, its config.yaml) of every run dir at most 4 levels below a folder: a local path or any URL the
+    launchers write to (s3://bucket/runs: one listing, then the configs read in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if storage.is_local(root) and not Path(storage.local_path(root)).is_dir():
+        raise ConfigError(f"--grid {root!r}: expected a directory of run dirs (local or a URL) or a grid file")
+    rels = [f for f in storage.find(root) if f.endswith("config.yaml") and f.split("/")[-1] == "config.yaml"]
+    rels = sorted(f for f in rels if len(f.split("/")) <= 4 and "/checkpoints/" not in f"/{f}")
+    if not rels and storage.is_url(root) and not storage.listdir(root):
+        raise ConfigError(f"--grid {root!r}: nothing there (expected a folder of run dirs or a grid file)")
+    dirs = [storage.dirname(storage.join(root, f)) if storage.is_url(root) else str(Path(root) / f).rsplit("/", 1)[0]
+            for f in rels]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        texts = list(pool.map(lambda f: storage.read_text(storage.join(root, f)) or "", rels))
+    return list(zip(dirs, texts, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -699,7 +712,8 @@ def report(grids: list[str] | str, out: str | None = None, title: str | None = N
     if not runs:
         raise ConfigError(f"--grid {' '.join(grids)}: no runs found (no config.yaml below it)")
     first = grids[0]
-    out = out or (str(Path(first) / "report") if Path(first).is_dir() else str(Path("reports") / name))
+    is_folder = storage.is_url(first) or Path(first).is_dir()
+    out = out or (storage.join(first, "report") if is_folder else str(Path("reports") / name))
     build_report(runs, out, title or f"Study report: {name}")
     log.info("wrote %s (%d runs)", common.join(out, "report.md"), len(runs))
     return common.join(out, "report.md")

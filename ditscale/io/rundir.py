@@ -97,17 +97,30 @@ class RunStatus:
         t = (self.last or {}).get("time")
         return max(0.0, time.time() - float(t)) if isinstance(t, (int, float)) else None
 
+    def steady_step_time(self) -> float | None:
+        """Seconds per step once the run is past its first logged interval (compilation, data warm-up): the median
+        over the recent records (`extra["recent"]`, filled by status reads that fetch the tail of metrics.jsonl),
+        leaving out the oldest of them; None when only one record is known. Without `recent`, the last record's."""
+        recent = self.extra.get("recent")
+        if recent is None:
+            t = (self.last or {}).get("step_time")
+            return float(t) if isinstance(t, (int, float)) else None
+        times = sorted(float(r["step_time"]) for r in recent[1:] if isinstance(r.get("step_time"), (int, float)))
+        return times[len(times) // 2] if times else None
+
     def stall(
         self, after_s: float, log_every: int, started: float | None = None, now: float | None = None
     ) -> str | None:
         """Why a run that should be training counts as stalled, or None.
 
-        Stalled: no step was logged for `after_s` seconds (or 5 logging intervals, if longer) since the later of
-        its last step and `started` (its job's start; default: since the live trainer took the lock). The lock's
-        heartbeat comes from a thread of its own, so a trainer hung in a collective or a data read still holds
-        the lock: only the steps tell. E.g. "last step 86 7m ago", "no step since it started 12m ago".
+        Stalled: no step was logged for `after_s` seconds (or 5 logging intervals at the steady step time, if
+        longer) since the later of its last step and `started` (its job's start; default: since the live trainer
+        took the lock). The first logged interval's time (compilation, warm-up) never counts: a run that logged
+        only its first step, or nothing since it started, is judged by `after_s` alone. The lock's heartbeat comes
+        from a thread of its own, so a trainer hung in a collective or a data read still holds the lock: only the
+        steps tell. E.g. "last step 86 7m ago", "no step since it started 12m ago".
         """
-        if self.state == DONE:
+        if self.state in (DONE, DIVERGED):
             return None
         now = time.time() if now is None else now
         if started is None and self.holder is not None:
@@ -117,10 +130,12 @@ class RunStatus:
         marks = [t for t in (last_t, started) if t is not None]
         if not marks:
             return None
-        interval = float((self.last or {}).get("step_time") or 0) * log_every
+        logged_since_start = last_t is not None and last_t >= (started or 0)
+        steady = self.steady_step_time() if logged_since_start else None
+        interval = (steady or 0.0) * log_every
         if now - max(marks) <= max(after_s, 5 * interval):
             return None
-        if last_t is not None and last_t >= (started or 0):
+        if logged_since_start:
             why = f"last step {(self.last or {}).get('step')} {age_text(now - last_t)} ago"
         else:
             why = f"no step since it started {age_text(now - (started or now))} ago"
@@ -226,6 +241,29 @@ class RunDir:
 
     def read_text(self, rel: str) -> str | None:
         return storage.read_text(self.path(rel))
+
+    def read_tail(self, rel: str, nbytes: int, size: int | None = None) -> bytes | None:
+        """The last `nbytes` of a file (one ranged read on object storage when its `size` is known), None when
+        missing."""
+        url = self.path(rel)
+        if not self.remote:
+            try:
+                with open(url, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - nbytes))
+                    return f.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+
+        def go() -> bytes:
+            fs, path = storage.filesystem(url)
+            total = size if size is not None else fs.info(path)["size"]
+            return fs.cat_file(path, start=max(0, total - nbytes))
+
+        try:
+            return storage.with_retries(go, url, "read")
+        except FileNotFoundError:
+            return None
 
     def read_json(self, rel: str) -> Any:
         """Parsed JSON, or None when missing or unreadable."""
@@ -456,3 +494,171 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
         return o.tolist()
     raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+# --- cheap status reads for launchers' status rows (read-only) --------------------------------------------------
+TAIL_BYTES = 16384  # the end of metrics.jsonl that holds the last few records
+
+
+def _tail_records(data: bytes | None, cut: bool) -> list[dict]:
+    """The complete records in the end of metrics.jsonl (`cut`: the first line may be a part of one)."""
+    lines = (data or b"").decode("utf-8", errors="replace").splitlines()
+    return list(_records(lines[1:] if cut and lines else lines))
+
+
+class RowReader:
+    """Reads what a status row needs from many run dirs: one listing per folder of run dirs (object storage) or a
+    few stats per run (disk), then only the files that the listing says matter, in parallel. `files(run)` is the
+    listing of one run dir: relative path -> {"size", "mtime"}; claim files beside the run dirs come with it."""
+
+    def __init__(self, run_dirs: Iterable[str], workers: int = 16):
+        self.run_dirs = [storage.normalize(str(d)) for d in run_dirs]
+        self.workers = workers
+        self._listing: dict[str, dict[str, dict]] = {}
+        self._siblings: dict[str, dict[str, list[tuple[str, dict]]]] = {}  # parent -> run name -> names beside it
+
+    # --- listings -------------------------------------------------------------------------------------------------
+    def _list_remote_parent(self, parent: str) -> None:
+        def go() -> dict:
+            fs, path = storage.filesystem(parent)
+            fs.invalidate_cache(path)
+            try:
+                return fs.find(path, detail=True)
+            except FileNotFoundError as e:
+                if storage._error_code(e) == "NoSuchBucket":
+                    raise
+                return {}
+
+        found = storage.with_retries(go, parent, "list")
+        fs, base = storage.filesystem(parent)
+        base = base.rstrip("/")
+        top: list[tuple[str, dict]] = []
+        for key, info in found.items():
+            rel = key[len(base) :].lstrip("/")
+            head, _, rest = rel.partition("/")
+            meta = {"size": info.get("size") or 0, "mtime": _mtime(info)}
+            if rest:
+                self._listing.setdefault(storage.join(parent, head), {})[rest] = meta
+            else:
+                top.append((head, meta))
+        self._siblings[parent] = _by_run_name(top)
+
+    def _list_local(self, run_dir: str) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for rel in (FINAL, LOCK, METRICS, CONFIG, HISTORY):
+            try:
+                s = os.stat(os.path.join(run_dir, rel))
+            except OSError:
+                continue
+            out[rel] = {"size": s.st_size, "mtime": s.st_mtime}
+        ckpt = os.path.join(run_dir, CKPT)
+        for tag in os.listdir(ckpt) if os.path.isdir(ckpt) else ():
+            if is_tag(tag) and os.path.exists(os.path.join(ckpt, tag, "meta.json")):
+                out[f"{CKPT}/{tag}/meta.json"] = {"size": 0, "mtime": 0.0}
+        return out
+
+    def prefetch(self) -> None:
+        parents = sorted({storage.dirname(d) for d in self.run_dirs if storage.is_url(d)})
+        for p in parents:  # one (paginated) listing per folder of run dirs
+            self._list_remote_parent(p)
+        for p in sorted({storage.dirname(d) for d in self.run_dirs if not storage.is_url(d)}):
+            try:
+                names = os.listdir(p)
+            except OSError:
+                names = []
+            beside = [n for n in names if ".claim-" in n]  # only the claims beside the run dirs are ever asked for
+            self._siblings[p] = _by_run_name(
+                [(n, {"size": 0, "mtime": _local_mtime(os.path.join(p, n))}) for n in beside]
+            )
+
+    def files(self, run_dir: str) -> dict[str, dict]:
+        if storage.is_url(run_dir):
+            return self._listing.get(run_dir, {})
+        return self._list_local(run_dir)
+
+    def siblings(self, run_dir: str) -> list[tuple[str, dict]]:
+        """Names beside the run dir that start with its name (its claims), with their info."""
+        return self._siblings.get(storage.dirname(run_dir), {}).get(storage.basename(run_dir), [])
+
+    # --- one run --------------------------------------------------------------------------------------------------
+    def status(self, run_dir: str, steps: int | None, details: bool = True) -> RunStatus:
+        """The same answer as RunDir(run_dir).status(steps), from the listing plus the files that matter; the
+        recent metrics records go to extra["recent"] (stall rules), the start history to extra["starts"]. Without
+        `details` the state, checkpoint and holder only (no metrics or history read: `add_details` later)."""
+        rd, files = RunDir(run_dir), self.files(run_dir)
+        st = RunStatus(PENDING, steps=steps)
+        st.extra["files"] = files
+        tags = [k.split("/")[1] for k in files if k.startswith(f"{CKPT}/") and k.endswith("/meta.json")]
+        tags = sorted((t for t in tags if is_tag(t)), key=step_of)
+        st.checkpoint = tags[-1] if tags else None
+        if FINAL in files:
+            st.final = rd.read_json(FINAL)
+        if _finished(st.final, steps):
+            st.state, st.step = DONE, st.final.get("step")
+            return st
+        if LOCK in files:  # the listing says a lock is there: who holds it is RunDir.holder()'s to say
+            st.holder = rd.holder()
+        if st.holder is None and _diverged(st.final):
+            st.state, st.step = DIVERGED, st.final.get("step")
+            return st
+        if st.holder is not None:
+            st.state = RUNNING
+        elif st.checkpoint:
+            st.state = RESUMABLE
+        elif METRICS in files or CONFIG in files:
+            st.state = STARTED
+        if details or st.holder is not None:  # a live trainer: its steps tell whether it is stalled
+            self.add_details(run_dir, st)
+        elif st.checkpoint:
+            st.step = step_of(st.checkpoint)
+        return st
+
+    def add_details(self, run_dir: str, st: RunStatus) -> RunStatus:
+        """The last logged steps (step, loss, stall rules) and the start history (world sizes) of a run."""
+        if st.state in (DONE, DIVERGED) or st.extra.get("detailed"):
+            return st
+        rd, files = RunDir(run_dir), st.extra.get("files") or self.files(run_dir)
+        st.extra["detailed"] = True
+        if METRICS in files:
+            size = int(files[METRICS].get("size") or 0)
+            recent = _tail_records(rd.read_tail(METRICS, TAIL_BYTES, size if rd.remote else None), size > TAIL_BYTES)
+            st.extra["recent"] = recent[-8:]
+            st.last = recent[-1] if recent else None
+        if HISTORY in files:
+            st.extra["starts"] = rd.starts()
+        st.step = (st.last or {}).get("step")
+        if st.step is None and st.checkpoint:
+            st.step = step_of(st.checkpoint)
+        return st
+
+    def statuses(self, steps: dict[str, int | None], details: bool = False) -> dict[str, RunStatus]:
+        """run dir -> its status (steps: run dir -> the train.steps it is judged against), read in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prefetch()
+        with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.run_dirs) or 1))) as pool:
+            out = list(pool.map(lambda d: self.status(d, steps.get(d), details), self.run_dirs))
+        return dict(zip(self.run_dirs, out, strict=True))
+
+
+def _by_run_name(entries: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
+    """Names beside the run dirs (their claims, `<run>.claim-...`), by run dir name: one look-up per run."""
+    out: dict[str, list[tuple[str, dict]]] = {}
+    for name, info in entries:
+        if ".claim-" in name:
+            out.setdefault(name.split(".claim-", 1)[0], []).append((name, info))
+    return out
+
+
+def _mtime(info: dict) -> float:
+    t = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp())
+    return float(t) if isinstance(t, (int, float)) else 0.0
+
+
+def _local_mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0

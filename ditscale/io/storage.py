@@ -6,7 +6,9 @@ Everything that reads or writes a run dir or a shard goes through here, so there
   StorageError naming the URL and the last error;
 - atomic writes: locally a temporary file in the same directory, fsync, rename, fsync of the directory; remotely
   one PUT (an object store makes an object visible only when its upload is complete);
-- errors that name the path and the OS error ("No space left on device", "Permission denied"), never retried.
+- errors that name the path and the OS error ("No space left on device", "Permission denied"), never retried;
+  missing or rejected credentials, access denied and a bucket that does not exist fail at the first attempt too,
+  naming the AWS_* variables to check (only transient errors are retried).
 
 Credentials and endpoints come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... for s3://), never
 from config files, and are never logged.
@@ -103,7 +105,44 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 # ------------------------------------------------------------------------------------------------- errors
+# Errors that no retry can fix: the credentials, the permission or the bucket is wrong. botocore's exceptions are
+# recognised by name (s3fs wraps some of them in PermissionError / FileNotFoundError, keeping the cause).
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_FATAL_CODES = {
+    "AccessDenied": "access denied",
+    "AllAccessDisabled": "access denied",
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is not valid",
+    "NoSuchBucket": "no such bucket",
+}
+_CREDENTIAL_HINT = (
+    "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / AWS_SHARED_CREDENTIALS_FILE), "
+    "AWS_SESSION_TOKEN for temporary keys, and AWS_ENDPOINT_URL for a store other than AWS"
+)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError (or of the one s3fs translated into an OSError), else None."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return (response.get("Error") or {}).get("Code")
+    return None
+
+
+def _credentials_problem(exc: BaseException) -> str | None:
+    """What is wrong with the store's credentials, bucket or permissions (None: something else)."""
+    names = {type(e).__name__ for e in (exc, exc.__cause__) if e is not None}
+    if names & _CREDENTIAL_ERRORS:
+        return "no credentials were found"
+    return _FATAL_CODES.get(_error_code(exc) or "")
+
+
 def _fatal(exc: BaseException) -> bool:
+    if _credentials_problem(exc):
+        return True
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return True
     if isinstance(exc, (ValueError, TypeError, KeyError, StorageError)):
@@ -112,7 +151,13 @@ def _fatal(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """'No space left on device' for an OSError with an errno, else 'Type: message'."""
+    """'No space left on device' for an OSError with an errno; credentials, permission and bucket problems with the
+    variables to check; else 'Type: message'."""
+    problem = _credentials_problem(exc)
+    if problem == "no such bucket":
+        return f"no such bucket ({exc}): check the URL's bucket name, and AWS_ENDPOINT_URL for a store other than AWS"
+    if problem:
+        return f"{problem} ({type(exc).__name__}: {exc}): {_CREDENTIAL_HINT}"
     if isinstance(exc, OSError) and exc.errno:
         return exc.strerror or os.strerror(exc.errno)
     return f"{type(exc).__name__}: {exc}"
@@ -130,7 +175,9 @@ def with_retries(fn: Callable[[], T], url: str, what: str = "read", budget: floa
         attempt += 1
         try:
             return fn()
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if _error_code(e) == "NoSuchBucket":  # not a missing file: nothing under this URL can be read
+                raise StorageError(f"cannot {what} {url}: {describe(e)}") from e
             raise
         except Exception as e:
             if _fatal(e):
@@ -217,7 +264,9 @@ def listdir(url: str) -> list[str]:
         fs.invalidate_cache(path)
         try:
             entries = fs.ls(path, detail=False)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if _error_code(e) == "NoSuchBucket":
+                raise
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/")})
 

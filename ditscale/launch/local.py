@@ -1,18 +1,19 @@
 """Local executor: a grid on one machine (a workstation, CI), N runs at a time, with the launchers' skip and resume.
 
-Each run is the command a user would type, `python -m ditscale train --config <log dir>/<run id>.yaml` (for a
-run of K processes, nodes x tasks per node, `python -m torch.distributed.run --standalone --nproc_per_node K -m
-ditscale train ...`), started in its own session with its output in `<log dir>/<run id>.log`. Finished runs
-(RunDir.is_done) are skipped, and so are runs a live trainer holds (another launcher); the trainer resumes a run
-from its latest checkpoint on its own. The grid's missing data is prepared first (ditscale.launch.prepare).
+LocalBackend (ditscale.launch.backend): each run is the command a user would type, `python -m ditscale train
+--config <log dir>/<run id>.yaml` (for a run of K processes, nodes x tasks per node,
+`python -m torch.distributed.run --standalone --nproc_per_node K -m ditscale train ...`), started in its own session
+with its output in `<log dir>/<run id>.log`. Finished runs are skipped, and so are runs that another launcher
+claimed (any backend: a queued Slurm job, a Ray driver, another machine) or a live trainer holds; the trainer
+resumes a run from its latest checkpoint on its own. The grid's missing data is prepared first
+(ditscale.launch.prepare).
 
-Ctrl-C or SIGTERM: no new run starts, every running one gets SIGTERM (the trainer checkpoints at the end of its
-step and exits; run the command again to resume); a second Ctrl-C kills them.
+No orphans: every process is started with PR_SET_PDEATHSIG, so when the launcher dies (even kill -9) torchrun or
+the trainer gets SIGTERM, and torchrun passes it to its ranks: each checkpoints at the end of its step and exits.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -26,12 +27,13 @@ from typing import Any
 
 import yaml
 
-from ditscale import results
 from ditscale.grid import RunSpec
-from ditscale.io.lock import pid_alive
-from ditscale.io.rundir import PENDING, STARTED, RunDir
-from ditscale.launch import guard
+from ditscale.io.rundir import RunDir
+from ditscale.launch import claim as C
+from ditscale.launch import records
+from ditscale.launch.backend import Backend, Capabilities
 from ditscale.launch.common import Plan
+from ditscale.launch.rows import View
 
 log = logging.getLogger("ditscale.launch")
 
@@ -58,55 +60,14 @@ def _config_file(run: RunSpec, opts: LocalOptions) -> Path:
     return opts.log_dir / f"{run.id}.yaml"
 
 
-def _state_file(run_id: str, log_dir: Path) -> Path:
-    return log_dir / f"{run_id}.state.json"
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
 
-
-def scheduler_view(runs: list[RunSpec], log_dir: Path) -> dict[str, str]:
-    """run id -> 'pid 123' while this machine's process for it runs, 'exited 1' after a failure."""
-    view = {}
-    for r in runs:
-        f = _state_file(r.id, log_dir)
-        try:
-            st = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if st.get("rc") is None and pid_alive(int(st.get("pid", 0) or 0)):
-            view[r.id] = f"pid {st['pid']}"
-        elif st.get("stopped"):
-            view[r.id] = "stopped (Ctrl-C/SIGTERM)"
-        elif st.get("rc") not in (None, 0):
-            view[r.id] = f"exited {st['rc']}"
-    return view
-
-
-def status(plan: Plan, opts: LocalOptions) -> str:
-    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir), opts.stall_after_s)
-    for row in rows:
-        if row["scheduler"].startswith("exited") and row["state"] in (PENDING, STARTED):
-            row["state"] = "failed"
-            row["checkpoint"] = f"see {opts.log_dir / (row['run'] + '.log')}"
-    return results.format_status(rows)
-
-
-def format_plan(plan: Plan, opts: LocalOptions) -> str:
-    from ditscale.launch.prepare import format_data_plan
-
-    held = guard.busy(plan.todo)  # a live trainer (started by another launcher) holds the run dir
-    lines = [
-        f"{plan.header()}, {len(held)} running elsewhere, {len(plan.todo) - len(held)} to train on this "
-        f"machine, {opts.parallel} at a time"
-    ]
-    if plan.data is not None:
-        lines += ["", format_data_plan(plan.data, {s.name: "prepared here first" for s in plan.data.todo}), ""]
-    for r in plan.runs:
-        what = "done" if r in plan.done else ("running" if r.id in held else "train")
-        cmd = shlex.join(train_command(r, _config_file(r, opts)))
-        lines.append(f"  {r.id:<40} {what:<8} processes={r.num_tasks}  {r.run_dir}")
-        if what == "train":
-            lines.append(f"  {'':<40}   {cmd}")
-    lines.append(f"\nlogs and run configs: {opts.log_dir}")
-    return "\n".join(lines)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
 
 
 @dataclass
@@ -118,10 +79,10 @@ class _Proc:
 
 
 class LocalExecutor:
-    """Trains a plan's unfinished runs on this machine, `opts.parallel` at a time."""
+    """Trains the claimed runs on this machine, `opts.parallel` at a time; each run's claim ends with its process."""
 
-    def __init__(self, plan: Plan, opts: LocalOptions):
-        self.plan, self.opts = plan, opts
+    def __init__(self, plan: Plan, opts: LocalOptions, todo: list[RunSpec], claims: dict[str, C.Claim]):
+        self.plan, self.opts, self.todo, self.claims = plan, opts, todo, claims
         self.procs: dict[str, _Proc] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.interrupts = 0
@@ -154,10 +115,10 @@ class LocalExecutor:
         with open(log_file, "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
             out.flush()
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # fmt: skip
         self.procs[run.id] = _Proc(run, popen, log_file)
-        state = {"pid": popen.pid, "rc": None, "log": str(log_file), "started": time.time()}
-        _state_file(run.id, self.opts.log_dir).write_text(json.dumps(state))
+        C.update(self.claims[run.id], job=f"pid {popen.pid}", log=str(log_file), started=time.time())
         what = f"resuming from {tag}" if tag else "starting"
         print(f"{run.id}: {what} (pid {popen.pid}, log {log_file})", flush=True)
 
@@ -168,14 +129,14 @@ class LocalExecutor:
                 continue
             del self.procs[rid]
             done = RunDir(p.run.run_dir).is_done(p.run.config.train.steps)
-            f = _state_file(rid, self.opts.log_dir)
             stopped = bool(self.interrupts)  # torchrun exits 1 after forwarding our SIGTERM: not a failure
-            f.write_text(
-                json.dumps(
-                    {"pid": p.popen.pid, "rc": rc, "log": str(p.log_file), "ended": time.time(), "stopped": stopped}
-                )
-            )
-            self.results[rid] = {"finished": done, "rc": rc, "log": str(p.log_file)}
+            why = None
+            if not done and not stopped and rc != 0:
+                line = records.last_error_line(p.log_file.read_text(errors="replace")[-200_000:])
+                why = records.exit_text(rc) + (f": {line}" if line else "")
+                records.write_failure(self.opts.log_dir, f"local-{p.popen.pid}", rid, why, "failed")
+            C.end(self.claims[rid], rc=rc, stopped=stopped, why=why, finished=done)
+            self.results[rid] = {"finished": done, "rc": rc, "log": str(p.log_file), "error": why}
             took = time.time() - p.started
             if done:
                 print(f"{rid}: done ({took:.0f} s)", flush=True)
@@ -186,26 +147,17 @@ class LocalExecutor:
                     flush=True,
                 )
             else:
-                print(f"{rid}: FAILED (exit code {rc}); see {p.log_file}", flush=True)
+                print(f"{rid}: FAILED ({why}); log {p.log_file}", flush=True)
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Prepare the data, then train; run id -> {'finished', 'rc', 'log'} for every run started."""
         from ditscale.launch.prepare import prepare_locally
 
-        self.opts.log_dir.mkdir(parents=True, exist_ok=True)
-        for r in self.plan.done:
-            log.info("skip %s: finished", r.id)
-        held = guard.busy(self.plan.todo)  # never started twice
-        for rid, why in held.items():
-            print(f"{rid}: skipped, {why}", flush=True)
-        queue = [r for r in self.plan.todo if r.id not in held]
-        if not queue:
-            print(f"grid {self.plan.name!r}: nothing to train ({len(self.plan.done)} finished, {len(held)} running)")
-            return {}
-        if self.plan.data is not None:
-            prepare_locally(self.plan.data, parallel=self.opts.parallel, log_dir=self.opts.log_dir)
+        queue = list(self.todo)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.plan.data is not None:
+                prepare_locally(self.plan.data, parallel=self.opts.parallel, log_dir=self.opts.log_dir)
             while queue or self.procs:
                 while queue and len(self.procs) < max(1, self.opts.parallel) and not self.interrupts:
                     self._start(queue.pop(0))
@@ -216,12 +168,95 @@ class LocalExecutor:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            for r in queue:  # never started (interrupted, or the data failed): free for the next launcher
+                C.end(self.claims[r.id], rc=None, stopped=True, why=None, finished=False)
         return self.results
 
 
-def run_grid(plan: Plan, opts: LocalOptions, *, dry_run: bool = False) -> dict[str, dict[str, Any]]:
-    if dry_run:
-        print(format_plan(plan, opts))
-        print("\ndry run: nothing started")
-        return {}
-    return LocalExecutor(plan, opts).run()
+class LocalBackend(Backend):
+    """Run a grid of ditscale trainings on this machine: N runs at a time, each its own `python -m ditscale train`.
+
+    The same grid files, data preparation, claims, skip/resume semantics, --status and --collect as the Slurm, Ray and
+    Kubernetes launchers: the grid's missing data is prepared first, finished runs (final.json) are skipped and so are
+    runs another launcher claimed, an interrupted run resumes from its latest checkpoint, and re-running the command
+    trains only what is missing. Ctrl-C (or SIGTERM) makes every running run checkpoint and exit; a second Ctrl-C kills
+    them; if the launcher itself is killed, its runs get SIGTERM (no orphans).
+
+      python launchers/local_grid.py --grid configs/grids/digits-placement.yaml --parallel 2 --dry-run
+      python launchers/local_grid.py --grid configs/grids/digits-placement.yaml --parallel 2
+      python launchers/local_grid.py --grid configs/grids/digits-placement.yaml --status
+      python launchers/local_grid.py --grid configs/grids/digits-placement.yaml --collect
+    """
+
+    name = "local"
+    caps = Capabilities("train", blocking=True, requeue=False, data_as_jobs=False, node_range=True)
+    dry_run_help = "print the plan (data steps, runs, commands); start nothing"
+    status_help = "show each run's state (run dirs, claims, this machine's processes)"
+
+    @classmethod
+    def add_arguments(cls, p) -> None:
+        p.add_argument("-j", "--parallel", type=int, default=1, help="runs trained at the same time (default: 1)")
+        p.add_argument("--threads", type=int, help="OMP_NUM_THREADS per process (default: the grid's cpus_per_task)")
+
+    @classmethod
+    def from_args(cls, args, plan: Plan) -> LocalBackend:
+        from ditscale.launch.common import results_dir
+
+        base = results_dir(plan.runs, plan.name)
+        opts = LocalOptions(
+            log_dir=Path(args.log_dir or base / "_local").absolute(),
+            parallel=args.parallel,
+            threads=args.threads,
+            stall_after_s=args.stall_after,
+        )
+        return cls(opts)
+
+    def describe_run(self, run: RunSpec) -> str:
+        return f"processes={run.num_tasks}"
+
+    def details(self, plan: Plan, todo: list[RunSpec]) -> list[str]:
+        lines = [""] + [f"  {r.id}: {shlex.join(train_command(r, _config_file(r, self.opts)))}" for r in todo[:20]]
+        return lines + [f"\n{len(todo)} to train on this machine, {self.opts.parallel} at a time; logs and run "
+                        f"configs: {self.opts.log_dir}"]  # fmt: skip
+
+    def start(self, plan: Plan, todo: list[RunSpec], claims: dict[str, C.Claim]) -> dict[str, Any]:
+        self.opts.log_dir.mkdir(parents=True, exist_ok=True)
+        self.executor = LocalExecutor(plan, self.opts, todo, claims)
+        return self.executor.run()
+
+    def finish(self, plan: Plan, result: dict) -> int:
+        from ditscale.launch.backend import status
+
+        print()
+        print(status(self, plan, self.opts.stall_after_s))
+        if getattr(self, "executor", None) is not None and self.executor.interrupts:
+            return 130
+        failed = [rid for rid, m in result.items() if not m.get("finished")]
+        if failed:
+            print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+            return 1
+        return 0
+
+    def views(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> dict[str, View]:
+        out = {}
+        for r in runs:
+            cl = claims.get(r.id)
+            if cl is None or cl.data.get("backend") != "local":
+                continue
+            d = cl.data
+            if d.get("ended"):
+                if d.get("stopped"):
+                    out[r.id] = View("stopped (Ctrl-C/SIGTERM)")
+                elif d.get("rc") not in (None, 0):
+                    out[r.id] = View(f"exited {d['rc']}", why=d.get("why"), failed=True)
+                continue
+            alive = C.process_alive(d)
+            if alive is False:
+                out[r.id] = View(f"launcher pid {d.get('pid')} gone", why="its launcher died")
+            else:
+                out[r.id] = View(d.get("job") or "starting", live=True, running=bool(d.get("job")),
+                                 started=d.get("started"))  # fmt: skip
+        return out
+
+    def claim_alive(self, claim: C.Claim) -> bool | None:
+        return C.process_alive(claim.data)

@@ -223,6 +223,28 @@ def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def check_sources(dp: DataPlan) -> None:
+    """Every source path the missing steps read exists (data.src: a folder for `folder` and the dataset kinds that
+    read one): checked at submit and in --dry-run, named with the --var that gives it, before anything runs."""
+    from ditscale.io import storage
+
+    r = dp.recipe
+    if r.manifest is not None or r.src is None or r.source == "digits":
+        return
+    if not any(s.kind == "build" and s.needed for s in dp.todo):
+        return
+    give = f" (--var {r.src_vars[0]})" if r.src_vars else ""
+    if storage.is_local(r.src):
+        path = storage.local_path(r.src)
+        if not os.path.exists(path):
+            raise LaunchError(f"grid {r.grid_file!r}: data.src {r.src}{give} does not exist (where the {r.source} "
+                              "dataset is)")  # fmt: skip
+        if r.source == "folder" and not os.path.isdir(path):
+            raise LaunchError(f"grid {r.grid_file!r}: data.src {r.src}{give}: expected a directory of images")
+    elif not storage.exists(r.src) and not storage.listdir(r.src):
+        raise LaunchError(f"grid {r.grid_file!r}: data.src {r.src}{give} does not exist")
+
+
 def check_ready(dp: DataPlan) -> None:
     """Raise LaunchError when the plan cannot be carried out: a conflicting output, or missing data that cannot be
     built because the source is not given (naming each missing path and the command that builds it)."""
@@ -314,10 +336,24 @@ def run_step(step: Step, *, log_file: str | None = None, poll_s: float = 2.0) ->
         lease.release()
 
 
-def run_step_job(step: Step) -> str:
-    """The function a Slurm preparation job runs (submitit pickles it with its step)."""
+def run_step_job(step: Step, log_dir: str | None = None) -> str:
+    """The function a Slurm preparation job runs (submitit pickles it with its step). A failure is recorded in the
+    log dir (ditscale.launch.records) so that --status names the step, its job and its error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_step(step)
+    try:
+        return run_step(step)
+    except Exception as e:
+        if log_dir:
+            from ditscale.launch import records
+            from ditscale.launch.task import job_id_from_env
+
+            records.write_failure(log_dir, job_id_from_env() or "?", "", _one_line(e), "failed", step=step.name)
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def prepare_locally(dp: DataPlan, *, parallel: int = 1, log_dir: Path | None = None) -> dict[str, str]:

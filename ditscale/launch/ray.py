@@ -1,11 +1,12 @@
 """Ray launcher: each run of a grid is a Ray Train TorchTrainer with the run's number of workers.
 
-Ray Train starts the workers, sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and the torch
-process group (gloo on CPU, nccl on GPUs); each worker calls ditscale.train.run_training(cfg), which finds the
-distributed state through ditscale.distenv and resumes from the run's latest checkpoint. Finished runs
-(final.json) and runs that already have a writer (ditscale.launch.guard) are skipped; a failed worker group is
-restarted up to max_failures times and resumes from the run dir. Works against a local cluster (`ray start
---head`), an on-premises one, or KubeRay (ray://HOST:10001).
+RayBackend (ditscale.launch.backend). Ray Train starts the workers and places them; each worker starts the trainer
+as a child process, `python -m ditscale train --config ...`, with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT of its place in the group (a port of its own, chosen by rank 0 and shared over Ray Train's group), so
+the trainer is stopped by the same protocol as under every other launcher: signals. Finished runs (final.json) and
+runs another launcher claimed are skipped; the driver claims each run it trains and ends the claim when the run
+ends (with its error); a failed worker group is restarted up to max_failures times and resumes from the run dir.
+Works against a local cluster (`ray start --head`), an on-premises one, or KubeRay (ray://HOST:10001).
 
 Faults, and what the driver does about them:
 - an address that does not answer: a LaunchError naming it within `connect_timeout_s` (a TCP probe first, then
@@ -18,9 +19,9 @@ Faults, and what the driver does about them:
   the GCS gone; no further run is started, ClusterLostError names the address and the runs;
 - metrics: a run with metrics on publishes each rank's exporter under `<storage>/targets/` (file_sd), on the Ray
   node's address; a busy port falls back to a free one (trainer), so concurrent runs never clash;
-- SIGTERM to a worker: the worker's actor thread forwards it to the trainer (ditscale.train.stop.request), which
-  checkpoints at the end of its step; the worker then fails on purpose and Ray Train restarts the group, which
-  resumes from that checkpoint;
+- SIGTERM to a worker (or to its trainer): the worker passes it to its trainer process, which checkpoints at the end
+  of its step; the worker then fails on purpose and Ray Train restarts the group, which resumes from that
+  checkpoint; a worker that dies takes its trainer with it (PR_SET_PDEATHSIG);
 - a killed driver: Ray Train's detached PlacementGroupCleaner outlives it when the cluster has no state API
   (no dashboard); the next driver removes those of dead ditscale drivers, and a driver that ends (normally, by an
   error or by SIGTERM) removes its own.
@@ -35,7 +36,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,11 @@ from typing import Any
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
 from ditscale.io.rundir import RunDir
-from ditscale.launch import guard
+from ditscale.launch import claim as C
+from ditscale.launch import records
+from ditscale.launch.backend import Backend, Capabilities
 from ditscale.launch.common import Plan
+from ditscale.launch.rows import View
 
 log = logging.getLogger("ditscale.launch")
 TARGETS = "targets"
@@ -55,6 +58,7 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2: on
 class RayOptions:
     address: str | None = "auto"
     workers_per_run: int | None = None  # default: the run's nodes x tasks per node
+    min_workers: int | None = None  # start (and continue) on fewer workers, down to this many (Ray Train elastic)
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # default: the run's cpus_per_task
     max_concurrent: int = 1  # runs trained at the same time
@@ -234,12 +238,20 @@ def remove_own_actors() -> None:
 
 # --- capacity -----------------------------------------------------------------------------------------------
 def workers_of(run: RunSpec, opts: RayOptions) -> tuple[int, dict[str, float]]:
-    """(workers, resources per worker) of a run."""
+    """(workers a run needs to start, resources per worker): with --min-workers, the fewest it may run on."""
     cpus = opts.cpus_per_worker if opts.cpus_per_worker is not None else run.resources.get("cpus_per_task", 1)
     per = {"CPU": float(cpus)}
     if opts.use_gpu:
         per["GPU"] = 1.0
-    return int(opts.workers_per_run or run.num_tasks), per
+    most = int(opts.workers_per_run or run.num_tasks)
+    return (min(most, opts.min_workers) if opts.min_workers else most), per
+
+
+def worker_range(run: RunSpec, opts: RayOptions) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a number, or (min, max) when the run may continue on fewer (--min-workers)."""
+    most = int(opts.workers_per_run or run.num_tasks)
+    least = workers_of(run, opts)[0]
+    return (least, most) if least < most else most
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -321,7 +333,7 @@ def _scalar_metrics(metrics: Any) -> dict[str, float | int | str | bool]:
 
 
 class WorkerStopped(RuntimeError):
-    """A worker was stopped by SIGTERM: it checkpointed; Ray Train restarts the group, which resumes."""
+    """A worker's trainer stopped before the end (a stop signal): it checkpointed; Ray Train restarts the group."""
 
 
 _SIGTERM = threading.Event()  # set in a Ray worker process when it receives SIGTERM
@@ -334,59 +346,90 @@ def _forward_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
 
 
-def _install_sigterm_forwarding() -> Callable[[], None]:
-    """SIGTERM to this worker -> ditscale.train.stop.request, repeated until the trainer has seen it (a request
-    made while the trainer starts would be reset by its start). Returns the function that ends the forwarding."""
-    import ray
+def _shared_port(rank: int) -> int:
+    """A free port on rank 0's node for the trainers' own rendezvous, shared over Ray Train's process group."""
+    import torch.distributed as dist
 
-    from ditscale.train import stop
+    port = [0]
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port[0] = s.getsockname()[1]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(port, src=0)
+    return int(port[0])
 
-    done = threading.Event()
-    try:
-        actor = ray.get_runtime_context().current_actor
-        ray.get(actor.execute.remote(_forward_sigterm), timeout=30)
-    except Exception as e:
-        log.warning("SIGTERM is not forwarded to the trainer: %s: %s", type(e).__name__, e)
-        return done.set
 
-    def forward() -> None:
-        while not done.is_set():
-            if _SIGTERM.wait(0.5) and stop.requested() is None:
-                stop.request("SIGTERM")
+def trainer_env(run_id: str, ctx, port: int) -> dict[str, str]:
+    """The environment of a worker's trainer process: its place in the group (ditscale.distenv reads these)."""
+    from ditscale.launch.prepare import command_env
 
-    threading.Thread(target=forward, name="ditscale-sigterm", daemon=True).start()
-    return done.set
+    env = command_env()
+    env.update(
+        RANK=str(ctx.get_world_rank()),
+        WORLD_SIZE=str(ctx.get_world_size()),
+        LOCAL_RANK=str(ctx.get_local_rank()),
+        LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        MASTER_PORT=str(port),
+    )
+    return env
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: run the trainer on this rank, then report (every rank reports)."""
+    """Ray Train per-worker function: run this rank's trainer as a child process, then report (every rank)."""
+    import subprocess
+    import sys
+    import tempfile
+
     import ray.train
+    import yaml
 
     from ditscale.config import config_from_dict
-    from ditscale.train import run_training
+    from ditscale.launch.local import _die_with_parent
 
     run_id = loop_config["run_id"]
     cfg = config_from_dict(loop_config["config"], origin=f"(run {run_id!r})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("DITSCALE_METRICS_HOST", ray.util.get_node_ip_address())  # file_sd: this node's address
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     rundir = RunDir(cfg.run.dir)
     tag = rundir.latest_tag()
     what = f"resuming from checkpoint {tag}" if tag else "starting"
     log.info("run %s: %s (rank %d of %d)", run_id, what, rank, ctx.get_world_size())
-    end_forwarding = _install_sigterm_forwarding()
     try:
-        metrics = run_training(cfg)
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_forward_sigterm), timeout=30)
+    except Exception as e:
+        log.warning("SIGTERM to this worker is not passed to its trainer: %s: %s", type(e).__name__, e)
+    env = trainer_env(run_id, ctx, _shared_port(rank))
+    env.setdefault("DITSCALE_METRICS_HOST", ray.util.get_node_ip_address())  # file_sd: this node's address
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"ditscale-{run_id}-", delete=False) as f:
+        yaml.safe_dump(loop_config["config"], f, sort_keys=False)
+    cmd = [sys.executable, "-u", "-m", "ditscale", "train", "--config", f.name]
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    signalled = False
+    try:
+        while proc.poll() is None:
+            if _SIGTERM.wait(0.5) and not signalled:
+                proc.send_signal(15)  # the stop protocol: SIGTERM, checkpoint at the end of the step
+                signalled = True
     finally:
-        end_forwarding()
+        if proc.poll() is None:
+            proc.kill()
+        os.unlink(f.name)
+    rc = proc.returncode
     finished = rundir.is_done(cfg.train.steps)
-    if not finished and _SIGTERM.is_set():
-        where = f"at step {metrics.get('step')} (checkpoint {rundir.latest_tag()})"
-        raise WorkerStopped(f"run {run_id}: rank {rank} stopped by SIGTERM {where}; the restarted group resumes")
-    report = {"finished": finished}
+    if not finished:
+        last = rundir.last_record() or {}
+        where = f"at step {last.get('step')} (checkpoint {rundir.latest_tag()})"
+        if rc == 0 or signalled:
+            why = "SIGTERM" if signalled else "a stop signal to its trainer"
+            raise WorkerStopped(f"run {run_id}: rank {rank} stopped by {why} {where}; the restarted group resumes")
+        raise RuntimeError(f"run {run_id}: rank {rank}: the trainer failed ({records.exit_text(rc)}) {where}")
+    report: dict[str, Any] = {"finished": finished}
     if rank == 0:
-        report.update(_scalar_metrics(metrics))
+        report.update(_scalar_metrics(rundir.final() or {}))
     ray.train.report(report)
 
 
@@ -410,10 +453,13 @@ def make_trainer(run: RunSpec, opts: RayOptions):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    workers, per = workers_of(run, opts)
+    per = workers_of(run, opts)[1]
+    workers = worker_range(run, opts)
     failure = FailureConfig(max_failures=opts.max_failures)
     if hasattr(failure, "controller_failure_limit"):  # Ray Train V2: bound the wait for resources
         failure.controller_failure_limit = max(0, math.ceil(opts.resource_wait_s / start_timeout_s(opts)) - 1)
+    if isinstance(workers, tuple) and not hasattr(failure, "controller_failure_limit"):
+        raise LaunchError("--min-workers needs Ray Train V2 (elastic worker groups): RAY_TRAIN_V2_ENABLED=1")
     return TorchTrainer(
         train_worker,
         train_loop_config={"run_id": run.id, "config": run_config(run, opts)},
@@ -423,22 +469,6 @@ def make_trainer(run: RunSpec, opts: RayOptions):
         torch_config=TorchConfig(backend="nccl" if opts.use_gpu else "gloo"),
         run_config=RunConfig(name=run.id, storage_path=str(Path(opts.storage).absolute()), failure_config=failure),
     )
-
-
-def format_plan(plan: Plan, opts: RayOptions, busy: dict[str, str] | None = None) -> str:
-    busy = busy or {}
-    todo = [r for r in plan.todo if r.id not in busy]
-    lines = [f"{plan.header()}, {len(busy)} already running, {len(todo)} to train on Ray ({opts.address or 'local'})"]
-    if plan.data is not None:
-        from ditscale.launch.prepare import format_data_plan
-
-        how = {s.name: "Ray task before the runs" + (", after build" if s.needs else "") for s in plan.data.todo}
-        lines += ["", format_data_plan(plan.data, how), ""]
-    for r in plan.runs:
-        workers = opts.workers_per_run or r.num_tasks
-        what = "done" if r in plan.done else (f"skip: {busy[r.id]}" if r.id in busy else "train")
-        lines.append(f"  {r.id:<40} {what:<6} workers={workers} gpu={opts.use_gpu}  {r.run_dir}")
-    return "\n".join(lines)
 
 
 def prepare_on_ray(plan: Plan) -> dict[str, str]:
@@ -467,21 +497,6 @@ def prepare_on_ray(plan: Plan) -> dict[str, str]:
         if failed:
             raise LaunchError("data preparation failed on Ray:\n" + "\n".join(failed))
     return out
-
-
-def _busy(runs: list[RunSpec]) -> dict[str, str]:
-    """Runs with a writer already: a live trainer, or a queued/running Slurm job (when Slurm is here)."""
-    import shutil
-
-    live = None
-    if shutil.which("squeue"):
-        from ditscale.launch import slurm_jobs as slurm
-
-        try:
-            live = {j: s for j, s in slurm.squeue_states().items() if s in slurm.LIVE_STATES}
-        except LaunchError:
-            live = None
-    return guard.busy(runs, live)
 
 
 def _one_line(e: BaseException) -> str:
@@ -558,32 +573,11 @@ def _run_all(runs: list[RunSpec], one, k: int, lost: threading.Event, watch: Gcs
     return {r.id: out[r.id] for r in runs if r.id in out}
 
 
-def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str, dict[str, Any]]:
-    """Train every unfinished run of the plan; return run id -> {'finished', 'error', metrics...}.
+def train_runs(plan: Plan, todo: list[RunSpec], opts: RayOptions, claims: dict[str, C.Claim]) -> dict[str, dict]:
+    """Train the claimed runs; return run id -> {'finished', 'error', metrics...}. Each run's claim ends with it.
 
     Raises LaunchError before anything starts (unreachable address, a run that can never fit) and
     ClusterLostError (with the results so far) when the cluster goes away."""
-    if dry_run:
-        busy = _busy(plan.todo)
-        try:
-            connect(opts.address, opts.connect_timeout_s)
-            check_capacity([r for r in plan.todo if r.id not in busy], opts, cluster_nodes())
-        except LaunchError as e:
-            if "can never fit" in str(e):
-                raise
-            print(f"(capacity not checked: {e})")
-        print(format_plan(plan, opts, busy))
-        print("\ndry run: nothing started")
-        return {}
-    for r in plan.done:
-        log.info("skip %s: finished", r.id)
-    busy = _busy(plan.todo)
-    for rid, why in busy.items():
-        print(f"skip {rid}: {why}", flush=True)
-    todo = [r for r in plan.todo if r.id not in busy]
-    if not todo:
-        print(f"grid {plan.name!r}: nothing to train ({len(plan.done)} finished, {len(busy)} running elsewhere)")
-        return {}
     if plan.data is not None:
         from ditscale.launch.prepare import check_ready
 
@@ -596,6 +590,12 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
     ledger, lost = Ledger(nodes), threading.Event()
 
     def one(run: RunSpec) -> tuple[str, dict[str, Any]]:
+        rid, res = _one(run)
+        if not res.get("lost"):
+            C.end(claims[rid], finished=bool(res.get("finished")), why=res.get("error"))
+        return rid, res
+
+    def _one(run: RunSpec) -> tuple[str, dict[str, Any]]:
         n, per = workers_of(run, opts)
         if lost.is_set() or not ledger.acquire(run.id, [per] * n, lost):
             return run.id, {"finished": False, "error": "not started: the Ray cluster was lost"}
@@ -603,6 +603,7 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
             if lost.is_set():
                 return run.id, {"finished": False, "error": "not started: the Ray cluster was lost"}
             log.info("run %s: training on Ray", run.id)
+            C.update(claims[run.id], job=f"ray driver pid {os.getpid()}", started=time.time())
             try:
                 result = make_trainer(run, opts).fit()
             except Exception as e:
@@ -636,3 +637,159 @@ def run_grid(plan: Plan, opts: RayOptions, *, dry_run: bool = False) -> dict[str
             out,
         )
     return out
+
+
+EXIT_CLUSTER_LOST = 3  # 1: runs did not finish, 2: a user error (nothing started)
+
+
+class RayBackend(Backend):
+    """Run a grid of ditscale trainings on a Ray cluster: each run a Ray Train TorchTrainer.
+
+    Same grid files, claims, skip/resume semantics and status table as the Slurm, local and Kubernetes launchers:
+    finished runs (final.json) and runs another launcher claimed are skipped, a run whose workers fail is restarted and
+    resumes from its latest checkpoint, and re-running the command trains only what is missing. Works with a local
+    cluster (`ray start --head`), an on-premises cluster, or KubeRay on Kubernetes (ray://HOST:10001). The driver
+    blocks until the grid is done.
+
+      python launchers/ray_grid.py --address auto --grid configs/grids/celeba32.yaml --workers-per-run 8 --gpus
+      python launchers/ray_grid.py --grid configs/grids/celeba32.yaml --status
+      python launchers/ray_grid.py --grid configs/grids/celeba32.yaml --collect
+
+    Exit codes: 0 every run finished, 1 some runs did not finish, 2 nothing started (a bad grid, an unreachable
+    address, a run that can never fit the cluster), 3 the Ray cluster was lost (the status table is printed).
+    """
+
+    name = "ray"
+    caps = Capabilities("train", blocking=True, requeue=True, data_as_jobs=False, node_range=True)
+    status_help = "show each run's state (run dirs, claims)"
+
+    @classmethod
+    def add_arguments(cls, p) -> None:
+        p.add_argument(
+            "--address",
+            default="auto",
+            help="Ray cluster: auto (RAY_ADDRESS or the local head), HOST:PORT, or ray://HOST:10001 (default: auto)",
+        )
+        p.add_argument("--workers-per-run", type=int, help="Ray Train workers per run (default: the grid's tasks)")
+        p.add_argument(
+            "--min-workers",
+            type=int,
+            help="start and continue on fewer workers, down to this many (elastic; the trainer takes any world size "
+            "whose processes x micro_batch divide the global batch)",
+        )
+        p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
+        p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: the grid's)")
+        p.add_argument("--max-concurrent", type=int, default=1, help="runs trained at the same time (default: 1)")
+        p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per run (default: 3)")
+        p.add_argument("--storage", help="Ray Train bookkeeping and file_sd targets (default: <runs parent>/_ray)")
+        p.add_argument(
+            "--connect-timeout",
+            type=float,
+            default=30,
+            metavar="SECONDS",
+            help="give up on an --address that does not answer after this long (30)",
+        )
+        p.add_argument(
+            "--resource-wait",
+            type=float,
+            default=600,
+            metavar="SECONDS",
+            help="how long a run that fits the cluster may wait for busy resources before it fails (600)",
+        )
+
+    @classmethod
+    def from_args(cls, args, plan: Plan) -> RayBackend:
+        import signal
+        import sys
+
+        from ditscale.launch.common import results_dir
+
+        # SIGTERM ends the driver at once, through its clean-up (Ray's exit hooks, this driver's leftover actors)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        base = results_dir(plan.runs, plan.name)
+        b = cls(
+            RayOptions(
+                address=None if args.address in ("", "local") else args.address,
+                workers_per_run=args.workers_per_run,
+                min_workers=args.min_workers,
+                use_gpu=args.gpus,
+                cpus_per_worker=args.cpus_per_worker,
+                max_concurrent=args.max_concurrent,
+                max_failures=args.max_failures,
+                storage=Path(args.storage or base / "_ray"),
+                connect_timeout_s=args.connect_timeout,
+                resource_wait_s=args.resource_wait,
+            )
+        )
+        b.log_dir_ = Path(args.log_dir or base / "_ray").absolute()
+        return b
+
+    @property
+    def log_dir(self) -> Path | None:
+        return getattr(self, "log_dir_", None)
+
+    def check(self, plan: Plan, todo: list[RunSpec], dry_run: bool) -> list[str]:
+        if not dry_run:
+            return []  # checked in start(), once connected
+        try:
+            connect(self.opts.address, self.opts.connect_timeout_s)
+            check_capacity(todo, self.opts, cluster_nodes())
+        except LaunchError as e:
+            if "can never fit" in str(e):
+                raise
+            print(f"(capacity not checked: {e})")
+        return []
+
+    def describe_run(self, r: RunSpec) -> str:
+        w = worker_range(r, self.opts)
+        return f"workers={w if isinstance(w, int) else f'{w[0]}-{w[1]}'} gpu={self.opts.use_gpu}"
+
+    def data_how(self, plan: Plan) -> dict[str, str]:
+        return {s.name: "Ray task before the runs" + (", after build" if s.needs else "") for s in plan.data.todo}
+
+    def details(self, plan: Plan, todo: list[RunSpec]) -> list[str]:
+        return [f"\n{len(todo)} to train on Ray ({self.opts.address or 'local'})"]
+
+    def start(self, plan: Plan, todo: list[RunSpec], claims: dict[str, C.Claim]) -> dict[str, Any]:
+        try:
+            return train_runs(plan, todo, self.opts, claims)
+        except ClusterLostError as e:
+            from ditscale.launch.backend import status
+
+            print(status(self, plan), flush=True)
+            print(f"error: {e}", flush=True, file=__import__("sys").stderr)
+            os._exit(EXIT_CLUSTER_LOST)  # nothing more to say to a dead cluster (Ray's exit hooks would wait on it)
+        except BaseException:
+            for cl in claims.values():  # nothing trained: the runs are free again
+                if not cl.ended:
+                    C.end(cl, why="the driver stopped")
+            raise
+
+    def finish(self, plan: Plan, result: dict) -> int:
+        import sys
+
+        from ditscale.launch.backend import status
+
+        print(status(self, plan))
+        failed = [rid for rid, m in result.items() if not m.get("finished")]
+        if failed:
+            errors = "".join(f"\n  {rid}: {result[rid]['error']}" for rid in failed if result[rid].get("error"))
+            print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}{errors}", file=sys.stderr)
+            return 1
+        return 0
+
+    def views(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> dict[str, View]:
+        out = {}
+        for r in runs:
+            cl = claims.get(r.id)
+            if cl is None or cl.data.get("backend") != "ray":
+                continue
+            d = cl.data
+            if d.get("ended"):
+                out[r.id] = View("ended on Ray", why=d.get("why"), failed=bool(d.get("why")) and not d.get("finished"))
+            elif C.process_alive(d) is False:
+                out[r.id] = View(f"driver pid {d.get('pid')} gone")
+            else:
+                out[r.id] = View(d.get("job") or "claimed by a Ray driver", live=True, running=bool(d.get("job")),
+                                 started=d.get("started"))  # fmt: skip
+        return out

@@ -1,11 +1,12 @@
 """Slurm launcher: one submitit job array per resource shape, one array task per run, requeue on preemption.
 
-`submit(plan, opts)` checks the partition and what its nodes have (GPUs, CPUs, memory, node count: `sinfo`) and the
-time limit against the checkpoint signal's margin, skips runs that already have a writer (a live trainer holding
-the run dir, or a queued/running job of any log dir: ditscale.launch.guard), groups the rest by their resources,
-and submits one array per group with TrainTask (ditscale.launch.task). The submission is recorded in
-`<log dir>/jobs.json` (run id -> Slurm job id) and in each run dir's `launch.json`; `--status` joins them with
-`squeue` and shows runs whose ranks stopped making progress as stalled.
+SlurmBackend (ditscale.launch.backend) checks the partition and what its nodes have (GPUs, CPUs, memory, node
+count: `sinfo`) and the time limit against the checkpoint signal's margin, groups the claimed runs by their
+resources and the data job they wait for, and submits one array per group with TrainTask (ditscale.launch.task).
+Each run's claim names its array task (the claim is live while squeue lists the job); the launch is recorded in
+`<log dir>/launches/`; `--status` joins the claims with `squeue` and the failure records. `--nodes MIN-MAX` lets a
+run start on fewer nodes than asked (sbatch --nodes=MIN-MAX; the trainer takes any world size that divides the
+batch).
 
 Faults: every step runs under `srun --kill-on-bad-exit=1` (one rank exiting abnormally ends the whole step at
 once), and a failed job is requeued from the task or the job script, at most `max_failures` times per job
@@ -20,19 +21,20 @@ import io
 import json
 import logging
 import math
-import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ditscale import results
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
-from ditscale.io.rundir import PENDING, STARTED, RunDir
-from ditscale.launch import guard
+from ditscale.launch import claim as C
+from ditscale.launch import records
+from ditscale.launch.backend import Backend, Capabilities
 from ditscale.launch.common import Plan
+from ditscale.launch.rows import View
 from ditscale.launch.slurm_jobs import (  # noqa: F401 - the launcher's API
     LIVE_STATES,
     SlurmOptions,
@@ -46,7 +48,7 @@ from ditscale.launch.slurm_jobs import (  # noqa: F401 - the launcher's API
     squeue_jobs,
     squeue_states,
 )
-from ditscale.launch.task import TARGETS, failure_records
+from ditscale.launch.task import TARGETS
 
 log = logging.getLogger("ditscale.launch")
 
@@ -99,7 +101,7 @@ def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
     res = run.resources
     params: dict[str, Any] = {
         "partition": opts.partition,
-        "nodes": int(res["nodes"]),
+        "nodes": f"{res['nodes_min']}-{res['nodes']}" if res.get("nodes_min") else int(res["nodes"]),
         "ntasks_per_node": run.tasks_per_node,
         "cpus_per_task": int(res["cpus_per_task"]),
         "time": int(res["timeout_min"]),
@@ -128,95 +130,6 @@ def group_runs(runs: list[RunSpec], opts: SlurmOptions) -> list[tuple[dict[str, 
         key = json.dumps(params, sort_keys=True, default=str)
         groups.setdefault(key, (params, []))[1].append(r)
     return list(groups.values())
-
-
-# --- job records --------------------------------------------------------------------------------------------
-def _jobs_file(opts: SlurmOptions) -> Path:
-    return opts.log_dir / "jobs.json"
-
-
-def load_jobs(log_dir: Path) -> dict[str, dict[str, Any]]:
-    f = Path(log_dir) / "jobs.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return {}
-
-
-def _save_jobs(opts: SlurmOptions, jobs: dict[str, dict[str, Any]]) -> None:
-    f = _jobs_file(opts)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(jobs, indent=2, sort_keys=True))
-    os.replace(tmp, f)
-
-
-def scheduler_view(runs: list[RunSpec], log_dir: Path, live: dict[str, str] | None = None) -> dict[str, str]:
-    """run id -> 'RUNNING job 12_0' (or 'ended job 12_0'), with the failures recorded for that job."""
-    jobs = load_jobs(log_dir)
-    if live is None:
-        try:
-            live = squeue_states()
-        except LaunchError:
-            live = {}
-    view = {}
-    for r in runs:
-        rec = jobs.get(r.id)
-        if not rec:
-            continue
-        jid = rec["job_id"]
-        state = live.get(jid)
-        view[r.id] = f"{state} job {jid}" if state else f"ended job {jid}"
-        fails = [f for f in failure_records(log_dir, jid) if f.get("action") != "not retried"]
-        if fails:
-            last = fails[-1]["action"]
-            view[r.id] += f", {len(fails)} failure{'s' if len(fails) > 1 else ''}" + (
-                f" ({last})" if last != "requeued" else ""
-            )
-    return view
-
-
-# --- submit -------------------------------------------------------------------------------------------------
-def format_plan(plan: Plan, opts: SlurmOptions, queued: dict[str, str]) -> str:
-    todo = [r for r in plan.todo if r.id not in queued]
-    lines = [f"{plan.header()}, {len(plan.todo) - len(todo)} already queued or running, {len(todo)} to submit"]
-    if plan.data is not None:
-        from ditscale.launch.slurm_prepare import format_preparation
-
-        lines += ["", format_preparation(plan, opts, bool(todo)), ""]
-    for r in plan.runs:
-        what = "done" if r in plan.done else (f"skip: {queued[r.id]}" if r.id in queued else "submit")
-        lines.append(
-            f"  {r.id:<40} {what:<22} nodes={r.resources['nodes']} tasks/node={r.tasks_per_node} "
-            f"gpus/node={r.resources['gpus_per_node']} time={r.resources['timeout_min']}min  {r.run_dir}"
-        )
-    after = ["<data jobs>"] if todo and plan.data is not None and plan.data.todo else []
-    for i, (params, group) in enumerate(group_runs(todo, opts)):
-        lines.append(f"\njob array {i}: {len(group)} run(s): {', '.join(r.id for r in group)}")
-        lines.append(sbatch_preview(_after(params, after), len(group), opts))
-    lines.append(f"\nsubmitit logs: {opts.log_dir}")
-    return "\n".join(lines)
-
-
-def _after(params: dict[str, Any], jobs: list[str]) -> dict[str, Any]:
-    from ditscale.launch.slurm_prepare import with_dependency
-
-    return with_dependency(params, jobs)
-
-
-def queued_runs(plan: Plan, opts: SlurmOptions, live: dict[str, str] | None = None) -> dict[str, str]:
-    """Runs of this grid that already have a writer, never submitted twice: a live trainer holds the run dir, or a
-    job of any log dir (the run dir's launch.json, or this log dir's jobs.json) is still queued or running."""
-    live = {jid: st for jid, st in (squeue_states() if live is None else live).items() if st in LIVE_STATES}
-    out = guard.busy(plan.todo, live)
-    jobs = load_jobs(opts.log_dir)
-    for r in plan.todo:
-        rec = jobs.get(r.id)
-        if r.id not in out and rec and rec["job_id"] in live:
-            out[r.id] = f"{live[rec['job_id']]} as Slurm job {rec['job_id']}"
-    return out
 
 
 def with_file_sd(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
@@ -248,115 +161,279 @@ def _submit_group(ex, task, group: list[RunSpec], opts: SlurmOptions):
         raise LaunchError(f"sbatch refused the job array of {ids}: {why}") from None
 
 
-def submit(plan: Plan, opts: SlurmOptions, *, dry_run: bool = False) -> dict[str, str]:
-    """Submit the plan's unfinished runs; return run id -> job id. With dry_run, print the plan only."""
-    gpus = max((int(r.resources.get("gpus_per_node") or 0) for r in plan.runs), default=0)
-    queued: dict[str, str] = {}
+# --- the backend --------------------------------------------------------------------------------------------
+def parse_nodes(text: str | None) -> tuple[int | None, int | None]:
+    """--nodes N or MIN-MAX -> (min or None, max)."""
+    if text is None:
+        return None, None
+    lo, sep, hi = str(text).partition("-")
     try:
-        partitions()
-        reachable = True
-    except LaunchError as e:
-        if not dry_run:
-            raise
-        print(f"(partition not checked: {e})")
-        reachable = False
-    if reachable:
-        check_partition(opts.partition, gpus)
-        check_resources(plan.todo, opts.partition)
-        queued = queued_runs(plan, opts)
-    for w in check_time(plan.todo, opts):
-        print(f"warning: {w}", file=sys.stderr, flush=True)
-    if dry_run:
-        print(format_plan(plan, opts, queued))
-        print("\ndry run: nothing submitted")
-        return {}
-    todo = [r for r in plan.todo if r.id not in queued]
-    for r in plan.done:
-        log.info("skip %s: finished", r.id)
-    for rid, what in queued.items():
-        print(f"skip {rid}: {what}", flush=True)
-    if not todo:
-        print(f"grid {plan.name!r}: nothing to submit ({len(plan.done)} finished, {len(queued)} queued or running)")
-        return {}
-    from ditscale.launch.slurm_prepare import submit_preparation, with_dependency
-    from ditscale.launch.task import TrainTask
+        lo_n, hi_n = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise LaunchError(f"--nodes {text!r}: expected a number of nodes or MIN-MAX (e.g. 2-4)") from None
+    if not 1 <= lo_n <= hi_n:
+        raise LaunchError(f"--nodes {text!r}: expected 1 <= MIN <= MAX")
+    return (lo_n if hi else None), hi_n
 
-    opts.log_dir.mkdir(parents=True, exist_ok=True)
-    after = submit_preparation(plan, opts)  # the data jobs the training arrays wait for (afterok)
-    jobs = load_jobs(opts.log_dir)
-    submitted: dict[str, str] = {}
-    for params, group in group_runs(todo, opts):
-        ex = executor(with_dependency(params, after), opts)
-        use_gpus = int(params.get("gpus_per_node") or 0) > 0
-        task = TrainTask(
-            use_gpus=use_gpus,
-            log_dir=str(opts.log_dir),
-            max_failures=opts.max_failures,
-            max_timeouts=opts.max_num_timeout,
+
+class SlurmBackend(Backend):
+    """Launch a grid of ditscale trainings on Slurm: submitit job arrays, one array task per run.
+
+    Each array task is a multi-node job with one task per GPU; the torch distributed environment comes from submitit's
+    job environment. Runs are requeued on preemption, on timeout and after failures (--max-failures) and resume from
+    their latest checkpoint; finished runs are skipped and so are runs another launcher claimed (any backend, any log
+    dir), so re-running the same command only submits what is missing. The grid's missing data is prepared first by
+    CPU jobs that each run's array task waits for.
+
+      python launchers/slurm_grid.py --partition gpu --grid celeba32 --var celeba_src=/datasets/celeba --dry-run
+      python launchers/slurm_grid.py --partition gpu --grid celeba32 --var celeba_src=/datasets/celeba
+      python launchers/slurm_grid.py --grid celeba32 --status
+      python launchers/slurm_grid.py --grid celeba32 --collect
+    """
+
+    name = "slurm"
+    caps = Capabilities("submit", blocking=False, requeue=True, data_as_jobs=True, node_range=True)
+    dry_run_help = "print the plan and sbatch parameters; submit nothing"
+    status_help = "show each run's state (run dir + claims + squeue + failure records)"
+
+    def __init__(self, opts: SlurmOptions | None):
+        super().__init__(opts)
+        self._queue: dict[str, dict[str, Any]] | None = None
+
+    # --- command line ---------------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, p) -> None:
+        p.add_argument(
+            "--partition",
+            help="Slurm partition (checked with sinfo; needed to submit and for --dry-run, not for --status)",
         )
-        handles = _submit_group(ex, task, group, opts)
-        for r, h in zip(group, handles, strict=True):
-            submitted[r.id] = h.job_id
-            jobs[r.id] = {"job_id": h.job_id, "submitted": time.time(), "log_dir": str(opts.log_dir)}
-            guard.record(r.run_dir, launcher="slurm", job_id=h.job_id, log_dir=str(opts.log_dir))
-        _save_jobs(opts, jobs)
-        print(f"submitted job array {handles[0].job_id.split('_')[0]}: {len(group)} run(s)", flush=True)
-    for rid, jid in submitted.items():
-        print(f"  {rid:<40} job {jid}")
-    return submitted
+        p.add_argument("--prepare-partition", help="partition of the data-preparation CPU jobs (default: --partition)")
+        p.add_argument("--nodes", help="nodes per run, N or MIN-MAX (start on fewer; default: the grid's)")
+        p.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node (default: the grid's)")
+        p.add_argument(
+            "--time",
+            help="time limit per job in a Slurm format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+            "(default: the grid's timeout_min)",
+        )
+        p.add_argument("--account", help="Slurm account (sbatch --account)")
+        p.add_argument("--qos", help="Slurm QOS (sbatch --qos)")
+        p.add_argument("--array-parallelism", type=int, default=64, help="max array tasks running at once (64)")
+        p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time-limit hit per run (3)")
+        p.add_argument(
+            "--max-failures",
+            type=int,
+            default=3,
+            help="requeues after a failure (a rank crashed, a node or the network was lost) per run (3)",
+        )
+        p.add_argument("--setup", action="append", help="shell line run in the job before srun (repeatable)")
+        p.add_argument("--wait", action="store_true", help="after submitting, wait until every run ends")
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if not (args.status or args.collect or args.partition):
+            mode = "--dry-run" if args.dry_run else "submitting"
+            raise LaunchError(f"--partition is required for {mode} (sinfo lists the partitions)")
+
+    @classmethod
+    def resources(cls, args) -> dict:
+        lo, hi = parse_nodes(args.nodes)
+        return {"nodes": hi, "nodes_min": lo, "gpus_per_node": args.gpus_per_node, "timeout_min": parse_time(args.time)}
+
+    @classmethod
+    def from_args(cls, args, plan: Plan) -> SlurmBackend:
+        from ditscale.launch.common import results_dir
+
+        base = results_dir(plan.runs, plan.name)
+        return cls(
+            SlurmOptions(
+                partition=args.partition,
+                log_dir=Path(args.log_dir or base / "_slurm").absolute(),
+                account=args.account,
+                qos=args.qos,
+                array_parallelism=args.array_parallelism,
+                max_num_timeout=args.max_timeouts,
+                setup=args.setup,
+                max_failures=args.max_failures,
+                stall_after_s=args.stall_after,
+                prepare_partition=args.prepare_partition,
+            )
+        ).with_wait(args.wait)
+
+    def with_wait(self, wait: bool) -> SlurmBackend:
+        self.wait_after = wait
+        return self
+
+    # --- the queue ------------------------------------------------------------------------------------------
+    def queue(self) -> dict[str, dict[str, Any]] | None:
+        """squeue once per launcher call (None: Slurm cannot be asked here)."""
+        if self._queue is None:
+            try:
+                self._queue = squeue_jobs()
+            except (LaunchError, OSError, subprocess.SubprocessError):
+                return None
+        return self._queue
+
+    def claim_alive(self, claim: C.Claim) -> bool | None:
+        job = claim.data.get("job")
+        if not job:  # claimed, not submitted yet: alive while its launcher is
+            return C.process_alive(claim.data)
+        q = self.queue()
+        if q is None:
+            return None
+        return q.get(str(job), {}).get("state") in LIVE_STATES
+
+    # --- plan -----------------------------------------------------------------------------------------------
+    def check(self, plan: Plan, todo: list[RunSpec], dry_run: bool) -> list[str]:
+        gpus = max((int(r.resources.get("gpus_per_node") or 0) for r in plan.runs), default=0)
+        try:
+            partitions()
+        except LaunchError as e:
+            if not dry_run:
+                raise
+            print(f"(partition not checked: {e})")
+        else:
+            check_partition(self.opts.partition, gpus)
+            check_resources(todo, self.opts.partition)
+        return check_time(todo, self.opts)
+
+    def describe_run(self, r: RunSpec) -> str:
+        res = r.resources
+        nodes = f"{res['nodes_min']}-{res['nodes']}" if res.get("nodes_min") else res["nodes"]
+        return (
+            f"nodes={nodes} tasks/node={r.tasks_per_node} gpus/node={res['gpus_per_node']} time={res['timeout_min']}min"
+        )
+
+    def data_how(self, plan: Plan) -> dict[str, str]:
+        return {}
+
+    def details(self, plan: Plan, todo: list[RunSpec]) -> list[str]:
+        lines = []
+        if plan.data is not None:
+            from ditscale.launch.slurm_prepare import format_preparation
+
+            lines += ["", format_preparation(plan, self.opts, bool(todo))]
+        after = ["<data jobs>"] if todo and plan.data is not None and plan.data.todo else []
+        for i, (params, group) in enumerate(group_runs(todo, self.opts)):
+            lines.append(f"\njob array {i}: {len(group)} run(s): {', '.join(r.id for r in group[:20])}")
+            from ditscale.launch.slurm_prepare import with_dependency
+
+            lines.append(sbatch_preview(with_dependency(params, after), len(group), self.opts))
+        lines.append(f"\nsubmitit logs and launch records: {self.opts.log_dir}")
+        return lines
+
+    # --- start ----------------------------------------------------------------------------------------------
+    def start(self, plan: Plan, todo: list[RunSpec], claims: dict[str, C.Claim]) -> dict[str, Any]:
+        from ditscale.launch.slurm_prepare import needs, submit_preparation, with_dependency
+        from ditscale.launch.task import TrainTask
+
+        opts = self.opts
+        opts.log_dir.mkdir(parents=True, exist_ok=True)
+        submitted: dict[str, str] = {}
+        data_recs: dict[str, Any] = {}
+        try:
+            data_jobs, data_recs = submit_preparation(plan, opts)  # the data jobs training waits for (afterok)
+            groups: dict[str, tuple[dict[str, Any], list[RunSpec]]] = {}
+            for params, group in group_runs(todo, opts):
+                for r in group:  # one array per resource shape and data job: a failed subset cancels its runs only
+                    deps = needs(r, data_jobs)
+                    key = json.dumps([params, deps], sort_keys=True, default=str)
+                    groups.setdefault(key, (with_dependency(params, deps), []))[1].append(r)
+            for params, group in groups.values():
+                use_gpus = int(params.get("gpus_per_node") or 0) > 0
+                task = TrainTask(use_gpus=use_gpus, log_dir=str(opts.log_dir), max_failures=opts.max_failures,
+                                 max_timeouts=opts.max_num_timeout)  # fmt: skip
+                handles = _submit_group(executor(params, opts), task, group, opts)
+                for r, h in zip(group, handles, strict=True):
+                    submitted[r.id] = h.job_id
+                    C.update(claims[r.id], job=h.job_id)
+                print(f"submitted job array {handles[0].job_id.split('_')[0]}: {len(group)} run(s)", flush=True)
+        finally:
+            for rid, cl in claims.items():  # claimed but not submitted (sbatch refused): free again
+                if rid not in submitted:
+                    C.end(cl, why="not submitted")
+            steps = {r.id: r.config.train.steps for r in todo if r.id in submitted}
+            records.write_launch(opts.log_dir, {"backend": self.name, **plan.launch, "runs": submitted,
+                                                "steps": steps, "data": data_recs})  # fmt: skip
+        for rid, jid in submitted.items():
+            print(f"  {rid:<40} job {jid}")
+        return submitted
+
+    def finish(self, plan: Plan, result: dict) -> int:
+        if not getattr(self, "wait_after", False):
+            return 0
+        from ditscale.launch.backend import status
+
+        ok = wait(plan, self)
+        print(status(self, plan, self.opts.stall_after_s))
+        return 0 if ok else 1
+
+    def stop(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> list[str]:
+        """scancel --signal=TERM: the trainer checkpoints at the end of its step and the job ends."""
+        jobs = [str(c.data["job"]) for r in runs if (c := claims.get(r.id)) is not None and c.data.get("job")]
+        if jobs:
+            subprocess.run(["scancel", "--signal=TERM", "--full", *jobs], capture_output=True, timeout=60)
+        return jobs
+
+    # --- status ---------------------------------------------------------------------------------------------
+    def views(self, runs: list[RunSpec], claims: dict[str, C.Claim | None]) -> dict[str, View]:
+        """Per run: its job (from its claim, else this log dir's records) joined with squeue and the failure
+        records; the last error line of a job that ended without finishing."""
+        q = self.queue() or {}
+        logged = records.jobs(self.opts.log_dir if self.opts else None)
+        out: dict[str, View] = {}
+        for r in runs:
+            cl = claims.get(r.id)
+            if cl is not None and cl.data.get("backend") == "slurm" and cl.data.get("job"):
+                job, log_dir = str(cl.data["job"]), cl.data.get("log_dir") or str(self.opts.log_dir)
+            elif r.id in logged and logged[r.id].get("job_id"):
+                job, log_dir = str(logged[r.id]["job_id"]), str(self.opts.log_dir)
+            else:
+                if cl is not None and cl.data.get("backend") not in (None, "slurm") and not cl.ended:
+                    out[r.id] = View(f"claimed by {cl.data.get('backend')}", live=True)
+                continue
+            info = q.get(job)
+            state = (info or {}).get("state")
+            live = state in LIVE_STATES
+            v = View(f"{state} job {job}" if info else f"ended job {job}", live=live, running=state == "RUNNING",
+                     started=(info or {}).get("start"))  # fmt: skip
+            fails = [f for f in records.failures(log_dir, job)]
+            counted = [f for f in fails if f.get("action") != "not retried"]
+            if counted:
+                last = counted[-1]["action"]
+                v.text += f", {len(counted)} failure{'s' if len(counted) > 1 else ''}" + (
+                    f" ({last})" if last != "requeued" else ""
+                )
+            if not live:
+                final = [f for f in fails if f.get("action") in ("gave up", "not retried", "requeue failed")]
+                if final:
+                    v.why, v.failed = final[-1].get("reason"), True
+                elif fails:
+                    v.why = fails[-1].get("reason")
+                else:
+                    err = Path(log_dir) / job / f"{job}_0_log.err"
+                    line = (
+                        records.last_error_line(err.read_text(errors="replace")[-200_000:]) if err.is_file() else None
+                    )
+                    if line:
+                        v.why, v.failed = line, True
+            out[r.id] = v
+        return out
 
 
-# --- status -------------------------------------------------------------------------------------------------
-def stall(run: RunSpec, job: dict[str, Any] | None, opts: SlurmOptions, now: float | None = None) -> str | None:
-    """Why a run whose Slurm job is RUNNING counts as stalled (RunStatus.stall, counted from the later of its last
-    step and the job's start), or None."""
-    if not job or job.get("state") != "RUNNING":
-        return None
-    st = RunDir(run.run_dir).status(run.config.train.steps)
-    return st.stall(opts.stall_after_s, run.config.log.every, started=job.get("start"), now=now)
-
-
-def status(plan: Plan, opts: SlurmOptions) -> str:
-    """Each run's state from its run dir joined with squeue; a run whose job ended without final.json is
-    'failed' (no checkpoint: look at the submitit log) or 'resumable' (rerun the launcher to resume it); a run
-    whose job runs without progress is 'stalled' with the age of its last step."""
-    try:
-        live_jobs = squeue_jobs()
-    except LaunchError:
-        live_jobs = {}
-    live = {jid: j["state"] for jid, j in live_jobs.items()}
-    rows = results.run_states(plan.runs, scheduler_view(plan.runs, opts.log_dir, live), stall_after_s=None)
-    jobs = load_jobs(opts.log_dir)
-    by_id = {r.id: r for r in plan.runs}
-    for row in rows:
-        rec = jobs.get(row["run"])
-        if row["scheduler"].startswith("ended") and row["state"] in (PENDING, STARTED):
-            row["state"] = "failed"
-            jid = rec["job_id"]
-            row["checkpoint"] = f"see {opts.log_dir}/{jid}/{jid}_0_log.err"
-        elif rec:
-            why = stall(by_id[row["run"]], live_jobs.get(rec["job_id"]), opts)
-            if why:
-                row["state"], row["scheduler"] = "stalled", f"{row['scheduler']}; {why}"
-    return results.format_status(rows)
-
-
-def _done(run: RunSpec) -> bool:
-    return RunDir(run.run_dir).is_done(run.config.train.steps)
-
-
-def wait(plan: Plan, opts: SlurmOptions, poll_s: float = 5.0, timeout_s: float | None = None) -> bool:
+def wait(plan: Plan, backend: SlurmBackend, poll_s: float = 5.0, timeout_s: float | None = None) -> bool:
     """Block until every run is finished or has no live Slurm job; True when all finished."""
+    from ditscale.io.rundir import RunDir
+
     start = time.monotonic()
     while True:
-        jobs = load_jobs(opts.log_dir)
-        live = squeue_states()
-        waiting = [
-            r.id for r in plan.runs if not _done(r) and live.get(jobs.get(r.id, {}).get("job_id", "")) in LIVE_STATES
-        ]
+        backend._queue = None
+        claims = C.current([r.run_dir for r in plan.runs])
+        done = {r.id for r in plan.runs if RunDir(r.run_dir).is_done(r.config.train.steps)}
+        waiting = [r.id for r in plan.runs if r.id not in done and (c := claims.get(r.run_dir)) is not None
+                   and not c.ended and backend.claim_alive(c)]  # fmt: skip
         if not waiting:
-            return all(_done(r) for r in plan.runs)
+            return len(done) == len(plan.runs)
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             return False
-        print(f"waiting for {len(waiting)} run(s): {', '.join(waiting)}", file=sys.stderr, flush=True)
+        print(f"waiting for {len(waiting)} run(s): {', '.join(waiting[:10])}", file=sys.stderr, flush=True)
         time.sleep(poll_s)

@@ -4,16 +4,15 @@ The build step is one job; the subsets (each with its held-out test set) are one
 (afterok); every training array of the submission gets `--dependency=afterok:<those jobs>` and
 `--kill-on-invalid-dep=yes`, so a failed data job cancels the training instead of leaving it pending forever.
 Each job runs ditscale.launch.prepare.run_step: the step's `python -m ditscale data ...` command under the data
-folder's lease, skipped when its output already verifies. Submitted steps are recorded in `<log dir>/prepare.json`
-(data folder -> job id): while such a job is pending or running, a new submission depends on it instead of
-submitting the step again.
+folder's lease, skipped when its output already verifies; a failure is recorded in the log dir (the step, its job
+and its error: shown by --status on the step and on the runs that need it). Submitted steps are recorded in the
+launch records of the log dir (data folder -> job id): while such a job is pending or running, a new submission
+depends on it instead of submitting the step again. Each training run waits only for the step it trains on, so a
+failed subset cancels only the runs that need it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from typing import Any
 
 from ditscale.errors import LaunchError
@@ -50,18 +49,11 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
     return dict(params, dependency="afterok:" + ":".join(after), additional_parameters=extra)
 
 
-def _prepare_records(opts: SlurmOptions) -> dict[str, dict[str, Any]]:
-    """Data folder -> the job that prepares it (<log dir>/prepare.json)."""
-    f = opts.log_dir / "prepare.json"
-    try:
-        return json.loads(f.read_text()) if f.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def queued_preparation(plan: Plan, opts: SlurmOptions, live: dict[str, str]) -> dict[str, str]:
     """Missing data steps whose job (submitted earlier) is still pending or running: step name -> job id."""
-    recs = _prepare_records(opts)
+    from ditscale.launch import records
+
+    recs = records.data_jobs(opts.log_dir)
     out = {}
     for step in plan.data.todo if plan.data is not None else []:
         jid = (recs.get(step.out) or {}).get("job_id")
@@ -104,38 +96,39 @@ def format_preparation(plan: Plan, opts: SlurmOptions, submitting: bool) -> str:
     return text
 
 
-def submit_preparation(plan: Plan, opts: SlurmOptions) -> list[str]:
+def submit_preparation(plan: Plan, opts: SlurmOptions) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Submit the missing data steps the unfinished runs need as CPU jobs (the build first, then one array of
-    subsets after it) and return the job ids training must wait for, including steps queued by an earlier call.
+    subsets after it). Returns (step name -> the job that prepares it, including steps queued by an earlier call;
+    data folder -> {"job_id", "step", "command"} of the steps submitted now, for the launch record).
 
     Each job runs ditscale.launch.prepare.run_step: the step's `python -m ditscale data ...` command under the data
     folder's lease, so two submissions that race never build the same data twice."""
     dp = plan.data
     if dp is None or not dp.todo:
-        return []
+        return {}, {}
     check_ready(dp)  # before anything is submitted: conflicts, or missing data without its source
-    queued = queued_preparation(plan, opts, squeue_states())
-    after = list(dict.fromkeys(queued.values()))
-    recs = _prepare_records(opts)
+    jobs = dict(queued_preparation(plan, opts, squeue_states()))
+    recs: dict[str, dict[str, Any]] = {}
     params = prepare_parameters(plan, opts)
+    log_dir = str(opts.log_dir)
 
     def record(step, jid: str) -> None:
-        recs[step.out] = {"job_id": jid, "step": step.name, "submitted": time.time(), "command": step.shell}
-        after.append(jid)
+        recs[step.out] = {"job_id": jid, "step": step.name, "command": step.shell}
+        jobs[step.name] = jid
         print(f"  data {step.name:<20} job {jid}: {step.shell}", flush=True)
 
-    build_job = queued.get("build")
-    for step in (s for s in dp.todo if s.kind == "build" and s.name not in queued):
-        build_job = executor(params, opts).submit(run_step_job, step).job_id
-        record(step, build_job)
-    rest = [s for s in dp.todo if s.kind != "build" and s.name not in queued]
+    for step in (s for s in dp.todo if s.kind == "build" and s.name not in jobs):
+        record(step, executor(params, opts).submit(run_step_job, step, log_dir).job_id)
+    rest = [s for s in dp.todo if s.kind != "build" and s.name not in jobs]
     if rest:
-        ex = executor(with_dependency(params, [build_job] if build_job else []), opts)
-        for step, h in zip(rest, ex.map_array(run_step_job, rest), strict=True):
+        ex = executor(with_dependency(params, [jobs["build"]] if "build" in jobs else []), opts)
+        for step, h in zip(rest, ex.map_array(run_step_job, rest, [log_dir] * len(rest)), strict=True):
             record(step, h.job_id)
-    f = opts.log_dir / "prepare.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(recs, indent=2, sort_keys=True))
-    os.replace(tmp, f)
-    return after
+    return jobs, recs
+
+
+def needs(run, jobs: dict[str, str]) -> list[str]:
+    """The data job a training run waits for: its own subset's (which waits for the build); none when its subset is
+    ready. A failed subset job cancels only the runs that train on it."""
+    step = (run.subset or "").split("/")[0]
+    return [jobs[step]] if step in jobs else []

@@ -206,11 +206,22 @@ def remove_targets(log_dir: str | Path, run_id: str) -> None:
 
 
 def _run_of_job(log_dir: str | Path, job_id: str) -> str:
+    from ditscale.launch import records
+
+    return next((rid for rid, rec in records.jobs(log_dir).items() if rec.get("job_id") == job_id), "?")
+
+
+def end_claim(run_dir: str, job_id: str, **fields: Any) -> None:
+    """The run finished in this job: end its claim (if this job still holds it), so that the next launcher need
+    not ask squeue."""
+    from ditscale.launch import claim as C
+
     try:
-        jobs = json.loads((Path(log_dir) / "jobs.json").read_text())
-    except (OSError, ValueError):
-        return "?"
-    return next((rid for rid, rec in jobs.items() if rec.get("job_id") == job_id), "?")
+        cl = C.current([run_dir])[run_dir]
+        if cl is not None and str(cl.data.get("job")) == job_id and not cl.ended:
+            C.end(cl, **fields)
+    except DitscaleError as e:
+        log.warning("could not end the claim of %s: %s", run_dir, e)
 
 
 def after_srun(rc: int, log_dir: str, max_failures: int) -> int:
@@ -281,6 +292,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         finished = rundir.is_done(cfg.train.steps)
         if finished:
             log.info("run %s: finished at step %s", run_id, metrics.get("step"))
+            if os.environ.get("RANK", "0") == "0":
+                end_claim(cfg.run.dir, job_id_from_env(), finished=True)
             return {"run": run_id, "finished": True, "metrics": metrics}
         where = f"at step {metrics.get('step')} (checkpoint {rundir.latest_tag() or 'none'})"
         if self._timeout_signal and callable(submitit_handler):

@@ -117,7 +117,9 @@ class RayCluster:
     temp_dir: Path
     pids: set[int]
 
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # what a client of this loopback head needs
+    # what a client of this loopback head needs; no token auth (Ray enables it when ~/.ray/auth_token exists, which
+    # any local ray.init() on the machine writes, and then a head and its clients can disagree)
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
     @property
     def port(self) -> int:
@@ -146,7 +148,7 @@ def start_ray_head(num_cpus: int = 4) -> RayCluster:
         "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
     ]  # fmt: skip
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # loopback only
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **RayCluster.env)  # loopback only, no token auth
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # workers use this venv's python
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     cluster = RayCluster(f"127.0.0.1:{port}", temp_dir, set())
