@@ -51,6 +51,11 @@ PENDING, STARTED, RESUMABLE, RUNNING, DONE = "pending", "started", "resumable", 
 DIVERGED = "diverged"
 
 
+def is_lock_name(name: str) -> bool:
+    """A lease file of a run dir: lock.<generation>.json (or the single lock.json of older versions)."""
+    return name == LOCK or (name.startswith("lock.") and name.endswith(".json") and name[5:-5].isdigit())
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -545,7 +550,11 @@ class RowReader:
 
     def _list_local(self, run_dir: str) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for rel in (FINAL, LOCK, METRICS, CONFIG, HISTORY):
+        try:
+            top = os.listdir(run_dir)
+        except OSError:
+            top = []
+        for rel in (FINAL, METRICS, CONFIG, HISTORY, *(n for n in top if is_lock_name(n))):
             try:
                 s = os.stat(os.path.join(run_dir, rel))
             except OSError:
@@ -596,8 +605,8 @@ class RowReader:
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
             return st
-        if LOCK in files:  # the listing says a lock is there: who holds it is RunDir.holder()'s to say
-            st.holder = rd.holder()
+        if any(is_lock_name(n) for n in files):  # a lease file is there: who holds it is RunDir.holder()'s to say
+            st.holder = rd.holder([n for n in files if "/" not in n])
         if st.holder is None and _diverged(st.final):
             st.state, st.step = DIVERGED, st.final.get("step")
             return st
