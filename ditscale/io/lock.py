@@ -124,8 +124,9 @@ class Lease:
     `gen` is the fencing token once acquired; `check(what)` raises LeaseLostError unless the holder can prove
     it still holds the lease; `lost` is set by the heartbeat when another trainer took over."""
 
-    def __init__(self, url: str, lease_s: float = 120.0, what: str = "run dir"):
+    def __init__(self, url: str, lease_s: float = 120.0, what: str = "run dir", keep: bool = True):
         self.url, self.lease_s, self.what = url, float(lease_s), what
+        self.keep = keep  # release marks the file released (a run dir's record); False removes it (a data folder)
         self.dir = storage.dirname(url)
         self.stem = storage.basename(url).removesuffix(".json")
         self.margin = margin_for(self.lease_s)
@@ -261,7 +262,9 @@ class Lease:
             return
         try:
             gens = self.generations()
-            if gens and gens[-1] == self.gen:
+            if gens and gens[-1] == self.gen and not self.keep:
+                storage.remove(self._file(self.gen))
+            elif gens and gens[-1] == self.gen:
                 storage.write_bytes(self._file(self.gen), replace(self.me, released=True).to_json())
         except StorageError as e:
             log.warning("%s %s: could not release the lease: %s", self.what, self.dir, e)
