@@ -186,8 +186,14 @@ def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path, digits8_dir
     assert RunDir(str(run)).status(12).state == "diverged"
     rc, out = T.alone(cfg, run).finish()  # the same config again: refused, nothing retried
     assert rc == 3 and "would diverge again" in out
-    out = T.run_ok(T.alone(cfg, run, "--allow-config-change", "optim.lr=1e-4"))  # a fix: resumes before it
-    assert f"resumed at step {bad - 1}" in out and strict_json((run / "final.json").read_text())["finished"]
+    # A fix resumes from the checkpoint before the divergence (here one made by a test hook at step 5: lr=1e6
+    # ruins the weights before they stop being finite, so no lr saves that run).
+    cfg = T.tiny_config(tmp_path / "c2.yaml", str(digits8_dir / "manifest.json"), train={"steps": 8},
+                        checkpoint={"every": 1, "keep": 20}, log={"sample_every": 0})  # fmt: skip
+    rc, out = T.alone(cfg, tmp_path / "hooked", env={"DITSCALE_TEST_NONFINITE_AT": "5"}).finish()
+    assert rc == 3 and "diverged at step 5" in out
+    out = T.run_ok(T.alone(cfg, tmp_path / "hooked", "--allow-config-change", "optim.lr=5e-5"))
+    assert "resumed at step 4" in out and strict_json((tmp_path / "hooked" / "final.json").read_text())["finished"]
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -167,6 +167,20 @@ def _test_hook(name: str) -> set[int]:
     return {int(s) for s in raw.split(",") if s.strip()}
 
 
+class _optimizer_step_skipped:
+    """The engine steps (its counters, the accumulation boundary, zeroed gradients) but the optimizer does not."""
+
+    def __init__(self, optimizer):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+
+    def __enter__(self):
+        self.step = self.optimizer.step
+        self.optimizer.step = lambda *a, **k: None
+
+    def __exit__(self, *exc):
+        self.optimizer.step = self.step
+
+
 class Trainer:
     def __init__(
         self,
@@ -440,28 +454,28 @@ class Trainer:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             if zero0 and i == len(batches) - 1:
-                dropped = self._drop_nonfinite_grads()
-            self.engine.step()
+                dropped = self._nonfinite_grads()
+            if dropped:
+                with _optimizer_step_skipped(self.optimizer):
+                    self.engine.step()
+            else:
+                self.engine.step()
             total = loss.detach() if total is None else total + loss.detach()
         applied = not dropped and self.engine.was_step_applied()
         if applied:
             self.ema.update(self.engine.module, zero3=cfg.train.zero_stage == 3)
         return total / len(batches), applied
 
-    def _drop_nonfinite_grads(self) -> bool:
-        """ZeRO-0 in skip mode: no DeepSpeed overflow check, so drop non-finite gradients before the step (AdamW
-        leaves a parameter without a gradient untouched). Collective; reads back one flag."""
+    def _nonfinite_grads(self) -> bool:
+        """ZeRO-0 in skip mode has no DeepSpeed overflow check: whether any rank's gradients are not finite (then
+        the engine steps without the optimizer's update). Collective; reads back one flag."""
         import torch.distributed as dist
 
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         bad = torch.stack([~torch.isfinite(p.grad).all() for p in params]).any().float().cpu().reshape(1)
         if self.denv.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            for p in params:
-                p.grad = None
-            return True
-        return False
+        return bool(bad.item() > 0)
 
     def _judge(self, loss: torch.Tensor, applied: bool) -> bool:
         """Watch the step for NaN/inf; False when it was skipped (skip mode)."""
