@@ -75,7 +75,7 @@ class ModelSection(_Section):
 
 
 class DiffusionSection(_Section):
-    """The Gaussian diffusion: ditscale.diffusion.diffusion_from_config(cfg) builds it (with model.learn_sigma)."""
+    """The Gaussian diffusion: `build(learn_sigma)` makes it (model.learn_sigma decides the output's variance)."""
 
     # The defaults are the reference's (facebookresearch/DiT create_diffusion); docs/diffusion.md maps the names.
     loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid = MSE + VLB with learned-range sigma (DiT); mse = MSE only
@@ -95,9 +95,27 @@ class DiffusionSection(_Section):
             raise ValueError("use_kl true trains on the VLB, which contradicts loss 'mse' (keep loss: hybrid)")
         return self
 
+    def kwargs(self, learn_sigma: bool) -> dict:
+        """create_diffusion's keywords for this section (and the model's learn_sigma)."""
+        return {
+            "noise_schedule": self.schedule,
+            "use_kl": self.use_kl,
+            "sigma_small": self.sigma_small,
+            "predict_xstart": self.predict_xstart,
+            "learn_sigma": learn_sigma,
+            "rescale_vb": self.rescale_vb,
+            "diffusion_steps": self.num_timesteps,
+            "loss": self.loss,
+        }
+
+    def build(self, learn_sigma: bool, respacing: str = ""):
+        from ditscale.diffusion import create_diffusion
+
+        return create_diffusion(respacing, **self.kwargs(learn_sigma))
+
 
 class DataSection(_Section):
-    """The training shards: `loader(batch_size, rank, world_size, seed)` is the resumable TrainStream."""
+    """The training shards: `loader(...)` is the resumable TrainStream of one rank."""
 
     train: str = ""  # manifest.json URL of the training shards (local path or s3://)
     test: str = ""  # manifest.json URL of the held-out test shards (optional; eval uses it)
@@ -106,13 +124,19 @@ class DataSection(_Section):
     shuffle_buffer: int = Field(1000, ge=0)
     flip: bool = True
     verify_sha256: bool = False
+    # Canonical streams the data is read as (at most; fewer for small datasets): the sample order depends on it,
+    # not on the world size. A world size (x workers) dividing it reads no more than its share of the shards.
+    streams: int = Field(64, ge=1)
+    # Damaged (truncated, unreadable) shards tolerated per process before the run stops; default 1% of the shards.
+    max_damaged_shards: int | None = Field(None, ge=0)
 
-    def loader(self, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def loader(self, *, micro_batch: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         from ditscale.data import make_loader
 
         return make_loader(
             self.train,
-            batch_size=batch_size,
+            batch_size=micro_batch,
+            global_batch=global_batch,
             rank=rank,
             world_size=world_size,
             seed=seed,
@@ -120,15 +144,30 @@ class DataSection(_Section):
             shuffle_buffer=self.shuffle_buffer,
             flip=self.flip,
             verify_sha256=self.verify_sha256,
+            streams=self.streams,
+            max_damaged_shards=self.max_damaged_shards,
         )
 
 
 class OptimSection(_Section):
+    """AdamW and its learning-rate schedule: `optimizer(params)`, `lr_factor(step)`. On resume these values are
+    applied to the loaded moments: a changed lr, betas, weight decay or warm-up is what the next step uses."""
+
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+    def optimizer(self, params, fused: bool = False):
+        import torch
+
+        kw = {"fused": True} if fused else {}
+        return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, **kw)
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier for optimizer step `step`: linear warm-up, then constant (DiT: constant 1e-4)."""
+        return 1.0 if self.warmup_steps <= 0 else min(1.0, (step + 1) / self.warmup_steps)
 
 
 class TrainSection(_Section):
@@ -141,6 +180,16 @@ class TrainSection(_Section):
     activation_checkpointing: bool = False
     compile: bool = False
     tf32: bool = True
+    # A NaN/inf loss or gradient norm: stop the run there (recorded as diverged), or skip that step's update
+    # (at most max_skipped_steps in a row; skip reads the loss back every step).
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(10, ge=1)
+
+    def engine(self, model, optim: OptimSection, world_size: int):
+        """(engine, optimizer, scheduler): the DeepSpeed engine for this section and the optimizer section."""
+        from ditscale.train.engine import build_engine
+
+        return build_engine(self, optim, model, world_size)
 
 
 class CheckpointSection(_Section):
@@ -285,21 +334,31 @@ def dump_config(cfg: Config) -> str:
 # Keys that do not change what is trained: they may differ when a run resumes. Every other key (model.*,
 # diffusion.*, data.*, optim.*, train.global_batch, run.seed, ...) changes the weights a run produces, so a resume
 # that changes one is refused unless the user allows it (and it is recorded in the run's config history).
+# train.zero_stage and the world size are free: a checkpoint holds full per-parameter state, so only float
+# reduction order changes.
 FREE_KEYS = (
     "run.dir",
     "run.lease_seconds",
     "train.steps",
     "train.activation_checkpointing",
     "train.compile",
+    "train.zero_stage",
+    "train.micro_batch",
+    "train.nonfinite",
+    "train.max_skipped_steps",
     "model.attention_backend",
     "data.test",
     "data.num_workers",
     "data.verify_sha256",
+    "data.max_damaged_shards",
     "diffusion.sample_steps",
     "diffusion.cfg_scale",
     "checkpoint.",
     "log.",
 )
+
+# Keys that shape the model's parameters: no checkpoint can be resumed with another value, allowed or not.
+FIXED_KEYS = ("model.variant", "model.input_size", "model.in_channels", "model.num_classes", "model.learn_sigma")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -333,6 +392,16 @@ def config_changes(old: dict, new: dict) -> tuple[dict[str, list], dict[str, lis
         is_free = any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS)
         (free if is_free else trained)[key] = [a, b]
     return trained, free
+
+
+def fixed_changes(trained: dict[str, list]) -> dict[str, list]:
+    """The changes among `trained` that no resume can apply (parameter shapes): FIXED_KEYS, and label dropout
+    switched on or off (it adds or removes the null class's embedding row)."""
+    out = {k: v for k, v in trained.items() if k in FIXED_KEYS}
+    drop = trained.get("model.class_dropout_prob")
+    if drop is not None and (float(drop[0] or 0) > 0) != (float(drop[1] or 0) > 0):
+        out["model.class_dropout_prob"] = drop
+    return out
 
 
 def format_changes(changes: dict[str, list]) -> str:

@@ -105,13 +105,26 @@ def test_tiny_subset_with_many_streams(digits, tmp_path):
     assert seen == set(read_manifest(urls["train"])["subset"]["indices"])
 
 
-def test_state_mismatch_is_an_error(digits):
-    a = make_loader(digits, batch_size=8, seed=0)
-    next(a)
-    with pytest.raises(DataError, match="seed"):
-        make_loader(digits, batch_size=8, seed=1).load_state_dict(a.state_dict())
-    with pytest.raises(DataError, match="world_size"):
-        make_loader(digits, batch_size=8, world_size=2).load_state_dict(a.state_dict())
+def test_state_is_global_and_resumes_on_another_world_size(digits):
+    """Two ranks (global batch 20) for 7 steps, then one rank: the elements of steps 8-10 are the undisturbed run's."""
+    ref = make_loader(digits, batch_size=20, seed=3)
+    want = [sorted(b) for b in take(ref, 10)]
+    pair = [make_loader(digits, batch_size=10, global_batch=20, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    got = [sorted(a + b) for a, b in zip(take(pair[0], 7), take(pair[1], 7), strict=True)]
+    sd = pair[0].state_dict()
+    assert sd == pair[1].state_dict() and sd["samples"] == 140 and json.loads(json.dumps(sd)) == sd
+    one = make_loader(digits, batch_size=20, seed=3)
+    one.load_state_dict(sd)
+    assert got + [sorted(b) for b in take(one, 3)] == want
+
+
+def test_older_state_is_refused_and_mid_step_state_is_an_error(digits):
+    with pytest.raises(DataError, match="version 1 .* checkpoint convert"):
+        make_loader(digits, batch_size=8).load_state_dict({"version": 1, "positions": [[0, 0]], "batches": 3})
+    s = make_loader(digits, batch_size=4, global_batch=8)  # two micro-batches a step
+    next(s)
+    with pytest.raises(DataError, match="between steps"):
+        s.state_dict()
 
 
 @pytest.mark.slow
@@ -193,18 +206,18 @@ def test_truncated_shard_skips_its_rest(digits, tmp_path, caplog):
     root = copy_set(digits, tmp_path / "trunc")
     shard = root / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 40 * 1024 + 100])
-    s = make_loader(str(root / "manifest.json"), batch_size=1, seed=0)
-    keys = []
+    url = str(root / "manifest.json")
+    s = make_loader(url, batch_size=10, seed=0, max_damaged_shards=1)
     with caplog.at_level(logging.WARNING, logger="ditscale.data.stream"):
-        while True:
-            next(s)
-            if s.state_dict()["positions"][0][0] > 0:  # the first epoch is over
-                break
-            keys.append(int(s.last_indices[0]))
+        keys = flat(take(s, 150))  # one epoch: 1,500 elements (one canonical stream here)
     lost = 188 - 40 * 1024 // (3 * 1024)  # the shard keeps the samples before the cut (3 KiB each here)
-    assert s.skipped == lost and len(keys) == 1500 - s.skipped and len(set(keys)) == len(keys)
-    assert any("truncated" in r.getMessage() and "train-000001.tar" in r.getMessage() for r in caplog.records)
+    assert s.skipped == lost and len(set(keys)) == 1500 - lost  # each lost sample replaced by one of its batch
+    damaged = [r for r in caplog.records if "truncated" in r.getMessage() and "train-000001.tar" in r.getMessage()]
+    assert len(damaged) == 1  # logged once, not once per attempt
     assert not [r for r in caplog.records if "corrupt" in r.getMessage()]  # the half sample is not "corrupt"
+    strict = make_loader(url, batch_size=10, seed=0)  # default: 1% of 7 shards = none tolerated
+    with pytest.raises(DataError, match=r"1 damaged shards, more than data.max_damaged_shards=0: .*train-000001.tar"):
+        take(strict, 150)
 
 
 def test_missing_shard_is_named_without_retrying(digits, tmp_path, caplog):

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from ditscale.errors import RunLockedError, StorageError
-from ditscale.io import lock as lock_mod
+from ditscale.errors import LeaseLostError, RunLockedError, StorageError
 from ditscale.io import storage
 from ditscale.io.lock import Holder, Lease
 from ditscale.io.rundir import DONE, PENDING, RESUMABLE, RUNNING, STARTED, RunDir
@@ -209,15 +208,57 @@ def test_second_holder_is_refused_with_the_holder_named(base):
 
 def test_stale_lock_is_taken_over_after_its_lease(base, caplog):
     url = storage.join(base, "run", "lock.json")
+    first = storage.join(base, "run", "lock.00000001.json")
     now = time.time()
-    other = Holder("x" * 32, "another-host", 4242, now - 100, now, 2.0)
-    storage.write_bytes(url, other.to_json())
+    storage.write_bytes(first, Holder("x" * 32, "another-host", 4242, now - 100, now, 2.0, gen=1).to_json())
     with pytest.raises(RunLockedError, match="pid 4242 on another-host"):
         Lease(url).acquire()  # within the holder's lease: refused
-    assert _wait(lambda: not Holder.parse(storage.read_bytes(url)).alive())  # 2 s without a heartbeat
+    assert _wait(lambda: not Holder.parse(storage.read_bytes(first)).alive())  # 2 s without a heartbeat
     with caplog.at_level(logging.WARNING), Lease(url) as lease:
-        assert lease.took_over.pid == 4242
-    assert any("taking over the lock of a dead trainer" in r.getMessage() for r in caplog.records)
+        assert lease.took_over.pid == 4242 and lease.gen == 2  # the next generation: a new fencing token
+        assert Lease(url).current().id == lease.me.id
+    assert any("took over the lease of a dead trainer" in r.getMessage() for r in caplog.records)
+
+
+def test_racing_starters_get_one_generation_each_and_one_wins(base):
+    """Eight threads start at once on a free run dir: create-exclusive (O_EXCL locally, If-None-Match: * on S3)
+    lets exactly one take generation 1; the others see a live holder and refuse."""
+    import threading
+
+    url = storage.join(base, "race", "lock.json")
+    won, refused = [], []
+    go = threading.Barrier(8)
+
+    def start():
+        go.wait()
+        try:
+            won.append(Lease(url, lease_s=60).acquire())
+        except RunLockedError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    try:
+        assert len(won) == 1 and len(refused) == 7 and won[0].gen == 1
+        assert Lease(url).generations() == [1]
+    finally:
+        for lease in won:
+            lease.release()
+
+
+def test_a_live_holder_of_the_older_single_lock_file_is_respected(base):
+    url = storage.join(base, "run", "lock.json")
+    now = time.time()
+    storage.write_bytes(url, Holder("z" * 32, "old-host", 77, now, now, 600).to_json())
+    with pytest.raises(RunLockedError, match="an older ditscale"):
+        Lease(url).acquire()
+    storage.write_bytes(url, Holder("z" * 32, "old-host", 77, now - 900, now - 700, 600).to_json())  # dead
+    with Lease(url) as lease:
+        assert lease.gen == 1
+    assert not storage.exists(url)  # the dead holder's file is gone
 
 
 def test_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
@@ -245,14 +286,34 @@ def test_junk_lock_file_is_nobody(base):
         assert lease.held and lease.took_over is None
 
 
-def test_holder_learns_it_lost_the_lock(base, monkeypatch):
-    monkeypatch.setattr(lock_mod, "SETTLE_S", 0.1)
+def test_holder_learns_it_lost_the_lock_and_its_fence_closes(base):
     url = storage.join(base, "run", "lock.json")
     lease = Lease(url, lease_s=1.0).acquire()  # heartbeat every 0.5 s
+    lease.check("write")  # provably held
     try:
         now = time.time()
-        storage.write_bytes(url, Holder("y" * 32, "thief", 1, now, now, 600).to_json())
+        thief = Holder("y" * 32, "thief", 1, now, now, 600, gen=lease.gen + 1)
+        storage.write_bytes(storage.join(base, "run", f"lock.{lease.gen + 1:08d}.json"), thief.to_json())
         assert _wait(lambda: lease.lost)
+        with pytest.raises(LeaseLostError, match="taken over by pid 1 on thief"):
+            lease.check("write metrics")
+        mine = storage.read_bytes(storage.join(base, "run", f"lock.{lease.gen:08d}.json"))
+        time.sleep(1.2)
+        assert storage.read_bytes(storage.join(base, "run", f"lock.{lease.gen:08d}.json")) == mine  # no more beats
     finally:
         lease.release()
-    assert Holder.parse(storage.read_bytes(url)).host == "thief"  # not ours: release left it alone
+    assert Lease(url).current().host == "thief"  # not ours: release left it alone
+
+
+def test_a_holder_that_cannot_confirm_its_lease_stops_writing(tmp_path):
+    """No confirmed heartbeat for lease - margin seconds (a paused process, a store that does not answer): the fence
+    closes, even though no other trainer has taken over yet."""
+    lease = Lease(str(tmp_path / "run" / "lock.json"), lease_s=4.0).acquire()
+    lease._stop.set()  # the heartbeat thread stops, as in a paused process
+    lease._thread.join(timeout=10)
+    lease.check()
+    time.sleep(4.0 - lease.margin + 0.2)
+    assert not lease.provable()
+    with pytest.raises(LeaseLostError, match="no confirmed heartbeat"):
+        lease.check("publish")
+    lease.release()

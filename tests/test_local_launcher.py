@@ -121,10 +121,26 @@ def test_local_sigterm_checkpoints_and_resumes(tmp_path):
     stopped = int((runs / "loc-p1" / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped < 50  # the checkpoint written on SIGTERM, not a periodic one
 
-    r = launcher(*common)  # the same command resumes and finishes the run
+    r = launcher(*common, "--nproc", "2")  # the same command on 2 processes resumes and finishes the run
     assert r.returncode == 0, r.stdout[-3000:]
     assert f"loc-p1: resuming from step_{stopped:08d}" in r.stdout and "loc-p1: done" in r.stdout
-    assert json.loads((runs / "loc-p1" / "final.json").read_text())["step"] == 60
+    final = json.loads((runs / "loc-p1" / "final.json").read_text())
+    assert final["step"] == 60 and final["world_size"] == 2
+    starts = [json.loads(x) for x in (runs / "loc-p1" / "config_history.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["world_size"]) for s in starts] == [(0, 1), (stopped, 2)]
+    # the losses of the same run undisturbed on one process, to float reduction (docs/training.md)
+    ref = tmp_path / "ref"
+    cfg = runs / "_local" / "loc-p1.yaml"
+    cmd = [sys.executable, "-m", "ditscale", "train", "--config", str(cfg), "--run-dir", str(ref)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+
+    def loss(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+
+    got, want = loss(runs / "loc-p1"), loss(ref)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 61))
+    assert all(abs(a - b) <= 1e-4 * abs(b) for (_, a), (_, b) in zip(got, want, strict=True))
 
 
 def _processes_with(marker: str) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ditscale.io.rundir import RunDir
 from tests.ports import free_port
 from tests.waits import wait_for
 
@@ -89,9 +90,9 @@ def test_ray_grid_end_to_end(ray_cluster, digits_data, tmp_path):
 
         # SIGTERM to rank 0 of the 2-worker run (the lock's holder): checkpoint at the end of its step, resume
         two = runs_root / RUNS[1]
-        holder = json.loads((two / "lock.json").read_text())
         wait_for("a logged step", lambda: (two / "metrics.jsonl").exists(), 120, proc)
-        os.kill(holder["pid"], signal.SIGTERM)
+        holder = RunDir(str(two)).holder()
+        os.kill(holder.pid, signal.SIGTERM)
         proc.wait(timeout=420)
     finally:
         if proc.poll() is None:

@@ -53,7 +53,7 @@ def test_second_trainer_on_a_held_run_dir_exits_and_touches_nothing(tmp_path, co
     run_dir = tmp_path / "held"
     first = T.torchrun(config, run_dir, "train.steps=400", delay=0.5)  # runs until it is told to stop
     first.wait_for(r"step 2/400 ")
-    holder = Holder.parse((run_dir / "lock.json").read_bytes())
+    holder = RunDir(str(run_dir)).holder()
     second = T.alone(config, run_dir, "train.steps=400")
     rc, out = second.finish(timeout=600)
     assert rc != 0
@@ -64,7 +64,7 @@ def test_second_trainer_on_a_held_run_dir_exits_and_touches_nothing(tmp_path, co
     T.run_ok(first)
     steps = [s for s, _ in losses(run_dir)]
     assert steps == list(range(1, steps[-1] + 1))  # no duplicate or out-of-order rows
-    assert RunDir(str(run_dir)).latest_tag() == f"step_{steps[-1]:08d}" and not (run_dir / "lock.json").exists()
+    assert RunDir(str(run_dir)).latest_tag() == f"step_{steps[-1]:08d}" and RunDir(str(run_dir)).holder() is None
 
 
 def test_held_and_stale_locks_on_object_storage(s3_server, tmp_path, config, warm_deepspeed):
@@ -73,12 +73,13 @@ def test_held_and_stale_locks_on_object_storage(s3_server, tmp_path, config, war
     with rd.lease(60):  # a live holder (this test process), heartbeating to the real S3 server
         rc, out = T.alone(config, url, "train.steps=2").finish(timeout=600)
     assert rc != 0 and f"run dir {url} is held by a live trainer: pid {os.getpid()}" in out
-    assert rd.listdir() == []  # the refused trainer wrote nothing
+    assert rd.listdir() == ["lock.00000001.json"]  # the refused trainer wrote nothing (that is our released lease)
     now = time.time()  # a holder on another host whose heartbeat stopped 10 minutes ago: dead
-    rd.write_bytes("lock.json", Holder("d" * 32, "gone-host", 77, now - 3600, now - 600, 120).to_json())
+    dead = Holder("d" * 32, "gone-host", 77, now - 3600, now - 600, 120, gen=1)
+    rd.write_bytes("lock.00000001.json", dead.to_json())
     out = T.run_ok(T.alone(config, url, "train.steps=2"))
-    assert "taking over the lock of a dead trainer (pid 77 on gone-host" in out
-    assert rd.is_done(2) and not rd.exists("lock.json")
+    assert "took over the lease of a dead trainer (pid 77 on gone-host" in out
+    assert rd.is_done(2) and rd.holder() is None and rd.final()["gen"] == 2
 
 
 def test_kill9_of_torchrun_stops_every_rank_and_frees_the_lock(tmp_path, config, reference):
@@ -92,7 +93,7 @@ def test_kill9_of_torchrun_stops_every_rank_and_frees_the_lock(tmp_path, config,
     assert T.wait_until(lambda: not any(T.pid_alive(p) for p in ranks.values()), timeout=120), launcher.output[-3000:]
     print(f"ranks gone {time.monotonic() - t0:.1f} s after kill -9 of torchrun")
     assert "launcher (pid" in launcher.output and "died" in launcher.output
-    assert not (run_dir / "lock.json").exists()
+    assert RunDir(str(run_dir)).holder() is None
     T.run_ok(T.torchrun(config, run_dir))  # resumes from the checkpoint the ranks wrote on their way out
     assert losses(run_dir) == losses(reference)
 
@@ -161,7 +162,8 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_last_checkpoint(tm
         assert "Traceback" not in out.split("error:")[-1]
         rd = RunDir(str(run_dir))
         assert (
-            rd.latest_tag() == "step_00000002" and not (run_dir / "checkpoints" / ".staging" / "step_00000004").exists()
+            rd.latest_tag() == "step_00000002"
+            and not (run_dir / "checkpoints" / ".staging" / "g1" / "step_00000004").exists()
         )
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
         T.run_ok(T.alone(config, run_dir, "train.steps=4", "checkpoint.keep=1"))

@@ -40,9 +40,9 @@ def in_process_group(monkeypatch):
 
 def test_no_host_sync_in_steps_that_do_not_log(tmp_path, digits8_dir, in_process_group, monkeypatch, warm_deepspeed):
     """Patch every tensor method that waits for the device (item, int(), float(), bool(), tolist, .cpu()) and count
-    the calls that ditscale's own code makes while training, outside the log steps' flush (the one place that reads
-    the loss and grad norm back) and outside checkpoints. There must be none. DeepSpeed's optimizer makes its own
-    (its overflow guard reads the gradient norm); they are printed, not counted against us."""
+    the calls that ditscale's own code makes while training, outside the log steps' flush and non-finite check (the
+    places that read the loss and grad norm back) and outside checkpoints. There must be none. DeepSpeed's optimizer
+    makes its own (its overflow guard reads the gradient norm); they are printed, not counted against us."""
     from ditscale.config import load_config
     from ditscale.train import trainer as trainer_mod
     from ditscale.train.checkpoint import Checkpointer
@@ -69,6 +69,8 @@ def test_no_host_sync_in_steps_that_do_not_log(tmp_path, digits8_dir, in_process
     monkeypatch.setattr(TrainLog, "flush", allow(TrainLog.flush))
     monkeypatch.setattr(Checkpointer, "save", allow(Checkpointer.save))
     monkeypatch.setattr(trainer_mod.Trainer, "_finish", allow(trainer_mod.Trainer._finish))
+    # the non-finite check reads its device-side mark back only where something leaves the process (log steps)
+    monkeypatch.setattr(trainer_mod.Trainer, "_check_finite", allow(trainer_mod.Trainer._check_finite))
     real_train = trainer_mod.Trainer.train
 
     def train(self):

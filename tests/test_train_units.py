@@ -79,7 +79,7 @@ def test_load_for_eval_without_checkpoint_raises(tmp_path):
     with pytest.raises(CheckpointError, match="empty-run' does not exist"):
         load_for_eval(str(tmp_path / "empty-run"))
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
         load_for_eval(str(tmp_path / "empty-run"))
 
 
@@ -114,19 +114,19 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 def test_deepspeed_config_from_config():
     cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=8", "train.zero_stage=3", "optim.grad_clip=0"])
-    ds = eng.deepspeed_config(cfg, world_size=2)
+    ds = eng.deepspeed_config(cfg.train, cfg.optim, world_size=2)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_clipping"] == 0
     assert ds["bf16"]["enabled"] == torch.cuda.is_available()
     with pytest.raises(ConfigError, match="train.global_batch=64"):
-        eng.grad_accumulation(cfg, world_size=3)
+        eng.grad_accumulation(cfg.train, world_size=3)
 
 
 def test_warmup_factor():
-    f = eng.warmup_factor(4)
+    f = load_config(None, ["optim.warmup_steps=4"]).optim.lr_factor
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert eng.warmup_factor(0)(0) == 1.0
+    assert load_config(None, []).optim.lr_factor(0) == 1.0
 
 
 def test_prometheus_exporter_names_and_labels():

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ditscale.cli.eval", "evaluate runs: psnr-gap, pair, locality, fid, jacobian"),
     "report": ("ditscale.cli.report", "the study's tables and plots for a grid of runs"),
     "grid": ("ditscale.cli.grid", "expand a grid file and show its runs"),
+    "checkpoint": ("ditscale.cli.checkpoint", "verify a run's checkpoints; convert an older ditscale's layout"),
     "launch": ("ditscale.cli.launch", "launch a grid: slurm, ray, local or k8s (same as launchers/<backend>_grid.py)"),
     "bench": ("ditscale.cli.bench", "benchmarks: attention, data, train, storage, gpu"),
 }

@@ -1,4 +1,4 @@
-"""`python -m ditscale bench {attention,data,train,storage,gpu,launch}`: the benchmarks' command lines.
+"""`python -m ditscale bench {attention,data,train,storage,gpu,checkpoint,launch}`: the benchmarks' command lines.
 
 Each benchmark's measuring code lives beside what it measures (ditscale.model.bench, ditscale.data.bench,
 ditscale.train.bench, ditscale.io.bench, ditscale.bench_gpu) and exposes `run(args)`; this module only parses.
@@ -16,6 +16,7 @@ BENCHES = {
     "data": ("ditscale.data.bench", "shard decoding samples/s (local disk and S3) vs a one-file-per-image loader"),
     "train": ("ditscale.train.bench", "training images/s, step time, data-wait share; DeepSpeed vs plain loop"),
     "storage": ("ditscale.io.bench", "the trainer's start-up check that every shard exists (listing vs HEADs)"),
+    "checkpoint": ("ditscale.train.bench_checkpoint", "checksum cost of a save; resume on another world size/stage"),
     "gpu": ("ditscale.bench_gpu", "every GPU check in one command: attention, DiT-XL/2 MFU, compile, the trainer"),
     "launch": ("ditscale.launch.bench", "--dry-run and --status of a large grid, run dirs on disk or S3"),
 }
@@ -84,6 +85,15 @@ def _gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: by name)")
 
 
+def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", nargs="+", choices=["hash", "resume"], default=["hash", "resume"])
+    parser.add_argument("--params", type=int, default=675_129_632, help="model size for hash (default DiT-XL/2)")
+    parser.add_argument("--variant", default="DiT-B/2", help="model for resume (the largest that fits the machine)")
+    parser.add_argument("--repeat", type=int, default=3, help="resumes per case (median reported)")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+
+
 def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=1000, help="runs in the grid (default 1000)")
     p.add_argument("--root", required=True, help="where the run dirs go: a folder or s3://bucket/prefix")
@@ -99,6 +109,7 @@ ARGUMENTS = {
     "train": _train_arguments,
     "storage": _storage_arguments,
     "gpu": _gpu_arguments,
+    "checkpoint": _checkpoint_arguments,
     "launch": _launch_arguments,
 }
 

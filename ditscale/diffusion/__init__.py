@@ -103,23 +103,13 @@ def create_diffusion(
 
 
 def diffusion_kwargs(cfg) -> dict:
-    """create_diffusion's keywords for a run config (ditscale.config.Config): its diffusion section and
-    model.learn_sigma. `sample(model, labels, **diffusion_kwargs(cfg))` samples as the run was trained."""
-    d = cfg.diffusion
-    return {
-        "noise_schedule": d.schedule,
-        "use_kl": d.use_kl,
-        "sigma_small": d.sigma_small,
-        "predict_xstart": d.predict_xstart,
-        "learn_sigma": cfg.model.learn_sigma,
-        "rescale_vb": d.rescale_vb,
-        "diffusion_steps": d.num_timesteps,
-        "loss": d.loss,
-    }
+    """create_diffusion's keywords for a run config: `cfg.diffusion.kwargs(cfg.model.learn_sigma)`.
+    `sample(model, labels, **diffusion_kwargs(cfg))` samples as the run was trained."""
+    return cfg.diffusion.kwargs(cfg.model.learn_sigma)
 
 
 def diffusion_from_config(cfg, timestep_respacing: str | Iterable[int] | None = "") -> SpacedDiffusion:
-    """The diffusion of a run config (ditscale.config.Config): its diffusion section and model.learn_sigma."""
+    """The diffusion of a run config: `cfg.diffusion.build(cfg.model.learn_sigma, respacing)`."""
     return create_diffusion(timestep_respacing, **diffusion_kwargs(cfg))
 
 

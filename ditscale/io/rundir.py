@@ -1,14 +1,19 @@
 """A run's directory: the only owner of its layout and state. A local path or any fsspec URL (s3://bucket/run).
 
     config.yaml               the run's config as it trains now (rewritten at each start)
-    config_history.jsonl      one line per start that created or changed the config: step, time, host, changes
-    lock.json                 the writer's lease (ditscale.io.lock): one trainer at a time
+    config_history.jsonl      one line per start: event, step, time, host, changes, world size, nodes, ZeRO stage
+    lock.<gen>.json           the writer's lease, one file per generation (ditscale.io.lock): one trainer at a time
     metrics.jsonl             one JSON object per logged step (rank 0 appends; a resume drops the repeated tail)
-    final.json                written last when the run reaches train.steps
-    checkpoints/step_XXXXXXXX/  complete checkpoints (meta.json written last); checkpoints/latest names the newest
+    final.json                written last: finished at train.steps, or diverged at a step
+    checkpoints/step_XXXXXXXX/  complete checkpoints (meta.json, written last, lists every file with its size and
+                              checksum: train/checkpoint.py); checkpoints/latest names the newest
     checkpoints/.staging/     half-written checkpoints (local run dirs; node-local for URLs)
     samples/step_XXXXXXXX.png sample grids
     eval/<metric>.json|png    evaluation results
+
+One writer: the trainer that holds the lease attaches it (`attach`), and from then on every write through this
+object first proves the lease is still held (`guard`, the lease's fence); a trainer that cannot prove it writes
+nothing and stops. Readers (status, eval, report) never attach one.
 
 "Done" has one meaning everywhere (trainer, eval, results, report, launchers, demo): final.json says finished at
 a step >= the train.steps asked for (`is_done(steps)`). Raising train.steps makes a done run resumable again.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ditscale.io import storage
-from ditscale.io.lock import Holder, Lease
+from ditscale.io.lock import Holder, Lease, current_holder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,11 @@ SAMPLES, EVAL = "samples", "eval"
 # states, from least to most advanced; DIVERGED ends a run like DONE but is not done (final.json says where)
 PENDING, STARTED, RESUMABLE, RUNNING, DONE = "pending", "started", "resumable", "running", "done"
 DIVERGED = "diverged"
+
+
+def is_lock_name(name: str) -> bool:
+    """A lease file of a run dir: lock.<generation>.json (or the single lock.json of older versions)."""
+    return name == LOCK or (name.startswith("lock.") and name.endswith(".json") and name[5:-5].isdigit())
 
 
 def tag_for(step: int) -> str:
@@ -189,6 +200,22 @@ class RunDir:
             self.local = staging_root() / hashlib.sha1(self.url.encode()).hexdigest()[:16]
         else:
             self.local = Path(self.url)
+        self.fence: Lease | None = None
+
+    # --- the writer's fence -----------------------------------------------------------------------------------
+    def attach(self, lease: Lease) -> None:
+        """Make `lease` the fence of every write through this object (the lease holder's RunDir)."""
+        self.fence = lease
+
+    def guard(self, what: str = "write") -> None:
+        """Raise LeaseLostError unless this writer provably holds the run's lease (no-op without a fence)."""
+        if self.fence is not None:
+            self.fence.check(f"{what} in {self.url}")
+
+    @property
+    def gen(self) -> int | None:
+        """The fencing token (lease generation) of this writer, recorded in what it writes."""
+        return self.fence.gen if self.fence is not None else None
 
     def __str__(self) -> str:
         return self.url
@@ -207,7 +234,8 @@ class RunDir:
     def local_file(self, rel: str) -> Path:
         """Where a writer puts `rel` on this node (the run dir itself, or the node-local mirror of a URL run dir),
         with its folder made: nothing creates the mirror but the writers that use it, so a RunDir made only to
-        read a run (status of a thousand runs) leaves nothing behind."""
+        read a run (status of a thousand runs) leaves nothing behind. Guarded: a writer asks for it to write."""
+        self.guard(f"write {rel}")
         path = self.local / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
@@ -251,13 +279,19 @@ class RunDir:
             return None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        self.guard(f"write {rel}")
         storage.write_bytes(self.path(rel), data)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_text(rel, json.dumps(obj, indent=1, default=_json_default) + "\n")
+        """Strict JSON (no NaN/Infinity literals, which jq and JavaScript reject): see finite_json."""
+        self.write_text(rel, dumps(obj, indent=1) + "\n")
+
+    def remove(self, rel: str) -> None:
+        self.guard(f"remove {rel}")
+        storage.remove(self.path(rel))
 
     def exists(self, rel: str) -> bool:
         return storage.exists(self.path(rel))
@@ -266,6 +300,7 @@ class RunDir:
         return storage.listdir(self.path(rel))
 
     def rmtree(self, rel: str) -> None:
+        self.guard(f"remove {rel}")
         storage.rmtree(self.path(rel))
         if self.remote:
             import shutil
@@ -275,9 +310,11 @@ class RunDir:
     def upload(self, rel: str) -> None:
         """Copy the local mirror's file `rel` to the URL (nothing to do for a local run dir)."""
         if self.remote and (self.local / rel).is_file():
+            self.guard(f"upload {rel}")
             storage.put_file(str(self.local / rel), self.path(rel))
 
     def upload_tree(self, local_dir: Path, rel: str, skip: tuple[str, ...] = ()) -> None:
+        self.guard(f"upload {rel}")
         storage.put_tree(str(local_dir), self.path(rel), skip=skip)
 
     def download_tree(self, rel: str, local_dir: Path) -> None:
@@ -303,10 +340,12 @@ class RunDir:
     def publish_latest(self, tag: str) -> None:
         self.write_text(f"{CKPT}/{LATEST}", tag + "\n")
 
-    def staging_dir(self) -> Path:
+    def staging_dir(self, gen: int | None = None) -> Path:
         """Where checkpoints are written before they are published: inside a local run dir (same filesystem, so
-        publishing is a rename), node-local for a URL."""
-        return self.local / CKPT / STAGING
+        publishing is a rename), node-local for a URL; one folder per lease generation, so a paused writer that
+        wakes up never writes into its successor's."""
+        root = self.local / CKPT / STAGING
+        return root / f"g{gen}" if gen is not None else root
 
     def checkpoint_local(self, tag: str, download: bool = True) -> Path:
         """A local directory holding checkpoint `tag` (downloaded once for URL run dirs)."""
@@ -340,18 +379,18 @@ class RunDir:
     def records(self) -> list[dict]:
         return list(_records((self.read_text(METRICS) or "").splitlines()))
 
-    def holder(self) -> Holder | None:
-        """The live trainer holding this run dir, or None."""
-        h = Holder.parse(self.read_bytes(LOCK))
-        return h if h is not None and h.alive() else None
+    def holder(self, names: list[str] | None = None) -> Holder | None:
+        """The live trainer holding this run dir, or None (`names`: a listing of the run dir, if at hand)."""
+        return current_holder(self.path(LOCK), names)
 
     def status(self, steps: int | None = None) -> RunStatus:
         """done (final.json at >= steps) > diverged (final.json says so, no live trainer) > running (a live lock)
         > resumable (a complete checkpoint) > started (config or metrics written) > pending."""
         st = RunStatus(PENDING, steps=steps)
-        st.final = self.read_json(FINAL)
-        st.last = self.last_record()
-        st.holder = self.holder()
+        names = self.listdir()
+        st.final = self.read_json(FINAL) if FINAL in names else None
+        st.last = self.last_record() if METRICS in names else None
+        st.holder = self.holder(names)
         st.checkpoint = self.latest_tag()
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
@@ -363,7 +402,7 @@ class RunDir:
             st.state = RUNNING
         elif st.checkpoint:
             st.state = RESUMABLE
-        elif st.last is not None or self.exists(CONFIG):
+        elif st.last is not None or CONFIG in names:
             st.state = STARTED
         st.step = (st.last or {}).get("step")
         if st.step is None and st.checkpoint:
@@ -413,6 +452,7 @@ class RunDir:
     def clean_leftovers(self) -> list[str]:
         """Remove what dead writers left: the staging dir, temporary files and checkpoint directories without
         meta.json. Only the lock holder calls this."""
+        self.guard("remove leftovers")
         removed = []
         stage = self.staging_dir()
         if stage.exists():
@@ -432,6 +472,27 @@ class RunDir:
         if removed:
             log.info("removed leftovers of an earlier writer: %s", ", ".join(removed))
         return removed
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None, and each dict holding one gaining
+    "nonfinite": [its keys] (a record says what was not a number, in JSON every reader accepts)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        out = {k: finite_json(v) for k, v in obj.items()}
+        bad = [k for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            out["nonfinite"] = bad
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """json.dumps of finite_json(obj): never a NaN or Infinity literal."""
+    return json.dumps(finite_json(obj), allow_nan=False, default=_json_default, **kw)
 
 
 def _json_default(o: Any) -> Any:
@@ -489,7 +550,11 @@ class RowReader:
 
     def _list_local(self, run_dir: str) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for rel in (FINAL, LOCK, METRICS, CONFIG, HISTORY):
+        try:
+            top = os.listdir(run_dir)
+        except OSError:
+            top = []
+        for rel in (FINAL, METRICS, CONFIG, HISTORY, *(n for n in top if is_lock_name(n))):
             try:
                 s = os.stat(os.path.join(run_dir, rel))
             except OSError:
@@ -540,8 +605,8 @@ class RowReader:
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
             return st
-        if LOCK in files:  # the listing says a lock is there: who holds it is RunDir.holder()'s to say
-            st.holder = rd.holder()
+        if any(is_lock_name(n) for n in files):  # a lease file is there: who holds it is RunDir.holder()'s to say
+            st.holder = rd.holder([n for n in files if "/" not in n])
         if st.holder is None and _diverged(st.final):
             st.state, st.step = DIVERGED, st.final.get("step")
             return st

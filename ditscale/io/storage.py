@@ -373,10 +373,11 @@ def write_text(url: str, text: str) -> None:
 
 
 def create_exclusive(url: str, data: bytes) -> bool:
-    """Create the file only if it does not exist; True when this call created it.
+    """Create the file only if it does not exist; True when this call created it, False when it existed.
 
-    Local: O_CREAT | O_EXCL, exact. Object stores have no portable create-if-absent: a look-up then a PUT, so two
-    racing writers can both succeed; callers that need one winner read the file back after a settle time.
+    Exact on local disk (O_CREAT | O_EXCL) and on S3 (a PUT with `If-None-Match: *`, which S3 and the test
+    server answer with 412 for all but the first). Other fsspec stores: their own create mode where they have
+    one (memory://: exact within a process), else a look-up then a PUT.
     """
     if is_local(url):
         path = local_path(url)
@@ -395,6 +396,20 @@ def create_exclusive(url: str, data: bytes) -> bool:
             return True
 
         return _local(go_local, url, "create")
+
+    def go() -> bool | None:
+        fs, path = filesystem(url)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except TypeError:  # a store without a create mode
+            return None
+        return True
+
+    created = with_retries(go, url, "create")
+    if created is not None:
+        return created
     if exists(url):
         return False
     write_bytes(url, data)

@@ -43,14 +43,16 @@ class LocalOptions:
     log_dir: Path
     parallel: int = 1  # runs at the same time
     threads: int | None = None  # OMP_NUM_THREADS of each process (default: the run's cpus_per_task)
+    nproc: int | None = None  # processes per run (default: the grid's tasks); may change between launches
     poll_s: float = 0.5
     stall_after_s: float = 600.0  # --status: a running run without a new step for this long is "stalled"
 
 
-def train_command(run: RunSpec, config_file: Path | str) -> list[str]:
-    """The command that trains the run (argv; "python" is this interpreter when it is started)."""
+def train_command(run: RunSpec, config_file: Path | str, nproc: int | None = None) -> list[str]:
+    """The command that trains the run (argv; "python" is this interpreter when it is started) on `nproc`
+    processes (default: the grid's tasks). A run resumes on any number of processes (docs/training.md)."""
     train = ["-m", "ditscale", "train", "--config", str(config_file)]
-    n = run.num_tasks
+    n = nproc or run.num_tasks
     if n > 1:
         return ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *train]
     return ["python", *train]
@@ -104,7 +106,7 @@ class LocalExecutor:
     def _start(self, run: RunSpec) -> None:
         cfg_file = _config_file(run, self.opts)
         cfg_file.write_text(yaml.safe_dump(run.config_dict(), sort_keys=False))
-        cmd = train_command(run, cfg_file)
+        cmd = train_command(run, cfg_file, self.opts.nproc)
         argv = [sys.executable, *cmd[1:]]
         from ditscale.launch.prepare import command_env
 
@@ -197,6 +199,12 @@ class LocalBackend(Backend):
     def add_arguments(cls, p) -> None:
         p.add_argument("-j", "--parallel", type=int, default=1, help="runs trained at the same time (default: 1)")
         p.add_argument("--threads", type=int, help="OMP_NUM_THREADS per process (default: the grid's cpus_per_task)")
+        p.add_argument(
+            "--nproc",
+            type=int,
+            help="processes per run (default: the grid's tasks); may differ from the last launch: a run resumes on "
+            "any number that divides its global batch",
+        )
 
     @classmethod
     def from_args(cls, args, plan: Plan) -> LocalBackend:
@@ -207,15 +215,17 @@ class LocalBackend(Backend):
             log_dir=Path(args.log_dir or base / "_local").absolute(),
             parallel=args.parallel,
             threads=args.threads,
+            nproc=args.nproc,
             stall_after_s=args.stall_after,
         )
         return cls(opts)
 
     def describe_run(self, run: RunSpec) -> str:
-        return f"processes={run.num_tasks}"
+        return f"processes={self.opts.nproc or run.num_tasks}"
 
     def details(self, plan: Plan, todo: list[RunSpec]) -> list[str]:
-        lines = [""] + [f"  {r.id}: {shlex.join(train_command(r, _config_file(r, self.opts)))}" for r in todo[:20]]
+        cmds = [shlex.join(train_command(r, _config_file(r, self.opts), self.opts.nproc)) for r in todo[:20]]
+        lines = [""] + [f"  {r.id}: {c}" for r, c in zip(todo, cmds, strict=False)]
         return lines + [f"\n{len(todo)} to train on this machine, {self.opts.parallel} at a time; logs and run "
                         f"configs: {self.opts.log_dir}"]  # fmt: skip
 

@@ -10,7 +10,7 @@ Each step knows the exact command a user would type, the manifests it writes, an
 manifest exists, reads back, lists no missing shard and matches the recipe), `missing`, or `conflict` (something
 else is there: never overwritten, the user decides). A ready step is never run again.
 
-`run_step` runs one step under a lease in its output folder (`<out>/_prepare.lock.json`, ditscale.io.lock): two
+`run_step` runs one step under a lease in its output folder (`<out>/_prepare.lock.<gen>.json`, ditscale.io.lock): two
 launchers that need the same data (two grids sharing a data root, a rerun while a job prepares) never build it
 twice: the second waits for the first, then finds the data ready. Every executor runs steps through it: the Slurm
 launcher as CPU jobs (the training arrays depend on them, afterok), the Ray launcher as tasks, the local executor
@@ -295,7 +295,7 @@ def run_step(step: Step, *, log_file: str | None = None, poll_s: float = 2.0) ->
     from ditscale.io import storage
     from ditscale.io.lock import Lease
 
-    lease = Lease(storage.join(step.out, LOCK_NAME), LEASE_S, what="data folder")
+    lease = Lease(storage.join(step.out, LOCK_NAME), LEASE_S, what="data folder", keep=False)
     waited = False
     while True:
         state, problem = verify(step)

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ditscale.grid import RunSpec
-from ditscale.io.rundir import DIVERGED, DONE, PENDING, RESUMABLE, RUNNING, STARTED, RowReader, format_starts
+from ditscale.io.rundir import (
+    DIVERGED,
+    DONE,
+    PENDING,
+    RESUMABLE,
+    RUNNING,
+    STARTED,
+    RowReader,
+    format_starts,
+    is_lock_name,
+)
 from ditscale.launch import claim as C
 
 ATTENTION = ("failed", "stalled", "diverged", "gave up")
@@ -38,7 +48,7 @@ def read(runs: list[RunSpec], steps: dict[str, int] | None = None, full: bool = 
     """(run id -> RunStatus, run id -> newest claim, the reader) of a grid's runs, with only the reads the rows need.
 
     One listing per folder of run dirs (object storage) or a few stats per run (disk); then final.json of finished
-    runs, lock.json of held ones and the claims in flight. A run is judged against the steps it was launched with:
+    runs, the lease of held ones and the claims in flight. A run is judged against the steps it was launched with:
     `steps` (from the log dir's launch records), else its claim (read when the run dir changed after final.json:
     a finished run launched again), else the grid's. Ended claims and the last logged steps are read later, for
     the rows that are shown and the runs whose state depends on them (`details`)."""
@@ -53,8 +63,9 @@ def read(runs: list[RunSpec], steps: dict[str, int] | None = None, full: bool = 
         files = reader.files(r.run_dir)
         gen, ended = gens[r.id]
         final_t = (files.get("final.json") or {}).get("mtime")
-        again = final_t is not None and (
-            "lock.json" in files or (files.get("config.yaml") or {}).get("mtime", 0) > final_t
+        again = final_t is not None and (  # a lease beat or a config written after final.json: launched again
+            any(is_lock_name(n) and (m.get("mtime") or 0) > final_t for n, m in files.items())
+            or (files.get("config.yaml") or {}).get("mtime", 0) > final_t
         )
         cl = None
         if gen and (not ended or again or (steps or {}).get(r.id) is None and final_t is None and full):

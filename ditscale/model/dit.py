@@ -386,18 +386,21 @@ class DiT(nn.Module):
             raise ModelInputError(f"{msg}, got {lo if lo < 0 else hi}")
         self._labels_checked = True
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, force_drop_ids=None):
         """
         Forward pass of DiT.
         x: (N, C, H, W) tensor of spatial inputs (images or latent representations of images)
         t: (N,) tensor of diffusion timesteps
         y: (N,) tensor of class labels
+        force_drop_ids: (N,) 1 where the label is dropped to the null class (classifier-free guidance training);
+            None draws the drops from the global RNG in training, as the reference does. The trainer passes them,
+            drawn per sample from the seed and the sample's position, so they do not depend on the world size.
         """
         if self.validate_inputs:
             self.check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

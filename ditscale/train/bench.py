@@ -40,7 +40,6 @@ def run(args) -> int:
 
     from ditscale import distenv
     from ditscale.config import load_config
-    from ditscale.diffusion import diffusion_from_config
     from ditscale.train import engine as eng
     from ditscale.train.ema import EMA
     from ditscale.train.step import diffusion_loss, model_fn
@@ -55,8 +54,8 @@ def run(args) -> int:
         validate(cfg, 1)
     device = eng.init_distributed(denv)
     eng.set_tf32(cfg.train.tf32)
-    precision = eng.resolve_precision(cfg)
-    diffusion = diffusion_from_config(cfg)
+    precision = eng.resolve_precision(cfg.train.precision)
+    diffusion = cfg.diffusion.build(cfg.model.learn_sigma)
     b = cfg.train.micro_batch
     nb = args.warmup + args.steps
     m = cfg.model
@@ -68,7 +67,7 @@ def run(args) -> int:
         ]
         it = None
     else:
-        loader = cfg.data.loader(batch_size=b, seed=cfg.run.seed)
+        loader = cfg.data.loader(micro_batch=b, global_batch=b, seed=cfg.run.seed)
         it = iter(loader)
         batches = [next(it) for _ in range(nb)]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -82,14 +81,7 @@ def run(args) -> int:
     plain_ema = EMA(plain, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(plain)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(
-        [p for p in plain.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        **fused,
-    )
+    opt = cfg.optim.optimizer([p for p in plain.parameters() if p.requires_grad], fused=device.type == "cuda")
     if cfg.train.compile:
         plain.compile()
     plain_fn = model_fn(plain, precision, device)
@@ -110,7 +102,7 @@ def run(args) -> int:
     ds_ema = EMA(model, cfg.train.ema_decay, device=device)
     if cfg.train.activation_checkpointing:
         eng.apply_activation_checkpointing(model)
-    engine, _, _ = eng.build_engine(cfg, model, 1)
+    engine, _, _ = cfg.train.engine(model, cfg.optim, 1)
     ds_fn = model_fn(engine, precision, device)
     zero3 = cfg.train.zero_stage == 3
 
@@ -157,6 +149,25 @@ def run(args) -> int:
         loader_times, waits = [float("nan")], [float("nan")]
     wait, total = sum(waits), sum(loader_times)  # data-wait share over all timed loader steps
 
+    # What world-size-independent randomness costs: a timestep, label drop and noise drawn per sample from (seed,
+    # element id), against one draw per micro-batch from a generator (before elastic resume).
+    from ditscale.train.step import sample_randomness
+
+    shape = tuple(batches[0][0].shape[1:])
+    per_sample, per_batch = [], []
+    for r in range(args.rounds * args.steps):
+        ids = torch.arange(r * b, (r + 1) * b)
+        _sync(device)
+        t0 = time.perf_counter()
+        sample_randomness(ids, cfg.run.seed, shape, diffusion.num_timesteps, m.class_dropout_prob, device)
+        _sync(device)
+        t1 = time.perf_counter()
+        torch.randint(0, diffusion.num_timesteps, (b,), device=device, generator=gen)
+        torch.randn((b, *shape), device=device, generator=gen)
+        _sync(device)
+        per_sample.append(t1 - t0)
+        per_batch.append(time.perf_counter() - t1)
+
     t_plain, t_ds = statistics.median(plain_times), statistics.median(ds_times)
     res = {
         "config": args.config,
@@ -180,6 +191,9 @@ def run(args) -> int:
         "data_wait_share": wait / total,
         "steps": args.steps,
         "rounds": args.rounds,
+        "randomness_per_sample_s": statistics.median(per_sample),
+        "randomness_per_batch_s": statistics.median(per_batch),
+        "randomness_share": (statistics.median(per_sample) - statistics.median(per_batch)) / t_ds,
     }
     if device.type == "cuda":
         name = res["device"]
@@ -204,6 +218,11 @@ def run(args) -> int:
     print(
         f"  with loader   : {res['loader_step_s'] * 1e3:8.1f} ms/step  {res['loader_images_per_s']:9.1f} images/s  "
         f"(data wait {100 * res['data_wait_share']:.1f}% of the step)"
+    )
+    print(
+        f"  randomness    : per sample {res['randomness_per_sample_s'] * 1e3:.2f} ms, per batch "
+        f"{res['randomness_per_batch_s'] * 1e3:.2f} ms a micro-batch ({100 * res['randomness_share']:+.2f}% of the "
+        "DeepSpeed step: the cost of world-size-independent noise)"
     )
     if "mfu" in res:
         mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a (pass --peak-tflops)"

@@ -1,6 +1,7 @@
-"""DeepSpeed set-up: process environment, process group, the DeepSpeed config derived from our Config, the engine.
+"""DeepSpeed set-up: process environment, process group, the DeepSpeed config derived from the train and optim
+sections, the engine.
 
-Nothing here knows about diffusion or data; `loop.py` composes it with them.
+Nothing here knows about diffusion or data; the Trainer (trainer.py) composes it with them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ditscale.cache import project_cache
-from ditscale.config import Config
 from ditscale.distenv import DistEnv, free_port
 from ditscale.errors import ConfigError
+
+if TYPE_CHECKING:  # the sections build the engine (TrainSection.engine): no import back at run time
+    from ditscale.config import OptimSection, TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -89,51 +93,41 @@ def shutdown(ok: bool, destroy: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def resolve_precision(cfg: Config) -> str:
-    p = cfg.train.precision
-    if p == "auto":
+def resolve_precision(precision: str) -> str:
+    """train.precision -> "bf16" or "fp32" (auto: bf16 on CUDA, fp32 on CPU)."""
+    if precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
-    if p == "bf16" and not torch.cuda.is_available():
+    if precision == "bf16" and not torch.cuda.is_available():
         log.warning("train.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
-    return p
+    return precision
 
 
-def grad_accumulation(cfg: Config, world_size: int) -> int:
-    t = cfg.train
-    per_step = t.micro_batch * world_size
-    if t.global_batch % per_step:
+def grad_accumulation(train: TrainSection, world_size: int) -> int:
+    per_step = train.micro_batch * world_size
+    if train.global_batch % per_step:
         raise ConfigError(
-            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch ({t.micro_batch}) x "
-            f"{world_size} processes = {per_step}"
+            f"train.global_batch={train.global_batch} is not a multiple of train.micro_batch ({train.micro_batch}) "
+            f"x {world_size} processes = {per_step}: set train.micro_batch to a divisor of "
+            f"{train.global_batch // world_size if train.global_batch % world_size == 0 else 'global_batch / world'}"
         )
-    return t.global_batch // per_step
+    return train.global_batch // per_step
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    t = cfg.train
+def deepspeed_config(train: TrainSection, optim: OptimSection, world_size: int) -> dict:
     conf = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
-        "gradient_clipping": cfg.optim.grad_clip,  # 0 disables (DeepSpeed's own default would be 1.0)
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": resolve_precision(cfg) == "bf16"},
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": grad_accumulation(train, world_size),
+        "gradient_clipping": optim.grad_clip,  # 0 disables (DeepSpeed's own default would be 1.0)
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": resolve_precision(train.precision) == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if t.zero_stage in (1, 2):
+    if train.zero_stage in (1, 2):
         conf["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True)
     return conf
-
-
-def warmup_factor(warmup_steps: int):
-    """LR multiplier per optimizer step: linear warm-up over `warmup_steps`, then constant (DiT: constant 1e-4)."""
-
-    def f(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return f
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> int:
@@ -156,23 +150,19 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(train: TrainSection, optim: OptimSection, model: torch.nn.Module, world_size: int):
     """(engine, optimizer, lr_scheduler): AdamW (DiT's lr 1e-4, wd 0) + optional warm-up, wrapped by DeepSpeed."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    kw = {"fused": True} if torch.cuda.is_available() else {}
-    opt = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, **kw
-    )
-    factor = warmup_factor(cfg.optim.warmup_steps)
+    opt = optim.optimizer(params, fused=torch.cuda.is_available())
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=opt,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
-        config=deepspeed_config(cfg, world_size),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, optim.lr_factor),
+        config=deepspeed_config(train, optim, world_size),
     )
-    if cfg.train.compile:
+    if train.compile:
         engine.compile()
     return engine, optimizer, scheduler
 

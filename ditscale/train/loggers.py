@@ -68,7 +68,10 @@ class JsonlLogger(Logger):
         self.f = open(self.path, "a")
 
     def log(self, step: int, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
+        from ditscale.io.rundir import dumps
+
+        self.rundir.guard("append to metrics.jsonl")
+        self.f.write(dumps(record) + "\n")
         self.f.flush()
 
     def image(self, step: int, tag: str, path: Path) -> None:
@@ -106,7 +109,8 @@ class PrometheusLogger(Logger):
 
     def log(self, step: int, record: dict) -> None:
         m = self.m
-        m.loss.set(record["loss"])
+        if record.get("loss") is not None:  # None: every step of the window was skipped (non-finite)
+            m.loss.set(record["loss"])
         m.images_per_second.set(record["images_per_second"])
         m.learning_rate.set(record["lr"])
         if record.get("grad_norm") is not None:
@@ -138,7 +142,7 @@ class ConsoleLogger(Logger):
     def log(self, step: int, record: dict) -> None:
         r = record
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{r['loss']:.4f}", img_s=f"{r['images_per_second']:.1f}", refresh=False)
+            self.bar.set_postfix(loss=_num(r["loss"], ".4f"), img_s=f"{r['images_per_second']:.1f}", refresh=False)
             self.bar.update(step - self.last)
         else:
             log.info(format_line(r, self.total))
@@ -155,13 +159,17 @@ class ConsoleLogger(Logger):
             self.bar.close()
 
 
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def format_line(r: dict, total: int) -> str:
     gn = r.get("grad_norm")
     eta = (total - r["step"]) * r["step_time"] if r.get("step_time") else float("nan")
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
     days = int(eta // 86400) if math.isfinite(eta) else 0
     return (
-        f"step {r['step']}/{total} loss {r['loss']:.4f} img/s {r['images_per_second']:.1f} lr {r['lr']:.2e} "
+        f"step {r['step']}/{total} loss {_num(r['loss'], '.4f')} img/s {r['images_per_second']:.1f} lr {r['lr']:.2e} "
         f"grad_norm {'-' if gn is None else f'{gn:.3g}'} data_wait {100 * r['data_wait_share']:.1f}% "
         f"eta {f'{days}d ' if days else ''}{eta_s}"
     )
@@ -355,8 +363,10 @@ class TrainLog:
         labels: dict[str, str],
         start_step: int,
         info: dict[str, str] | None = None,
+        tokens: dict | None = None,
     ):
         self.cfg, self.denv, self.device = cfg, denv, device
+        self.tokens = tokens or {}  # written into every record (the lease generation that wrote it)
         self.metrics = start_metrics(cfg, denv, labels, info, start_step)
         self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)
         self.loggers: list[Logger] = make_loggers(cfg, rundir, denv, self.metrics, start_step)
@@ -366,7 +376,7 @@ class TrainLog:
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)  # sum of step losses of the window, on the device
-        self.steps, self.time, self.wait = 0, 0.0, 0.0
+        self.steps, self.losses, self.time, self.wait = 0, 0, 0.0, 0.0
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log.every == 0 or step >= self.cfg.train.steps
@@ -377,7 +387,9 @@ class TrainLog:
         m.samples.inc(self.per_rank_samples)
         m.step_time.observe(seconds)
         m.data_wait.inc(wait)
-        self.loss += step_loss  # no .item(): a GPU keeps running ahead
+        if step_loss is not None:  # None: a step skipped for a non-finite loss (train.nonfinite=skip)
+            self.loss += step_loss  # no .item(): a GPU keeps running ahead
+            self.losses += 1
         self.steps += 1
         self.time += seconds
         self.wait += wait
@@ -398,15 +410,17 @@ class TrainLog:
         n = self.steps
         rec = {
             "step": step,
-            "loss": loss.item() / self.denv.world_size / n,
+            "loss": loss.item() / self.denv.world_size / self.losses if self.losses else None,
             "images_per_second": n * self.cfg.train.global_batch / max(self.time, 1e-9),
             "step_time": self.time / n,
             "data_wait_share": self.wait / max(self.time, 1e-9),
             "lr": self.lr,
             "grad_norm": None if gn is None else float(gn),
-            "samples": step * self.cfg.train.global_batch,
+            "samples": int(getattr(loader, "samples", step * self.cfg.train.global_batch)),
             "skipped": int(getattr(loader, "skipped", 0)),
+            "skipped_steps": n - self.losses,
             "time": time.time(),
+            **self.tokens,
         }
         for lg in self.loggers:
             lg.log(step, rec)
