@@ -105,14 +105,26 @@ def test_report_loss_curves_and_sample_grids(tmp_path):
     _log(a, [1.0, 0.5, 0.25, float("nan"), 0.2])
     _log(b, [1.0, 0.4, 0.2])
     _log(c, [1.0, 0.45], final=False)
+    d = _run(grid, "l-n10-s2", "local@head", 10, 2, 5.2)
+    _log(d, [1.0, 0.3])
+    (d / "final.json").write_text(json.dumps({"step": 20, "loss": 0.3, "finished": False, "diverged": True}))
+    starts = [(0, 2, 1, 2), (20, 2, 1, 2), (30, 1, 1, 3), (40, 4, 2, 3)]  # a requeue that kept its world size
+    (a / "config_history.jsonl").write_text(
+        "".join(
+            json.dumps({"event": "start", "step": st, "world_size": w, "nodes": no, "zero_stage": z}) + "\n"
+            for st, w, no, z in starts
+        )
+    )
     runs, _ = report.discover(str(grid))
     assert report.read_loss_curve(str(a)) == [(10, 1.0), (20, 0.5), (30, 0.25), (50, 0.2)]  # NaN and torn line out
     out = tmp_path / "out"
     text = report.build_report(runs, str(out), "t")
     assert "## Training" in text
-    assert "| g-n10-s0 | DiT-T/1 | global | N=10 | 0 |  | done | 50 | 0.2000 |" in text
-    assert "| l-n10-s1 | DiT-T/1 | local@head | N=10 | 1 |  | started | 20 | 0.4500 |" in text
-    assert "| g-n1000-s0 | DiT-T/1 | global | N=1e3 | 0 |  | pending |  |  |" in text
+    world = "2x ZeRO-2 from 0, 1x ZeRO-3 from 30, 4x ZeRO-3 on 2 nodes from 40"  # the world-size history
+    assert f"| g-n10-s0 | DiT-T/1 | global | N=10 | 0 |  | done | 50 | 0.2000 | {world} |" in text
+    assert "| l-n10-s1 | DiT-T/1 | local@head | N=10 | 1 |  | started | 20 | 0.4500 |  |" in text
+    assert "| l-n10-s2 | DiT-T/1 | local@head | N=10 | 2 |  | diverged | 20 | 0.3000 |  |" in text
+    assert "| g-n1000-s0 | DiT-T/1 | global | N=1e3 | 0 |  | pending |  |  |  |" in text
     assert "![training loss against step, DiT-T/1](loss_DiT-T_1.png)" in text
     assert (out / "loss_DiT-T_1.png").stat().st_size > 0
     # newest grid of each run, copied next to report.md, one column per window configuration

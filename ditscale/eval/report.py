@@ -29,7 +29,7 @@ import yaml
 from ditscale.errors import ConfigError, WindowSpecError
 from ditscale.eval import common
 from ditscale.io import storage
-from ditscale.io.rundir import SAMPLES, RunDir
+from ditscale.io.rundir import SAMPLES, RunDir, format_starts
 from ditscale.model.windows import PLACEMENTS, placement_of
 
 log = logging.getLogger("ditscale.report")
@@ -160,7 +160,12 @@ def read_loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
 
 def read_final(run_dir: str) -> dict | None:
-    return RunDir(run_dir).final()
+    """final.json of a finished run, or of one that stopped on a non-finite loss (its record says diverged)."""
+    rd = RunDir(run_dir)
+    rec = rd.final()
+    if rec is None and isinstance(d := rd.read_json("final.json"), dict) and d.get("diverged"):
+        return d
+    return rec
 
 
 def newest_sample_grid(run_dir: str) -> str | None:
@@ -186,7 +191,10 @@ def runs_table(runs: list[RunInfo], curves: dict[str, list], finals: dict[str, d
         curve, final = curves.get(r.id) or [], finals.get(r.id)
         step = final.get("step") if final else (curve[-1][0] if curve else None)
         loss = final.get("loss") if final else (curve[-1][1] if curve else None)
-        state = "done" if final else ("started" if curve else "pending")
+        if final:  # a diverged run's final.json records its last finite step, not a finished run
+            state = "diverged" if final.get("diverged") else ("done" if final.get("finished", True) else "stopped")
+        else:
+            state = "started" if curve else "pending"
         rows.append(
             [
                 r.id,
@@ -198,9 +206,11 @@ def runs_table(runs: list[RunInfo], curves: dict[str, list], finals: dict[str, d
                 state,
                 "" if step is None else str(step),
                 f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "",
+                format_starts(RunDir(r.run_dir).starts()),
             ]
         )
-    return _md_table(["run", "variant", "windows", "N", "seed", "other axes", "state", "step", "loss"], rows)
+    header = ["run", "variant", "windows", "N", "seed", "other axes", "state", "step", "loss", "trained on"]
+    return _md_table(header, rows)
 
 
 def plot_loss_curves(runs: list[RunInfo], curves: dict[str, list], path: str, variant: str) -> str | None:
