@@ -3,12 +3,14 @@
 Real trainers (torchrun or a single process, gloo, fp32 on the CPU) on the embedded digits: the same global batch on
 1, 2 and 4 processes gives the same losses; a run moved 2 -> 1 -> 3 processes trains on exactly the samples of the
 undisturbed run, step by step, with its losses; a ZeRO-a checkpoint resumes at ZeRO-b with the optimizer state
-restored exactly; a checkpoint of the older layout resumes where it was written, and elsewhere after `convert`.
+restored exactly; a checkpoint of the older layout resumes where it was written, and elsewhere after `convert`,
+and one whose pickles were crafted to run a command is refused by resume, convert and export with the file named.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import trainers as T
+from tests.test_no_code_from_files import crafted
 
 pytestmark = pytest.mark.slow
 REL = 1e-4  # float reduction order differs between world sizes and stages; the issue's bound over 20 steps
@@ -130,6 +133,22 @@ def test_older_layout_resumes_where_it_was_written_and_elsewhere_after_convert(t
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(legacy),
                str(cfg), str(tmp_path / name), "2"]  # fmt: skip
         subprocess.run(cmd, cwd=T.ROOT, check=True, capture_output=True, timeout=600)
+    for name in ("evil-states", "evil-ema"):  # the older layout's pickles, one file crafted to run a command
+        shutil.copytree(tmp_path / "same", tmp_path / name)
+    ck = "checkpoints/step_00000002"
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil-states" / ck / "mp_rank_00_model_states.pt").write_bytes(crafted(marker, "torch.save"))
+    (tmp_path / "evil-ema" / ck / "ema.pt").write_bytes(crafted(marker, "torch.save"))
+    rc, out = T.torchrun(cfg, tmp_path / "evil-states", nproc=2).finish()
+    assert rc != 0 and "mp_rank_00_model_states.pt: refused" in out, out[-3000:]
+    conv = subprocess.run([sys.executable, "-m", "ditscale", "checkpoint", "convert", str(tmp_path / "evil-states")],
+                          cwd=T.ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert conv.returncode != 0 and "mp_rank_00_model_states.pt: refused" in conv.stdout + conv.stderr
+    out_pt = tmp_path / "m.pt"
+    export = [sys.executable, "-m", "ditscale", "export", "--run", str(tmp_path / "evil-ema"), "--out", str(out_pt)]
+    exp = subprocess.run(export, cwd=T.ROOT, capture_output=True, text=True, timeout=300)
+    assert exp.returncode != 0 and "ema.pt: refused" in exp.stdout + exp.stderr and not out_pt.exists()
+    assert not marker.exists(), "a crafted file of an older checkpoint ran its command"
     out = T.run_ok(T.torchrun(cfg, tmp_path / "same", nproc=2))  # its own world size: resumes at step 2
     assert "resumed at step 2" in out and [s for s, _ in T.losses(tmp_path / "same")] == [3, 4]
     rc, out = T.alone(cfg, tmp_path / "moved").finish()
