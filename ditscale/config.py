@@ -212,6 +212,13 @@ class LogSection(_Section):
     metrics_addr: str = Field("0.0.0.0", min_length=1)
     progress: bool = True
 
+    def build(self, run, denv, rundir, device, labels: dict[str, str], start_step: int, **kw):
+        """The trainer's logging part (loggers, the Prometheus exporter, its file_sd target) from this section and
+        `run` (ditscale.train.loggers.RunValues: the run's name, steps, global batch and config as data)."""
+        from ditscale.train.loggers import TrainLog  # lazy: torch, not needed to read a config
+
+        return TrainLog(self, run, denv, rundir, device, labels, start_step, **kw)
+
 
 class Config(_Section):
     run: RunSection = RunSection()

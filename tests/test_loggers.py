@@ -108,7 +108,8 @@ def test_every_logger_implements_the_protocol(tmp_path):
             assert name in vars(cls), (cls, name)  # implemented, not the protocol's empty default
     cfg = load_config(None, ["log.loggers=[jsonl,prometheus]", "log.metrics_port=0", "log.progress=false"])
     metrics = Metrics({k: "x" for k in ("run_id", "run", "variant", "windows", "data_size", "rank")})
-    made = L.make_loggers(cfg, RunDir(str(tmp_path / "run")), DistEnv(), metrics, start_step=0)
+    run = L.RunValues(cfg.run.name, cfg.train.steps, cfg.train.global_batch, cfg.model_dump(mode="json"))
+    made = L.make_loggers(cfg.log, run, RunDir(str(tmp_path / "run")), DistEnv(), metrics, start_step=0)
     assert [type(lg).__name__ for lg in made] == ["JsonlLogger", "PrometheusLogger", "ConsoleLogger"]
     assert all(isinstance(lg, L.Logger) for lg in made)
     for lg in made:
@@ -149,11 +150,13 @@ def test_train_log_drives_its_loggers_and_exports_only_measured_values(tmp_path)
     from ditscale.config import load_config
     from ditscale.distenv import DistEnv
     from ditscale.io.rundir import RunDir
-    from ditscale.train.loggers import Logger, TrainLog
+    from ditscale.train.loggers import Logger, RunValues, TrainLog
 
     cfg = load_config(None, ["log.every=2", "log.loggers=[prometheus]", "log.metrics_port=0", "train.steps=4"])
     labels = {"run_id": "feedbeef", "run": "r", "variant": "DiT-T/2", "windows": "global", "data_size": "8"}
-    tl = TrainLog(cfg, DistEnv(), RunDir(str(tmp_path / "run")), torch.device("cpu"), {**labels, "rank": "0"}, 0)
+    run = RunValues(cfg.run.name, cfg.train.steps, cfg.train.global_batch, {})
+    tl = cfg.log.build(run, DistEnv(), RunDir(str(tmp_path / "run")), torch.device("cpu"), {**labels, "rank": "0"}, 0)
+    assert isinstance(tl, TrainLog)  # the logging part is built from its own section
     rec = _Recorder()
     assert isinstance(rec, Logger)
     tl.loggers.append(rec)

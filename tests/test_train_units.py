@@ -258,7 +258,7 @@ def test_busy_metrics_port_falls_back_and_the_endpoint_is_published(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         cfg = load_config(None, [f"log.metrics_port={port}", f"log.file_sd={tmp_path / 'sd'}"])
-        m = start_metrics(cfg, DistEnv(), labels)
+        m = start_metrics(cfg.log, cfg.train.steps, DistEnv(), labels)
         try:
             assert m.server is not None and m.port != port  # another run holds the port: a free one instead
             sd = FileSD(cfg.log.file_sd, m, labels)

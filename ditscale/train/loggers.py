@@ -20,11 +20,25 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from ditscale.distenv import free_port
+
+if TYPE_CHECKING:
+    from ditscale.config import LogSection
+
+
+class RunValues(NamedTuple):
+    """What the logging part uses from outside its section: the run's name, planned steps and global batch, and
+    the whole config as data (W&B records it with the run)."""
+
+    name: str
+    steps: int
+    global_batch: int
+    config: dict
+
 
 log = logging.getLogger("ditscale.train")
 
@@ -252,16 +266,11 @@ class WandbLogger(Logger):
     """Weights & Biases: one W&B run per ditscale run (its id is the run's run_id, so a resumed run continues
     it). Works offline (WANDB_MODE=offline: files under <run dir>/wandb, `wandb sync` them later)."""
 
-    def __init__(self, cfg, rundir):
+    def __init__(self, project: str, name: str, config: dict, rundir):
         self.wandb = _require("wandb", "wandb")
         where = rundir.local_file("wandb").parent  # W&B writes its wandb/ folder there
         self.run = self.wandb.init(
-            project=cfg.log.wandb_project,
-            name=cfg.run.name,
-            id=rundir.run_id,
-            resume="allow",
-            dir=str(where),
-            config=cfg.model_dump(mode="json"),
+            project=project, name=name, id=rundir.run_id, resume="allow", dir=str(where), config=config
         )
 
     def log(self, step: int, record: dict) -> None:
@@ -277,10 +286,10 @@ class WandbLogger(Logger):
         self.run.finish()
 
 
-def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list[Logger]:
+def make_loggers(log: LogSection, run: RunValues, rundir, denv, metrics, start_step: int) -> list[Logger]:
     """The loggers of `log.loggers` for this rank (all but Prometheus on rank 0 only), then the console."""
     out: list[Logger] = []
-    for name in cfg.log.loggers:
+    for name in log.loggers:
         if name == "prometheus" and metrics is not None:
             out.append(PrometheusLogger(metrics))
         elif not denv.is_main:
@@ -290,22 +299,24 @@ def make_loggers(cfg, rundir, denv, metrics, start_step: int) -> list[Logger]:
         elif name == "tensorboard":
             out.append(TensorBoardLogger(rundir, start_step))
         elif name == "wandb":
-            out.append(WandbLogger(cfg, rundir))
+            out.append(WandbLogger(log.wandb_project, run.name, run.config, rundir))
     if denv.is_main:
-        out.append(ConsoleLogger(cfg.train.steps, start_step, cfg.log.progress))
+        out.append(ConsoleLogger(run.steps, start_step, log.progress))
     return out
 
 
-def start_metrics(cfg, denv, labels: dict[str, str], info: dict[str, str] | None = None, start_step: int = 0):
+def start_metrics(
+    log: LogSection, steps: int, denv, labels: dict[str, str], info: dict[str, str] | None = None, start_step: int = 0
+):
     """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
     the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
     from ditscale.observability import Metrics
 
-    kw = {"info": info, "planned_steps": cfg.train.steps, "start_step": start_step}
-    if not cfg.log.metrics_port or "prometheus" not in cfg.log.loggers:
+    kw = {"info": info, "planned_steps": steps, "start_step": start_step}
+    if not log.metrics_port or "prometheus" not in log.loggers:
         return Metrics(labels, port=0, **kw)
-    addr = cfg.log.metrics_addr
-    m = Metrics(labels, port=cfg.log.metrics_port + denv.local_rank, addr=addr, **kw)
+    addr = log.metrics_addr
+    m = Metrics(labels, port=log.metrics_port + denv.local_rank, addr=addr, **kw)
     if m.server is None:
         m.close()
         m = Metrics(labels, port=free_port(host=""), addr=addr, **kw)
@@ -356,7 +367,8 @@ class TrainLog:
 
     def __init__(
         self,
-        cfg,
+        log: LogSection,
+        run: RunValues,
         denv,
         rundir,
         device: torch.device,
@@ -365,12 +377,13 @@ class TrainLog:
         info: dict[str, str] | None = None,
         tokens: dict | None = None,
     ):
-        self.cfg, self.denv, self.device = cfg, denv, device
+        self.every, self.steps_planned, self.global_batch = log.every, run.steps, run.global_batch
+        self.denv, self.device = denv, device
         self.tokens = tokens or {}  # written into every record (the lease generation that wrote it)
-        self.metrics = start_metrics(cfg, denv, labels, info, start_step)
-        self.file_sd = FileSD(cfg.log.file_sd, self.metrics, labels)
-        self.loggers: list[Logger] = make_loggers(cfg, rundir, denv, self.metrics, start_step)
-        self.per_rank_samples = cfg.train.global_batch // max(denv.world_size, 1)
+        self.metrics = start_metrics(log, run.steps, denv, labels, info, start_step)
+        self.file_sd = FileSD(log.file_sd, self.metrics, labels)
+        self.loggers: list[Logger] = make_loggers(log, run, rundir, denv, self.metrics, start_step)
+        self.per_rank_samples = run.global_batch // max(denv.world_size, 1)
         self.last: dict | None = None
         self._reset()
 
@@ -379,7 +392,7 @@ class TrainLog:
         self.steps, self.losses, self.time, self.wait = 0, 0, 0.0, 0.0
 
     def should_log(self, step: int) -> bool:
-        return step % self.cfg.log.every == 0 or step >= self.cfg.train.steps
+        return step % self.every == 0 or step >= self.steps_planned
 
     def after_step(self, step: int, step_loss: torch.Tensor, seconds: float, wait: float, lr: float, engine, loader):
         m = self.metrics
@@ -411,12 +424,12 @@ class TrainLog:
         rec = {
             "step": step,
             "loss": loss.item() / self.denv.world_size / self.losses if self.losses else None,
-            "images_per_second": n * self.cfg.train.global_batch / max(self.time, 1e-9),
+            "images_per_second": n * self.global_batch / max(self.time, 1e-9),
             "step_time": self.time / n,
             "data_wait_share": self.wait / max(self.time, 1e-9),
             "lr": self.lr,
             "grad_norm": None if gn is None else float(gn),
-            "samples": int(getattr(loader, "samples", step * self.cfg.train.global_batch)),
+            "samples": int(getattr(loader, "samples", step * self.global_batch)),
             "skipped": int(getattr(loader, "skipped", 0)),
             "skipped_steps": n - self.losses,
             "time": time.time(),

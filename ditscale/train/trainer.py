@@ -256,11 +256,12 @@ class Trainer:
                 "resumed" if self.step else "starting",
                 self.step,
             )
-        from ditscale.train.loggers import TrainLog
+        from ditscale.train.loggers import RunValues
         from ditscale.train.sampling import SampleGrids
 
         labels, info = _labels(cfg, manifest, denv.rank), _run_info(cfg, manifest)
-        self.log = TrainLog(cfg, denv, rundir, device, labels, self.step, info, tokens={"gen": self.gen})
+        run = RunValues(cfg.run.name, t.steps, t.global_batch, cfg.model_dump(mode="json"))
+        self.log = cfg.log.build(run, denv, rundir, device, labels, self.step, info=info, tokens={"gen": self.gen})
         self.samples = SampleGrids(cfg, rundir, enabled=denv.is_main)
         self.delay = float(os.environ.get("DITSCALE_TEST_STEP_DELAY", "0"))  # tests only: time to scrape or signal
         points = ("step", "log", "sample", "checkpoint", "publish")
