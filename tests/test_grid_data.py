@@ -81,7 +81,7 @@ def test_pair_role_and_relative_root(tmp_path, monkeypatch):
         ("  resolution: 8\n", "  resolution: 8\n  resolutoin: 8\n", r"g.yaml.*data.resolutoin"),
         ('  root: "{data_root}/digits8"\n', "", r"g.yaml.*data.root is missing"),
         ("sizes: [20, 40]", "sizes: [20, -4]", r"g.yaml.*data.sizes: -4"),
-        ("source: digits", "source: mnist", r"data.source 'mnist' is unknown"),
+        ("source: digits", "source: cifar10", r"data.source 'cifar10' is unknown"),
         ("source: digits", "source: celeba", r"data.src is missing.*--var celeba_src="),
         ("  channels: 1\n", "  channels: 2\n", r"data.channels must be 1 or 3"),
         ("seeds: [0, 1]", "seeds: [0]", r"run 't-global-20-1'.*data.runs picks subset 'n20-s1'.*n20-s0"),

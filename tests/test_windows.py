@@ -214,7 +214,7 @@ def test_a_new_placement_reaches_the_parser_the_grid_check_and_the_report(monkey
         "local@tail",
         "local@edge",
     ]
-    assert [c.strip() for c in row.strip("|").split("|")][-4:] == ["5.000", "", "", "4.000"]
+    assert [c.strip() for c in row.strip("|").split("|")][-4:] == ["5.00", "", "", "4.00"]
 
 
 @pytest.mark.parametrize("variant,spec", [("DiT-Q/3", "global"), ("DiT-T/2", "local@head"), ("DiT-T/2", "3x5")])
