@@ -156,3 +156,27 @@ def test_slurm_and_local_launchers_at_once(slurm_cluster, digits8_dir, tmp_path)
     assert len(local_started) == 4 - len(slurm_runs), outs
     skipped = {ln.split()[1].rstrip(":") for o in outs for ln in o.splitlines() if ln.startswith("skip race-s")}
     assert {str(runs / s) for s in skipped} | {d for d in dirs if by[d] == "local"} == set(dirs)
+
+
+def test_a_diverged_run_is_shown_and_never_started_again(digits8_dir, tmp_path):
+    """A run whose final.json says diverged is not started again by a launcher (its trainer would refuse the same
+    settings): the dry run and the launch say why; nothing is claimed or started."""
+    import json
+
+    grid, runs = _grid(tmp_path, digits8_dir), tmp_path / "runs"
+    for i in range(4):
+        d = runs / f"race-s{i}"
+        d.mkdir(parents=True)
+        rec = {"step": 2000, "finished": True, "loss": 0.1} if i else {"step": 7, "finished": False, "diverged": True}
+        (d / "final.json").write_text(json.dumps(rec))
+    cmd = [sys.executable, str(ROOT / "launchers" / "local_grid.py"), "--grid", str(grid), "--run-root", str(runs)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "race-s0" in dry.stdout and "skip: diverged at step 7" in dry.stdout, dry.stdout
+    assert "0 to train" in dry.stdout, dry.stdout
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "skip race-s0: diverged at step 7" in run.stdout and "nothing to train" in run.stdout, run.stdout
+    assert sorted(p.name for p in (runs / "race-s0").iterdir()) == ["final.json"]  # not claimed, not touched
+    assert not any(runs.glob("*.claim*")), sorted(p.name for p in runs.iterdir())

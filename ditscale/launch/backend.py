@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ditscale.grid import RunSpec
-from ditscale.io.rundir import DONE
+from ditscale.io.rundir import DIVERGED, DONE
 from ditscale.launch import claim as C
 from ditscale.launch import records, rows
 from ditscale.launch.common import Plan
@@ -178,7 +178,12 @@ def format_plan(backend: Backend, plan: Plan, held: dict[str, str], todo: list[R
     width = max((len(r.id) for r in plan.runs), default=10)
     show = plan.runs if len(plan.runs) <= rows.FULL_TABLE_MAX else [r for r in plan.runs if r.id in held][:20]
     for r in show:
-        what = "done" if r in plan.done else (f"skip: {held[r.id]}" if r.id in held else verb)
+        if r in plan.done:
+            what = "done"
+        elif r.id in held:
+            what = f"skip: {held[r.id]}"
+        else:
+            what = f"skip: diverged at step {plan.statuses[r.id].step}" if _is_diverged(plan, r.id) else verb
         lines.append(f"  {r.id:<{width}} {what:<8} {backend.describe_run(r)}  {r.run_dir}")
     if len(show) < len(plan.runs):
         lines.append(f"  ... {len(plan.runs)} runs: {len(plan.done)} done, {len(held)} skipped, {len(todo)} to {verb}")
@@ -204,11 +209,25 @@ def claim_runs(backend: Backend, plan: Plan, todo: list[RunSpec], record: dict, 
     return won, lost
 
 
+def _is_diverged(plan: Plan, rid: str) -> bool:
+    st = plan.statuses.get(rid)
+    return st is not None and st.state == DIVERGED
+
+
+def _diverged_why(st) -> str:
+    return (
+        f"diverged at step {st.step} (a non-finite loss): change a training setting and resume it with "
+        "--allow-config-change (docs/training.md)"
+    )
+
+
 def launch(backend: Backend, plan: Plan, *, dry_run: bool = False, launch_record: dict | None = None) -> dict:
     """Plan, check, claim and start (or with dry_run print the plan): the flow every backend shares."""
     alive = Liveness()
     held = busy(plan, alive)
-    todo = [r for r in plan.todo if r.id not in held]
+    # A diverged run would diverge again (its trainer refuses the same settings): not started, not retried.
+    diverged = {r.id: _diverged_why(plan.statuses[r.id]) for r in plan.todo if _is_diverged(plan, r.id)}
+    todo = [r for r in plan.todo if r.id not in held and r.id not in diverged]
     if plan.data is not None:
         from ditscale.launch.prepare import check_ready, check_sources
 
@@ -221,7 +240,7 @@ def launch(backend: Backend, plan: Plan, *, dry_run: bool = False, launch_record
         print(format_plan(backend, plan, held, todo))
         print(f"\ndry run: nothing {'submitted' if backend.caps.verb == 'submit' else 'started'}")
         return {}
-    for rid, why in held.items():
+    for rid, why in {**held, **diverged}.items():
         print(f"skip {rid}: {why}", flush=True)
     claims: dict[str, C.Claim] = {}
     if todo and backend.caps.claims:
