@@ -213,7 +213,7 @@ def _free(device) -> None:
 def check_correctness(res: Results, budget: Budget, device, tiny: bool) -> None:
     import torch
 
-    from ditscale.model.attention import attention
+    from ditscale.model.attention import attention  # lazy: torch (this module imports it only inside its checks)
 
     if tiny:
         b, h, d, sides, windows, dtypes = 1, 2, 8, (8, 16), (3, 7), (torch.float32,)
@@ -284,7 +284,7 @@ def check_correctness(res: Results, budget: Budget, device, tiny: bool) -> None:
 def time_attention(res: Results, budget: Budget, device, tiny: bool) -> None:
     import torch
 
-    from ditscale.model.attention import attention
+    from ditscale.model.attention import attention  # lazy: torch (this module imports it only inside its checks)
 
     if tiny:
         b, h, d, sides, windows, dtype = 1, 2, 8, (16,), (3,), torch.float32
@@ -349,7 +349,7 @@ def _flex_unpadded(q, k, v, side: int, window: int):
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    from ditscale.model.attention import _block_mask
+    from ditscale.model.attention import _block_mask  # lazy: torch (this module imports it only inside its checks)
 
     global _FLEX_UNPADDED
     if _FLEX_UNPADDED is None:
@@ -367,7 +367,7 @@ def time_model_step(model, batch: int, device, steps: int, warmup: int, compiled
     `compiled`: (torch.compile backend, fullgraph) or None for eager."""
     import torch
 
-    from ditscale.diffusion import create_diffusion
+    from ditscale.diffusion import create_diffusion  # lazy: torch (this module imports it only inside its checks)
 
     torch.manual_seed(0)
     m = model.to(device).train()
@@ -414,7 +414,7 @@ def time_model_step(model, batch: int, device, steps: int, warmup: int, compiled
 def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, args) -> None:
     import torch
 
-    from ditscale.model import DiT_models
+    from ditscale.model import DiT_models  # lazy: torch (this module imports it only inside its checks)
 
     if key == "c":
         batch = args.xl_batch
@@ -503,7 +503,7 @@ def model_section(key: str, res: Results, budget: Budget, device, tiny: bool, ar
 def trainer_section(res: Results, budget: Budget, device, tiny: bool) -> None:
     import torch
 
-    from ditscale.data import build_shards
+    from ditscale.data import build_shards  # lazy: torch (this module imports it only inside its checks)
 
     work = Path(tempfile.mkdtemp(prefix="ditscale-gpu-check-"))
     try:

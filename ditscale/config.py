@@ -47,19 +47,19 @@ class ModelSection(_Section):
     @classmethod
     def _windows_text(cls, v: Any) -> Any:
         # `model.windows=5` or `[3, 5]` unquoted: YAML gives an int or a list; the window-spec parser judges it
-        from ditscale.model.windows import spec_text
+        from ditscale.model.windows import spec_text  # lazy: torch at import (configs are read without torch)
 
         return spec_text(v)
 
     @field_validator("windows")
     @classmethod
     def _windows_grammar(cls, v: str) -> str:
-        from ditscale.model.windows import check_spec
+        from ditscale.model.windows import check_spec  # lazy: torch at import
 
         return check_spec(v)  # WindowSpecError (a ValueError) quoting the spec; the depth is checked at build
 
     def build(self):
-        from ditscale.model import create_model
+        from ditscale.model import create_model  # lazy: torch at import
 
         return create_model(
             self.variant,
@@ -109,7 +109,7 @@ class DiffusionSection(_Section):
         }
 
     def build(self, learn_sigma: bool, respacing: str = ""):
-        from ditscale.diffusion import create_diffusion
+        from ditscale.diffusion import create_diffusion  # lazy: torch at import
 
         return create_diffusion(respacing, **self.kwargs(learn_sigma))
 
@@ -131,7 +131,7 @@ class DataSection(_Section):
     max_damaged_shards: int | None = Field(None, ge=0)
 
     def loader(self, *, micro_batch: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        from ditscale.data import make_loader
+        from ditscale.data import make_loader  # lazy: torch at import
 
         return make_loader(
             self.train,
@@ -187,7 +187,7 @@ class TrainSection(_Section):
 
     def engine(self, model, optim: OptimSection, world_size: int):
         """(engine, optimizer, scheduler): the DeepSpeed engine for this section and the optimizer section."""
-        from ditscale.train.engine import build_engine
+        from ditscale.train.engine import build_engine  # lazy: torch at import
 
         return build_engine(self, optim, model, world_size)
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ditscale.cache import project_cache
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
 
-    from ditscale.cache import project_cache
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(project_cache() / "torch_extensions"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(project_cache() / "inductor"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Path(args.data) / "manifest.json"
     if not manifest.is_file():
         print(f"[demo] building digits shards in {args.data} (1,797 sklearn digits, 8x8, grey)", flush=True)
-        from ditscale.data import build_shards
+        from ditscale.data import build_shards  # lazy: torch at start-up
 
         build_shards("digits", None, args.data, resolution=8, channels=1, progress=False)
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def judge(run_dir: Path, data: Path) -> dict | None:
     """Are the samples recognisable? (ditscale.eval.recognise; needs scikit-learn, which the demo data needs too)"""
-    from ditscale.eval.recognise import judge_run
+    from ditscale.eval.recognise import judge_run  # lazy: torch at start-up
 
     print(
         "[demo] judging 100 class-conditional samples with a logistic regression trained on the real digits", flush=True
@@ -96,7 +96,7 @@ def _has_cuda() -> bool:
 
 
 def print_summary(run_dir: Path, seconds: float, judged: dict | None = None) -> None:
-    from ditscale.io.rundir import RunDir
+    from ditscale.io.rundir import RunDir  # lazy: fsspec at start-up
 
     rd = RunDir(str(run_dir))
     final = rd.final() or {}

@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from ditscale.config import Config, _merge, _set_dotted, config_from_dict, read_config_tree
+from ditscale.config import Config, _merge, _set_dotted, config_from_dict, parse_overrides, read_config_tree
 from ditscale.errors import ConfigError, DitscaleError, LaunchError
 
 DEFAULT_RESOURCES: dict[str, Any] = {
@@ -199,7 +199,6 @@ def expand(
     window spec is also checked against its model's depth. Every invalid run is reported in one LaunchError; pass
     a `problems` list to collect them there instead (and get the valid runs back).
     """
-    from ditscale.config import parse_overrides
 
     p = Path(grid_file)
     origin = f"grid {str(p)!r}"
@@ -335,7 +334,7 @@ def check_models(runs: list[RunSpec], problems: list[str] | None = None) -> list
     try:
         import torch
 
-        from ditscale.model import DiT_models, check_variant_windows
+        from ditscale.model import DiT_models, check_variant_windows  # lazy: torch at import (launchers' start-up)
     except ImportError:  # model package not available: the trainer validates at start
         return runs
     builds: dict[str, str | None] = {}  # variant@size: why it cannot be built, or None
@@ -398,7 +397,7 @@ def check_model_vs_data(runs: list[RunSpec], problems: list[str] | None = None) 
     """Each run's model fits its data: channels, image (or latent) size and classes of the training manifest (or
     of the grid's data recipe, for data it has not built yet), and a held-out test set that says the same. What the
     trainer would refuse at its start is named here, before anything is submitted (every bad run together)."""
-    from ditscale.data import read_manifest
+    from ditscale.data import read_manifest  # lazy: torch at import
 
     cache: dict[str, dict | None] = {}
 
@@ -446,7 +445,7 @@ def check_model_vs_data(runs: list[RunSpec], problems: list[str] | None = None) 
 
 
 def _manifest_problem(url: str) -> str | None:
-    from ditscale.data import read_manifest
+    from ditscale.data import read_manifest  # lazy: torch at import
 
     try:
         read_manifest(url)
@@ -680,7 +679,7 @@ def parse_recipe(raw: Any, gvars: dict, grid_file: str, grid_name: str) -> DataR
             "data.manifest (prebuilt shards), not both or neither"
         )
     if source is not None:
-        from ditscale.data.sources import SOURCES
+        from ditscale.data.sources import SOURCES  # lazy: torch at import
 
         if source not in SOURCES:
             raise LaunchError(f"{origin}: data.source {source!r} is unknown (expected one of {', '.join(SOURCES)})")

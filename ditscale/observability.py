@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ditscale.io import storage
+
 log = logging.getLogger(__name__)
 
 LABELS = ("run_id", "run", "variant", "windows", "data_size", "rank")
@@ -249,8 +251,6 @@ def save_grid(images, path: Path | str, nrow: int | None = None, scale: int = 1)
     import io
 
     from PIL import Image
-
-    from ditscale.io import storage
 
     img = grid_image(images, nrow=nrow)
     if scale > 1:

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", required=True, help="the grid's submitit log dir")
     p.add_argument("--max-failures", type=int, required=True, help="requeues allowed after failures")
     a = p.parse_args(argv)
-    from ditscale.launch.task import after_srun
+    from ditscale.launch.task import after_srun  # lazy: submitit at start-up
 
     return after_srun(a.rc, a.log_dir, a.max_failures)
 

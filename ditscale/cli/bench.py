@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "launch":  # it times the launcher command itself: handed in, the library imports no command
-        from ditscale.cli.launch import main
+        from ditscale.cli.launch import main  # lazy: pydantic and fsspec at start-up (ditscale.grid)
 
         args.launcher_main = main
     return int(importlib.import_module(args._bench_module).run(args) or 0)

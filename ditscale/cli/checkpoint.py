@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from ditscale.errors import DitscaleError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify(run: str) -> int:
-    from ditscale.errors import DitscaleError
+    # lazy: torch at start-up
     from ditscale.io.rundir import RunDir
     from ditscale.train.checkpoint import Checkpoint
 
@@ -52,6 +54,7 @@ def _verify(run: str) -> int:
 
 
 def _convert(run: str) -> int:
+    # lazy: torch at start-up
     from ditscale.io.rundir import RunDir
     from ditscale.train.checkpoint import newest_intact
 
@@ -71,6 +74,7 @@ def _convert(run: str) -> int:
 
 
 def _worker(run: str) -> int:
+    # lazy: torch at start-up
     from ditscale.config import config_from_dict
     from ditscale.io.rundir import RunDir
     from ditscale.train.checkpoint import newest_intact

@@ -12,7 +12,11 @@ import argparse
 import json
 import logging
 
+from ditscale.data.convert import build_shards
+from ditscale.data.latents import build_latents
 from ditscale.data.sources import SOURCES
+from ditscale.data.stream import read_manifest
+from ditscale.data.subset import make_subset
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ditscale.data.convert import build_shards
-
     m = build_shards(
         args.source,
         args.src,
@@ -103,8 +105,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_subset(args: argparse.Namespace) -> int:
-    from ditscale.data.subset import make_subset
-
     urls = make_subset(
         args.manifest,
         args.size,
@@ -121,8 +121,6 @@ def run_subset(args: argparse.Namespace) -> int:
 
 
 def run_latents(args: argparse.Namespace) -> int:
-    from ditscale.data.latents import build_latents
-
     m = build_latents(
         args.manifest, args.out, args.vae, batch_size=args.batch_size, device=args.device, shard_size=args.shard_size
     )
@@ -131,8 +129,6 @@ def run_latents(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ditscale.data.stream import read_manifest
-
     m = read_manifest(args.manifest)
     m.pop("skipped", None)
     m.pop("source_skipped", None)

@@ -154,13 +154,13 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ditscale.eval import evaluate
+    from ditscale.eval import evaluate  # lazy: torch at start-up
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.metric == "classifier":
-        from ditscale.eval.classifier import train_classifier
+        from ditscale.eval.classifier import train_classifier  # lazy: torch at start-up
 
         meta = train_classifier(
             args.data,
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"classifier: test accuracy {meta['test_accuracy']}, sha256 {meta['sha256'][:16]}, in {args.out}")
         return 0
     if args.metric == "study":
-        from ditscale.eval.study import StudyOptions, run_study
+        from ditscale.eval.study import StudyOptions, run_study  # lazy: torch at start-up
 
         fields = StudyOptions.__dataclass_fields__
         return run_study(StudyOptions(**{k: v for k, v in vars(args).items() if k in fields}))

@@ -23,12 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: torch at start-up
     from ditscale.model.export import reference_note
     from ditscale.train.export import export
 
     spec, paths = export(args.run, args.out, tag=args.tag, ema=not args.raw, fmt=args.format)
     if args.format == "diffusers":
-        from ditscale.interop.diffusers import diffusers_note
+        from ditscale.interop.diffusers import diffusers_note  # lazy: torch at start-up
 
         note = diffusers_note(spec)
     else:

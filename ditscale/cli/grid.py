@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: pydantic and fsspec at start-up
     from ditscale import results
     from ditscale.grid import check_data, expand, parse_vars, summarize
     from ditscale.launch.common import resolve_grid
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check_data:
         check_data(runs)
         if runs and runs[0].recipe is not None:  # the recipe's outputs: what exists, what the launchers would build
-            from ditscale.launch.prepare import format_data_plan, plan_data
+            from ditscale.launch.prepare import format_data_plan, plan_data  # lazy: pydantic at start-up
 
             print(format_data_plan(plan_data(runs[0].recipe)) + "\n")
     if args.json:
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(out, indent=2, default=str))
     elif args.status:  # the launchers' status rows, without a scheduler: what the run dirs and claims say
+        # lazy: pydantic and fsspec at start-up
         from ditscale.launch.backend import Backend, status
         from ditscale.launch.common import Plan
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from ditscale import results
 from ditscale.errors import DitscaleError
 from ditscale.grid import parse_vars
+from ditscale.launch import records, rows
+from ditscale.launch.backend import BACKENDS, launch, load, status
 from ditscale.launch.common import DEFAULT_GRID, Plan, plan_grid, resolve_grid, results_dir
 
 
@@ -68,7 +70,6 @@ def plan_from_args(args: argparse.Namespace, resources: dict | None = None) -> P
 def as_launched(plan: Plan, args: argparse.Namespace, log_dir: Path | None) -> Plan:
     """--status / --collect given no --var and no overrides: the grid as its newest launch in the log dir set it
     (the steps a run was launched with also come from its claim: ditscale.launch.rows)."""
-    from ditscale.launch import records
 
     if args.var or args.overrides:
         return plan
@@ -98,8 +99,6 @@ def collect_and_print(plan: Plan, results_dir_arg: str | None) -> None:
 
 
 def build_parser(name: str, prog: str, doc: str | None) -> argparse.ArgumentParser:
-    from ditscale.launch.backend import load
-
     backend = load(name)
     doc = doc or backend.__doc__ or ""
     head, _, tail = doc.partition("\n\n")
@@ -119,7 +118,6 @@ def quiet_libraries() -> None:
 def main(name: str, argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
     """The launcher of backend `name`: parse, plan, then status / collect / dry run / start. Exit codes: 0 ok,
     2 a user error (nothing started); the backend may add its own (ray: 1 runs did not finish, 3 cluster lost)."""
-    from ditscale.launch.backend import launch, load, status
 
     args = build_parser(name, prog or f"launchers/{name}_grid.py", doc).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,8 +130,6 @@ def main(name: str, argv: list[str] | None = None, prog: str | None = None, doc:
         if args.status or args.collect:
             plan = as_launched(plan, args, backend.log_dir)
         if args.stop:
-            from ditscale.launch import rows
-
             _, claims, _ = rows.read(plan.runs)
             asked = backend.stop(plan.runs, claims)
             print(f"asked {len(asked)} run(s) to checkpoint and stop: {', '.join(asked) or '-'}")
@@ -158,8 +154,6 @@ def main(name: str, argv: list[str] | None = None, prog: str | None = None, doc:
 
 # --- python -m ditscale launch BACKEND ... ------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ditscale.launch.backend import BACKENDS
-
     p.add_argument("backend", choices=sorted(BACKENDS), help="where the grid runs")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the backend's launcher options (--help lists them)")
 

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditscale.eval.report import report
+    from ditscale.eval.report import report  # lazy: torch at start-up
 
     path = report(args.grid, args.out, args.title)
     print(f"wrote {path}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditscale.errors import ConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory or URL")
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ditscale.errors import ConfigError
+    # lazy: torch at start-up
     from ditscale.observability import save_grid
     from ditscale.train.checkpoint import load_for_eval
     from ditscale.train.sampling import draw, grid_labels

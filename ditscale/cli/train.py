@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ditscale.train import run_training
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
@@ -28,15 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditscale.config import load_config
+    from ditscale.config import load_config  # lazy: pydantic at start-up
 
     cfg = load_config(args.config, args.overrides)  # fails here, before torch/DeepSpeed work, on a bad key or type
     if args.run_dir:
         cfg.run.dir = args.run_dir  # the path as given: not a YAML value ("runs/a #2" keeps its "#2")
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-
-    from ditscale.train import run_training
 
     run_training(cfg, allow_config_change=args.allow_config_change)
     return 0

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditscale.data import build_shards, make_loader, read_manifest
+from ditscale.data.stream import fetch_shard, iter_shard, shard_url
 from ditscale.distenv import free_port
 
 
@@ -112,9 +114,6 @@ def _start_moto() -> tuple[subprocess.Popen, str] | None:
 
 
 def run(args) -> int:
-    from ditscale.data import build_shards, make_loader, read_manifest
-    from ditscale.data.stream import fetch_shard, iter_shard, shard_url
-
     work = Path(args.dir or tempfile.mkdtemp(prefix="ditscale-bench-data-"))
     rows: list[dict] = []
     moto = None

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditscale.errors import CheckpointError, DataError
+from ditscale.eval.common import load_images, manifest_of
+from ditscale.io import storage
 
 log = logging.getLogger("ditscale.eval.classifier")
 
@@ -84,16 +86,11 @@ class ClassifierFeatures(nn.Module):
 
 
 def _load_split(url: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from ditscale.eval.common import load_images
-
     x, y, _ = load_images(url, limit)
     return x, y
 
 
 def _test_url(train_url: str) -> str | None:
-    from ditscale.eval.common import manifest_of
-    from ditscale.io import storage
-
     splits = manifest_of(train_url).get("splits") or {}
     for name in ("test", "val"):
         if name in splits and splits[name] != "manifest.json":
@@ -122,8 +119,6 @@ def train_classifier(
     """Train the classifier on the shard set `data` (its train split), test it on the held-out split, write
     `out/classifier.safetensors` and `out/classifier.json`; returns the metadata. Deterministic: one thread."""
     from safetensors.torch import save_file
-
-    from ditscale.eval.common import manifest_of
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()

@@ -12,9 +12,13 @@ from typing import Any
 
 import torch
 
+from ditscale.data import iter_dataset, read_manifest
+from ditscale.diffusion import diffusion_from_config
+from ditscale.distenv import detect
 from ditscale.errors import DataError
 from ditscale.io import storage
 from ditscale.io.rundir import EVAL, RunDir
+from ditscale.train.checkpoint import load_for_eval
 
 log = logging.getLogger("ditscale.eval")
 
@@ -73,8 +77,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if name and name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        from ditscale.distenv import detect
-
         return torch.device("cuda", detect().local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -88,7 +90,6 @@ def device_of(model) -> torch.device:
 def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str | torch.device | None = None):
     """(cfg, model) of a run's checkpoint in eval mode, on `device` (default CPU). CheckpointError when the run
     has no complete checkpoint."""
-    from ditscale.train.checkpoint import load_for_eval
 
     cfg, model = load_for_eval(run_dir, ema=ema, tag=tag)
     model.eval()
@@ -99,14 +100,11 @@ def load_run(run_dir: str, ema: bool = True, tag: str | None = None, device: str
 
 def make_diffusion(cfg, steps: int | str = ""):
     """The run's diffusion process, optionally respaced to `steps` sampling steps."""
-    from ditscale.diffusion import diffusion_from_config
 
     return diffusion_from_config(cfg, str(steps) if steps else "")
 
 
 def manifest_of(url: str) -> dict:
-    from ditscale.data import read_manifest
-
     return read_manifest(url)
 
 
@@ -125,7 +123,6 @@ def check_compatible(model, manifest: dict, url: str) -> None:
 
 def load_images(url: str, limit: int | None = None, model=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The first `limit` samples of a shard set in index order: images (K, C, H, W) in [-1, 1], labels, indices."""
-    from ditscale.data import iter_dataset
 
     if not url:
         raise DataError("no shard manifest given (set data.train / data.test in the run's config, or pass --test)")

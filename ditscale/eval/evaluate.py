@@ -11,8 +11,15 @@ import logging
 
 import torch
 
+from ditscale.distenv import detect
 from ditscale.errors import ConfigError, DataError
-from ditscale.eval import common
+from ditscale.eval import common, psnr
+from ditscale.eval import fid as fid_metric
+from ditscale.eval import jacobian as jac
+from ditscale.eval import locality as attention_locality
+from ditscale.eval import pair as pair_test
+from ditscale.io.rundir import RunDir
+from ditscale.train.sampling import draw
 
 log = logging.getLogger("ditscale.eval")
 METRICS = ("psnr_gap", "pair", "locality", "fid", "jacobian")
@@ -25,7 +32,6 @@ def _meta(run_dir: str, cfg, metric: str, tag: str | None, ema: bool, seed: int)
         n_train = common.manifest_of(cfg.data.train).get("num_samples") if cfg.data.train else None
     except Exception:  # the numbers stay useful without it
         pass
-    from ditscale.io.rundir import RunDir
 
     step = RunDir(run_dir).latest_tag()
     return {
@@ -54,7 +60,6 @@ def generate(
     cfg_scale: float = 1.0,
 ) -> torch.Tensor:
     """Samples in [-1, 1] through the one sampling path (ditscale.train.sampling.draw)."""
-    from ditscale.train.sampling import draw
 
     return draw(
         model, cfg, labels, steps=steps, method=method, noise=noise, generator=generator, cfg_scale=cfg_scale
@@ -76,7 +81,6 @@ def psnr_gap(
     device: str = "auto",
 ) -> dict:
     """One-step denoising PSNR of K train and K held-out images at `points` timesteps; the average gap."""
-    from ditscale.eval import psnr
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
     train_url = train or cfg.data.train
@@ -120,7 +124,6 @@ def pair(
     device: str = "auto",
 ) -> dict:
     """The two-model test on disjoint subsets: the same noise, DDIM eta 0; paired and nearest-train similarity."""
-    from ditscale.eval import pair as pair_test
 
     run_a, run_b = runs
     device = common.resolve_device(device)
@@ -216,7 +219,6 @@ def locality(
     `split` picks the images: the held-out set (`test`, or the run's data.test) or the training set. A run without
     a held-out set is refused for split test rather than measured on its training images. `data` is the old name
     of the chosen split's manifest."""
-    from ditscale.eval import locality as attention_locality
 
     cfg, model = common.load_run(run, ema=ema, tag=tag, device=common.resolve_device(device))
     if split == "test":
@@ -256,8 +258,6 @@ def locality(
 def _init_distributed():
     import torch.distributed as dist
 
-    from ditscale.distenv import detect
-
     env = detect()
     if env.is_distributed and not dist.is_initialized():
         env.export()
@@ -293,8 +293,6 @@ def fid(
     from pathlib import Path
 
     import torch.distributed as dist
-
-    from ditscale.eval import fid as fid_metric
 
     kinds = [k.strip() for k in features.split(",") if k.strip()]
     if not kinds or len(set(kinds)) != len(kinds):
@@ -395,7 +393,6 @@ def jacobian(
 ) -> dict:
     """The denoiser Jacobian at one noise level: spectrum and eigenvectors, on one train and one held-out image.
     A run without a held-out set (data.test, or --test) is refused: the comparison is the point."""
-    from ditscale.eval import jacobian as jac
 
     cfg, model = common.load_run(run, ema=ema, tag=tag)
     train_url, test_url = train or cfg.data.train, test or cfg.data.test

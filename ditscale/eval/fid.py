@@ -26,8 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ditscale.data import iter_dataset
 from ditscale.errors import CheckpointError, ConfigError, DataError
+from ditscale.eval.classifier import load_classifier
+from ditscale.eval.common import manifest_of
 from ditscale.io import storage
+from ditscale.model.checkpoint import load_tensor_file
 
 log = logging.getLogger("ditscale.eval.fid")
 
@@ -224,7 +228,6 @@ def load_inception(path: str | None = None) -> FIDInceptionV3:
             f"({WEIGHTS_NAME}, as used by pytorch-fid / torch-fidelity / clean-fid) on local disk: download it "
             f"once and pass --inception-weights PATH or set {WEIGHTS_ENV}. Nothing is downloaded at run time."
         )
-    from ditscale.model.checkpoint import load_tensor_file
 
     sd = load_tensor_file(path, source=f"Inception weights {path}")  # tensors only: a pickle with code is refused
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -263,8 +266,6 @@ def make_extractor(kind: str, weights: str | None = None, classifier: str | None
     if kind == "pixels":
         return PixelFeatures()
     if kind == "classifier":
-        from ditscale.eval.classifier import load_classifier
-
         if not classifier:
             raise ConfigError(
                 "--features classifier needs --classifier FOLDER (built by `python -m ditscale eval classifier`)"
@@ -322,8 +323,6 @@ def reference_stats(
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma, info) of the reference shards' features; cached by manifest contents, features and limit."""
-    from ditscale.data import iter_dataset
-    from ditscale.eval.common import manifest_of
 
     manifest = manifest_of(manifest_url)
     key_src = json.dumps(

@@ -13,14 +13,16 @@ import logging
 import numpy as np
 import torch
 
+from ditscale.eval.common import load_images, load_run
+from ditscale.observability import save_grid
+from ditscale.train.sampling import draw
+
 log = logging.getLogger("ditscale.eval")
 
 
 def fit_judge(train_url: str, test_url: str, *, seed: int = 0):
     """(logistic regression fitted on train_url's images, its accuracy on test_url's)."""
     from sklearn.linear_model import LogisticRegression
-
-    from ditscale.eval.common import load_images
 
     x, y, _ = load_images(train_url)
     xt, yt, _ = load_images(test_url)
@@ -47,9 +49,6 @@ def judge_run(
     Returns {"accuracy": share classified as drawn, "judge_test_accuracy", "per_class": [...], "samples", "grid"}.
     The sampler is the run's (diffusion.sample_steps, cfg_scale) unless `steps`, `method`, `cfg_scale` say other.
     """
-    from ditscale.eval.common import load_run
-    from ditscale.observability import save_grid
-    from ditscale.train.sampling import draw
 
     judge, judge_acc = fit_judge(train_url, test_url, seed=seed)
     cfg, model = load_run(run_dir, ema=True, tag=tag)

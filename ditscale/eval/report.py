@@ -30,7 +30,9 @@ from ditscale.errors import ConfigError, WindowSpecError
 from ditscale.eval import common
 from ditscale.io import storage
 from ditscale.io.rundir import SAMPLES, RunDir, format_starts
+from ditscale.launch.common import expand_as_launched
 from ditscale.model.windows import PLACEMENTS, placement_of
+from ditscale.results import eval_results
 
 log = logging.getLogger("ditscale.report")
 DIGITS = 2  # decimals of every PSNR, PSNR gap and FID value in the tables (cosine similarities: 3)
@@ -62,8 +64,6 @@ class RunInfo:
 
 # ---------------------------------------------------------------------------------------------- discovery
 def _read_evals(run_dir: str) -> dict[str, Any]:
-    from ditscale.results import eval_results
-
     return eval_results(run_dir)
 
 
@@ -88,8 +88,6 @@ def discover(grid: str) -> tuple[list[RunInfo], str]:
     p = Path(grid)
     runs: list[RunInfo] = []
     if p.is_file():
-        from ditscale.launch.common import expand_as_launched
-
         for r in expand_as_launched(str(p)):  # as launched: the --var, overrides and run root of its newest launch
             evals = _read_evals(r.run_dir)
             c = r.config

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from ditscale.data import build_shards, make_subset
+from ditscale.eval import evaluate as evaluations
+from ditscale.eval import report
 from ditscale.io import storage
+from ditscale.io.rundir import RunDir
 
 log = logging.getLogger("ditscale.eval.study")
 
@@ -120,8 +124,6 @@ def plan(args) -> tuple[list[dict], list[tuple[str, str]], dict]:
 
 
 def _build_data(d: dict, runs: list[dict]) -> None:
-    from ditscale.data import build_shards, make_subset
-
     if not Path(d["full"]).is_file():
         build_shards("digits", None, d["root"], resolution=8, channels=1, progress=False)
     needed = {r["config"]["data"]["train"] for r in runs}
@@ -134,8 +136,6 @@ def _build_data(d: dict, runs: list[dict]) -> None:
 
 
 def _train(run: dict, threads: int) -> float:
-    from ditscale.io.rundir import RunDir
-
     d = Path(run["dir"])
     if RunDir(run["dir"]).is_done(run["config"]["train"]["steps"]):
         return 0.0
@@ -184,7 +184,6 @@ def run_study(args: StudyOptions) -> int:
         log.info("trained %s in %.0fs", r["id"], took)
     if args.train_only:
         return 0
-    from ditscale.eval import evaluate as evaluations
 
     ema = args.ema
     for r in runs:
@@ -212,7 +211,6 @@ def run_study(args: StudyOptions) -> int:
         da, db = (next(r["dir"] for r in all_runs if r["id"] == x) for x in (a, b))
         if not (Path(da) / "eval" / "pair.json").is_file():
             evaluations.pair((da, db), samples=args.samples, steps=args.sample_steps, ema=ema)
-    from ditscale.eval import report
 
     found, _ = report.discover(str(out / "runs"))
     report.build_report(found, str(out / "report"), "Small-scale study: digits 8x8, " + args.variant)

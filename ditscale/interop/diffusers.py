@@ -42,6 +42,8 @@ import torch
 from ditscale.errors import CheckpointError
 from ditscale.io import storage
 from ditscale.model.attention import attention
+from ditscale.model.checkpoint import load_reference_state_dict, load_tensor_file
+from ditscale.model.dit import DiT
 from ditscale.model.spec import model_spec
 
 WINDOWS_CONFIG_KEY = "ditscale_windows"
@@ -326,8 +328,6 @@ def read_diffusers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     torch.load(weights_only=True). CheckpointError naming the file otherwise."""
     from safetensors.torch import load_file
 
-    from ditscale.model.checkpoint import load_tensor_file
-
     folder = Path(path)
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
@@ -408,8 +408,6 @@ def from_diffusers(source, *, attention_backend: str = "auto", atol: float = 0.0
     converted from facebookresearch/DiT) that is the model itself; a model trained in diffusers with its own
     embedding and norm_eps is approximated (the differences are named in docs/model.md).
     """
-    from ditscale.model.checkpoint import load_reference_state_dict
-    from ditscale.model.dit import DiT
 
     if isinstance(source, str | os.PathLike):
         path = Path(source)

@@ -12,10 +12,10 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ditscale.io import storage
+
 
 def run(args) -> int:
-    from ditscale.io import storage
-
     urls = [storage.join(args.url, f"train-{i:06d}.tar") for i in range(args.shards)]
     storage.makedirs(args.url)
     have = set(storage.listdir(args.url))

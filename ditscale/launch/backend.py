@@ -33,6 +33,7 @@ from ditscale.io.rundir import DIVERGED, DONE
 from ditscale.launch import claim as C
 from ditscale.launch import records, rows
 from ditscale.launch.common import Plan
+from ditscale.launch.prepare import check_ready, check_sources, format_data_plan
 from ditscale.launch.rows import View
 
 BACKENDS = {
@@ -172,8 +173,6 @@ def format_plan(backend: Backend, plan: Plan, held: dict[str, str], todo: list[R
     for p in plan.problems:
         lines.append(f"  check: {p}")
     if plan.data is not None:
-        from ditscale.launch.prepare import format_data_plan
-
         lines += ["", format_data_plan(plan.data, backend.data_how(plan)), ""]
     width = max((len(r.id) for r in plan.runs), default=10)
     show = plan.runs if len(plan.runs) <= rows.FULL_TABLE_MAX else [r for r in plan.runs if r.id in held][:20]
@@ -229,8 +228,6 @@ def launch(backend: Backend, plan: Plan, *, dry_run: bool = False, launch_record
     diverged = {r.id: _diverged_why(plan.statuses[r.id]) for r in plan.todo if _is_diverged(plan, r.id)}
     todo = [r for r in plan.todo if r.id not in held and r.id not in diverged]
     if plan.data is not None:
-        from ditscale.launch.prepare import check_ready, check_sources
-
         check_sources(plan.data)
         if not dry_run and todo:
             check_ready(plan.data)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ditscale.io import storage
+from ditscale.launch import records
 
 GRID = """
 name: {name}
@@ -82,7 +83,7 @@ def run(args) -> int:
     root = args.root.rstrip("/")
     work = Path(tempfile.mkdtemp(prefix="ditscale-bench-launch-"))
     data = work / "data"
-    from ditscale.data import build_shards
+    from ditscale.data import build_shards  # lazy: torch at import
 
     with contextlib.redirect_stdout(io.StringIO()):
         build_shards("digits", None, str(data), resolution=8, channels=1, progress=False, limit=64)
@@ -95,7 +96,6 @@ def run(args) -> int:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda a: _fill(*a), zip(dirs, range(args.runs), strict=True)))
         print(f"filled {args.runs} run dirs under {root} in {time.perf_counter() - t:.1f} s")
-    from ditscale.launch import records
 
     ids = [f"bench{args.runs}-s{i}" for i in range(args.runs) if i % 3 != 2]  # the launch that started them
     records.write_launch(work / "log", {"backend": "local", "grid": str(grid), "runs": dict.fromkeys(ids),

@@ -7,9 +7,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ditscale
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec, check_model_vs_data, expand, raise_problems
 from ditscale.grid import check_data as check_grid_data
+from ditscale.io.rundir import DONE, RowReader
+from ditscale.launch import claim as C
+from ditscale.launch import records
+from ditscale.launch.prepare import plan_data
 
 log = logging.getLogger("ditscale.launch")
 
@@ -18,7 +23,6 @@ DEFAULT_GRID = "configs/grids/celeba32.yaml"  # relative to the checkout that ho
 
 def checkout_root() -> Path:
     """The folder holding the ditscale package: the checkout (run from it, or an editable install)."""
-    import ditscale
 
     return Path(ditscale.__file__).resolve().parents[1]
 
@@ -75,9 +79,6 @@ def split_done(plan: Plan, workers: int = 16) -> None:
     object storage, then only the files that matter (final.json of finished runs, the claims of unfinished ones),
     read in parallel."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from ditscale.io.rundir import DONE, RowReader
-    from ditscale.launch import claim as C
 
     reader = RowReader([r.run_dir for r in plan.runs], workers=workers)
     statuses = reader.statuses({r.run_dir: r.config.train.steps for r in plan.runs})
@@ -137,8 +138,6 @@ def plan_grid(
     if check_data:
         recipe = runs[0].recipe if runs else None
         if recipe is not None:  # the recipe's outputs are checked (and prepared) by its data plan
-            from ditscale.launch.prepare import plan_data
-
             p.data = plan_data(recipe, p.todo)
     return p
 
@@ -155,7 +154,6 @@ def expand_as_launched(grid_file: str, run_root: str | None = None) -> list[RunS
     """The runs of a grid as its newest launch set them (--var, overrides, --run-root recorded in the launch records
     of its default log dirs, <runs parent>/_<backend>); the grid file's own defaults when it was never launched.
     Used by `report --grid GRID.yaml` and `python -m ditscale grid --status`."""
-    from ditscale.launch import records
 
     runs = expand(grid_file, run_root=run_root)
     base = results_dir(runs, Path(grid_file).stem)

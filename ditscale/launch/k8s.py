@@ -33,7 +33,8 @@ from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
 from ditscale.launch import claim as C
 from ditscale.launch.backend import Backend, Capabilities
-from ditscale.launch.common import Plan, checkout_root
+from ditscale.launch.common import Plan, checkout_root, results_dir
+from ditscale.launch.prepare import check_ready
 from ditscale.launch.rows import View
 
 GRID_LABEL, RUN_LABEL = "ditscale.io/grid", "ditscale.io/run"
@@ -239,8 +240,6 @@ class Renderer:
         preparing: dict[str, str] = {}  # step name -> the manifest it writes (what waits for it)
         dp = self.plan.data
         if dp is not None:
-            from ditscale.launch.prepare import check_ready
-
             check_ready(dp)
             build = next((s for s in dp.todo if s.kind == "build"), None)
             for s in dp.todo:
@@ -320,8 +319,6 @@ class K8sBackend(Backend):
 
     @classmethod
     def from_args(cls, args, plan: Plan) -> K8sBackend:
-        from ditscale.launch.common import results_dir
-
         base = results_dir(plan.runs, plan.name)
         out = Path(args.out).absolute() if args.out else None
         return cls(K8sOptions(out, Path(args.log_dir or base / "_k8s").absolute(), args.namespace, args.image,

@@ -31,8 +31,9 @@ from ditscale.grid import RunSpec
 from ditscale.io.rundir import RunDir
 from ditscale.launch import claim as C
 from ditscale.launch import records
-from ditscale.launch.backend import Backend, Capabilities
-from ditscale.launch.common import Plan
+from ditscale.launch.backend import Backend, Capabilities, status
+from ditscale.launch.common import Plan, results_dir
+from ditscale.launch.prepare import command_env, prepare_locally
 from ditscale.launch.rows import View
 
 log = logging.getLogger("ditscale.launch")
@@ -108,7 +109,6 @@ class LocalExecutor:
         cfg_file.write_text(yaml.safe_dump(run.config_dict(), sort_keys=False))
         cmd = train_command(run, cfg_file, self.opts.nproc)
         argv = [sys.executable, *cmd[1:]]
-        from ditscale.launch.prepare import command_env
 
         env = command_env()
         env["OMP_NUM_THREADS"] = str(self.opts.threads or run.resources.get("cpus_per_task") or 1)
@@ -153,7 +153,6 @@ class LocalExecutor:
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Prepare the data, then train; run id -> {'finished', 'rc', 'log'} for every run started."""
-        from ditscale.launch.prepare import prepare_locally
 
         queue = list(self.todo)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -208,8 +207,6 @@ class LocalBackend(Backend):
 
     @classmethod
     def from_args(cls, args, plan: Plan) -> LocalBackend:
-        from ditscale.launch.common import results_dir
-
         base = results_dir(plan.runs, plan.name)
         opts = LocalOptions(
             log_dir=Path(args.log_dir or base / "_local").absolute(),
@@ -235,8 +232,6 @@ class LocalBackend(Backend):
         return self.executor.run()
 
     def finish(self, plan: Plan, result: dict) -> int:
-        from ditscale.launch.backend import status
-
         print()
         print(status(self, plan, self.opts.stall_after_s))
         if getattr(self, "executor", None) is not None and self.executor.interrupts:

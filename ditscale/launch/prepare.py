@@ -30,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ditscale
 from ditscale.errors import DataError, DitscaleError, LaunchError, RunLockedError, StorageError
 from ditscale.grid import DataRecipe, RunSpec, Subset
+from ditscale.io import storage
+from ditscale.io.lock import Lease
+from ditscale.launch import records
 
 log = logging.getLogger("ditscale.launch")
 
@@ -105,7 +109,7 @@ def _get(m: dict, dotted: str) -> Any:
 
 def verify(step: Step) -> tuple[str, str | None]:
     """(state, problem) of a step's outputs: ready, missing (nothing there yet) or conflict (something else)."""
-    from ditscale.data import missing_shards, read_manifest
+    from ditscale.data import missing_shards, read_manifest  # lazy: torch at import (launchers' start-up)
 
     for i, url in enumerate(step.manifests):
         try:
@@ -140,8 +144,6 @@ def plan_data(recipe: DataRecipe, runs: list[RunSpec] | None = None, *, check: b
     if recipe.manifest is None:
         head = _build_step(recipe)
     else:
-        from ditscale.io import storage
-
         head = Step(
             "shards",
             "external",
@@ -226,7 +228,6 @@ def format_data_plan(dp: DataPlan, how: dict[str, str] | None = None) -> str:
 def check_sources(dp: DataPlan) -> None:
     """Every source path the missing steps read exists (data.src: a folder for `folder` and the dataset kinds that
     read one): checked at submit and in --dry-run, named with the --var that gives it, before anything runs."""
-    from ditscale.io import storage
 
     r = dp.recipe
     if r.manifest is not None or r.src is None or r.source == "digits":
@@ -276,8 +277,6 @@ def check_ready(dp: DataPlan) -> None:
 
 # --- running a step ----------------------------------------------------------------------------------------------
 def _package_root() -> str:
-    import ditscale
-
     return str(Path(ditscale.__file__).resolve().parents[1])
 
 
@@ -292,8 +291,6 @@ def run_step(step: Step, *, log_file: str | None = None, poll_s: float = 2.0) ->
     """Run one step unless its outputs verify; 'ready' (already there, nothing run) or 'built'.
 
     Under the step's lease: a step another launcher is running is waited for, then verified, not run again."""
-    from ditscale.io import storage
-    from ditscale.io.lock import Lease
 
     lease = Lease(storage.join(step.out, LOCK_NAME), LEASE_S, what="data folder", keep=False)
     waited = False
@@ -344,8 +341,7 @@ def run_step_job(step: Step, log_dir: str | None = None) -> str:
         return run_step(step)
     except Exception as e:
         if log_dir:
-            from ditscale.launch import records
-            from ditscale.launch.task import job_id_from_env
+            from ditscale.launch.task import job_id_from_env  # lazy: submitit at import (launchers' start-up)
 
             records.write_failure(log_dir, job_id_from_env() or "?", "", _one_line(e), "failed", step=step.name)
         raise

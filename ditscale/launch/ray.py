@@ -40,13 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ditscale.config import config_from_dict
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
 from ditscale.io.rundir import RunDir
 from ditscale.launch import claim as C
 from ditscale.launch import records
-from ditscale.launch.backend import Backend, Capabilities
-from ditscale.launch.common import Plan
+from ditscale.launch.backend import Backend, Capabilities, status
+from ditscale.launch.common import Plan, results_dir
+from ditscale.launch.local import _die_with_parent
+from ditscale.launch.prepare import check_ready, command_env, run_step
 from ditscale.launch.rows import View
 
 log = logging.getLogger("ditscale.launch")
@@ -362,7 +365,6 @@ def _shared_port(rank: int) -> int:
 
 def trainer_env(run_id: str, ctx, port: int) -> dict[str, str]:
     """The environment of a worker's trainer process: its place in the group (ditscale.distenv reads these)."""
-    from ditscale.launch.prepare import command_env
 
     env = command_env()
     env.update(
@@ -384,9 +386,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     import ray.train
     import yaml
-
-    from ditscale.config import config_from_dict
-    from ditscale.launch.local import _die_with_parent
 
     run_id = loop_config["run_id"]
     cfg = config_from_dict(loop_config["config"], origin=f"(run {run_id!r})")
@@ -479,8 +478,6 @@ def prepare_on_ray(plan: Plan) -> dict[str, str]:
     if dp is None or not dp.todo:
         return {}
     import ray
-
-    from ditscale.launch.prepare import run_step
 
     cpus = max(1, min(int(dp.recipe.resources["cpus"]), int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(num_cpus=cpus, max_retries=0)(run_step)
@@ -579,8 +576,6 @@ def train_runs(plan: Plan, todo: list[RunSpec], opts: RayOptions, claims: dict[s
     Raises LaunchError before anything starts (unreachable address, a run that can never fit) and
     ClusterLostError (with the results so far) when the cluster goes away."""
     if plan.data is not None:
-        from ditscale.launch.prepare import check_ready
-
         check_ready(plan.data)  # before connecting: missing data without its source, conflicts
     gcs = connect(opts.address, opts.connect_timeout_s)
     nodes = cluster_nodes()
@@ -702,8 +697,6 @@ class RayBackend(Backend):
         import signal
         import sys
 
-        from ditscale.launch.common import results_dir
-
         # SIGTERM ends the driver at once, through its clean-up (Ray's exit hooks, this driver's leftover actors)
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         base = results_dir(plan.runs, plan.name)
@@ -754,8 +747,6 @@ class RayBackend(Backend):
         try:
             return train_runs(plan, todo, self.opts, claims)
         except ClusterLostError as e:
-            from ditscale.launch.backend import status
-
             print(status(self, plan), flush=True)
             print(f"error: {e}", flush=True, file=__import__("sys").stderr)
             os._exit(EXIT_CLUSTER_LOST)  # nothing more to say to a dead cluster (Ray's exit hooks would wait on it)
@@ -767,8 +758,6 @@ class RayBackend(Backend):
 
     def finish(self, plan: Plan, result: dict) -> int:
         import sys
-
-        from ditscale.launch.backend import status
 
         print(status(self, plan))
         failed = [rid for rid, m in result.items() if not m.get("finished")]

@@ -30,10 +30,11 @@ from typing import Any
 
 from ditscale.errors import LaunchError
 from ditscale.grid import RunSpec
+from ditscale.io.rundir import RunDir
 from ditscale.launch import claim as C
 from ditscale.launch import records
-from ditscale.launch.backend import Backend, Capabilities
-from ditscale.launch.common import Plan
+from ditscale.launch.backend import Backend, Capabilities, status
+from ditscale.launch.common import Plan, results_dir
 from ditscale.launch.rows import View
 from ditscale.launch.slurm_jobs import (  # noqa: F401 - the launcher's API
     LIVE_STATES,
@@ -48,7 +49,8 @@ from ditscale.launch.slurm_jobs import (  # noqa: F401 - the launcher's API
     squeue_jobs,
     squeue_states,
 )
-from ditscale.launch.task import TARGETS
+from ditscale.launch.slurm_prepare import format_preparation, needs, submit_preparation, with_dependency
+from ditscale.launch.task import TARGETS, TrainTask
 
 log = logging.getLogger("ditscale.launch")
 
@@ -241,8 +243,6 @@ class SlurmBackend(Backend):
 
     @classmethod
     def from_args(cls, args, plan: Plan) -> SlurmBackend:
-        from ditscale.launch.common import results_dir
-
         base = results_dir(plan.runs, plan.name)
         return cls(
             SlurmOptions(
@@ -309,13 +309,10 @@ class SlurmBackend(Backend):
     def details(self, plan: Plan, todo: list[RunSpec]) -> list[str]:
         lines = []
         if plan.data is not None:
-            from ditscale.launch.slurm_prepare import format_preparation
-
             lines += ["", format_preparation(plan, self.opts, bool(todo))]
         after = ["<data jobs>"] if todo and plan.data is not None and plan.data.todo else []
         for i, (params, group) in enumerate(group_runs(todo, self.opts)):
             lines.append(f"\njob array {i}: {len(group)} run(s): {', '.join(r.id for r in group[:20])}")
-            from ditscale.launch.slurm_prepare import with_dependency
 
             lines.append(sbatch_preview(with_dependency(params, after), len(group), self.opts))
         lines.append(f"\nsubmitit logs and launch records: {self.opts.log_dir}")
@@ -323,9 +320,6 @@ class SlurmBackend(Backend):
 
     # --- start ----------------------------------------------------------------------------------------------
     def start(self, plan: Plan, todo: list[RunSpec], claims: dict[str, C.Claim]) -> dict[str, Any]:
-        from ditscale.launch.slurm_prepare import needs, submit_preparation, with_dependency
-        from ditscale.launch.task import TrainTask
-
         opts = self.opts
         opts.log_dir.mkdir(parents=True, exist_ok=True)
         submitted: dict[str, str] = {}
@@ -361,7 +355,6 @@ class SlurmBackend(Backend):
     def finish(self, plan: Plan, result: dict) -> int:
         if not getattr(self, "wait_after", False):
             return 0
-        from ditscale.launch.backend import status
 
         ok = wait(plan, self)
         print(status(self, plan, self.opts.stall_after_s))
@@ -422,7 +415,6 @@ class SlurmBackend(Backend):
 
 def wait(plan: Plan, backend: SlurmBackend, poll_s: float = 5.0, timeout_s: float | None = None) -> bool:
     """Block until every run is finished or has no live Slurm job; True when all finished."""
-    from ditscale.io.rundir import RunDir
 
     start = time.monotonic()
     while True:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ditscale.errors import LaunchError
+from ditscale.launch import records
 from ditscale.launch.common import Plan
 from ditscale.launch.prepare import check_ready, format_data_plan, run_step_job
 from ditscale.launch.slurm_jobs import LIVE_STATES, SlurmOptions, executor, sbatch_preview, squeue_states
@@ -51,7 +52,6 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
 
 def queued_preparation(plan: Plan, opts: SlurmOptions, live: dict[str, str]) -> dict[str, str]:
     """Missing data steps whose job (submitted earlier) is still pending or running: step name -> job id."""
-    from ditscale.launch import records
 
     recs = records.data_jobs(opts.log_dir)
     out = {}

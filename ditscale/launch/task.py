@@ -33,8 +33,12 @@ from typing import Any
 
 import submitit
 
+from ditscale.config import config_from_dict
 from ditscale.errors import ConfigError, DitscaleError, LaunchError, RunLockedError
 from ditscale.io.rundir import RunDir
+from ditscale.launch import claim as C
+from ditscale.launch import records
+from ditscale.train import run_training
 
 log = logging.getLogger("ditscale.launch")
 MASTER_ADDR_ENV = "DITSCALE_MASTER_ADDR"
@@ -206,15 +210,12 @@ def remove_targets(log_dir: str | Path, run_id: str) -> None:
 
 
 def _run_of_job(log_dir: str | Path, job_id: str) -> str:
-    from ditscale.launch import records
-
     return next((rid for rid, rec in records.jobs(log_dir).items() if rec.get("job_id") == job_id), "?")
 
 
 def end_claim(run_dir: str, job_id: str, **fields: Any) -> None:
     """The run finished in this job: end its claim (if this job still holds it), so that the next launcher need
     not ask squeue."""
-    from ditscale.launch import claim as C
 
     try:
         cl = C.current([run_dir])[run_dir]
@@ -256,8 +257,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         self._timeout_signal = False
 
     def __call__(self, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
-        from ditscale.config import config_from_dict
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = config_from_dict(config, origin=f"(run {run_id!r})")
         rundir = RunDir(cfg.run.dir)
@@ -275,8 +274,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         log.info("run %s: distributed env %s", run_id, env)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         self._install_timeout_forwarding(run_id, submitit_handler)
-
-        from ditscale.train import run_training
 
         try:
             metrics = run_training(cfg)

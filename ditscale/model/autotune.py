@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ditscale.cache import project_cache
 from ditscale.errors import StorageError
 from ditscale.io import storage
 
@@ -42,7 +43,6 @@ def cache_path() -> Path | None:
     env = os.environ.get("DITSCALE_AUTOTUNE_CACHE")
     if env is not None:
         return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
-    from ditscale.cache import project_cache
 
     return project_cache() / "autotune.json"
 

@@ -16,6 +16,7 @@ import torch
 
 from ditscale.model import autotune
 from ditscale.model.attention import choose_tile, qkv_attention
+from ditscale.model.dit import DiT
 
 
 def _sync(device: torch.device) -> None:
@@ -94,8 +95,6 @@ def tile_note(
 
 
 def _model_rows(args, device: torch.device) -> list[tuple]:
-    from ditscale.model.dit import DiT
-
     torch.manual_seed(0)
     kw = dict(input_size=32, patch_size=1, in_channels=3, hidden_size=252, depth=4, num_heads=4, num_classes=10)
     models = {

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ditscale.errors import CheckpointError
+from ditscale.model.windows import format_windows
 
 # The state-dict entry a windowed export carries (the block windows, 0 = global): a strict load into a model with
 # other windows, the reference DiT included, fails instead of silently computing another model.
@@ -140,7 +141,6 @@ def load_reference_state_dict(model: torch.nn.Module, sd_or_path, *, source: str
 
 def _check_windows_marker(model, sd: dict, source: str) -> dict:
     """A windowed export carries `ditscale_windows` (ditscale.model.export): the model must have those windows."""
-    from ditscale.model.windows import format_windows
 
     if WINDOWS_KEY not in sd:
         return sd

@@ -37,7 +37,8 @@ import torch
 
 from ditscale.errors import CheckpointError
 from ditscale.io import storage
-from ditscale.model.checkpoint import WINDOWS_KEY, load_tensor_file
+from ditscale.model.checkpoint import WINDOWS_KEY, load_reference_state_dict, load_tensor_file
+from ditscale.model.dit import DiT, DiT_models
 from ditscale.model.spec import ARCH_KEYS, FORMAT, model_spec
 from ditscale.model.windows import parse_windows
 
@@ -133,7 +134,6 @@ def save_model(model, out: str | os.PathLike, *, variant: str | None = None, inf
 
 def _legacy_spec(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
     """The description of an export written before typed metadata (flat strings; variant + windows)."""
-    from ditscale.model.dit import DiT_models
 
     variant = meta.get("variant")
     if variant not in DiT_models:
@@ -281,11 +281,10 @@ def load_exported(path: str | os.PathLike, *, attention_backend: str = "auto"):
     alone, in eval mode on the CPU."""
     p = Path(path)
     if storage.is_local(os.fspath(path)) and p.is_dir():
+        # lazy: import cycle, ditscale.interop.diffusers imports ditscale.model
         from ditscale.interop.diffusers import from_diffusers
 
         return from_diffusers(p, attention_backend=attention_backend).eval()
-    from ditscale.model.checkpoint import load_reference_state_dict
-    from ditscale.model.dit import DiT
 
     state, meta = read_export(path)
     missing = [k for k in ARCH_KEYS if k not in meta]

@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 
 def run_training(cfg: Config, allow_config_change: bool = False) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics (final.json's content)."""
-    from ditscale.train.trainer import run_training as _run
+    from ditscale.train.trainer import run_training as _run  # lazy: torch and DeepSpeed at `import ditscale.train`
 
     return _run(cfg, allow_config_change=allow_config_change)
 
 
 def load_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):
-    from ditscale.train.checkpoint import load_for_eval as _load
+    from ditscale.train.checkpoint import load_for_eval as _load  # lazy: torch and DeepSpeed at `import ditscale.train`
 
     return _load(run_dir, ema=ema, tag=tag)
 

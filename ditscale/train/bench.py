@@ -16,6 +16,8 @@ import json
 import statistics
 import time
 
+from ditscale import distenv
+
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
@@ -38,7 +40,7 @@ def _sync(device) -> None:
 def run(args) -> int:
     import torch
 
-    from ditscale import distenv
+    # lazy: torch at import, like `import torch` above
     from ditscale.config import load_config
     from ditscale.train import engine as eng
     from ditscale.train.ema import EMA
@@ -151,7 +153,7 @@ def run(args) -> int:
 
     # What world-size-independent randomness costs: a timestep, label drop and noise drawn per sample from (seed,
     # element id), against one draw per micro-batch from a generator (before elastic resume).
-    from ditscale.train.step import sample_randomness
+    from ditscale.train.step import sample_randomness  # lazy: torch at import, like `import torch` above
 
     shape = tuple(batches[0][0].shape[1:])
     per_sample, per_batch = [], []

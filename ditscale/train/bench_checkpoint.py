@@ -27,6 +27,7 @@ import torch
 import xxhash
 from safetensors.torch import save as save_safetensors
 
+from ditscale.data import build_shards
 from ditscale.train.checkpoint import FILE_BYTES
 
 DIT_XL2_PARAMS = 675_129_632
@@ -99,8 +100,6 @@ def _train(cfg: Path, run: Path, nproc: int, *overrides: str) -> str:
 
 
 def bench_resume(variant: str, where: Path, repeat: int) -> dict:
-    from ditscale.data import build_shards
-
     data = where / "digits32"
     build_shards("digits", None, str(data), resolution=32, channels=3, progress=False)
     cfg = where / "c.yaml"

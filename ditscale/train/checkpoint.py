@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ditscale.config import config_from_dict
 from ditscale.errors import CheckpointError, DitscaleError, LeaseLostError
 from ditscale.io import integrity, storage
 from ditscale.io.rundir import CKPT, RunDir, step_of, tag_for
@@ -546,7 +547,6 @@ class SafeCheckpointEngine:
 # --- reading checkpoints back (eval, export, sample: no DeepSpeed needed) --------------------------------------
 def load_config_of(rundir: RunDir, tag: str | None = None):
     """(Config, tag, meta) of a run's newest intact checkpoint (or `tag`, verified)."""
-    from ditscale.config import config_from_dict
 
     ck = load_checkpoint(rundir, tag, check=lambda c: None)  # its meta.json only: it reads
     return config_from_dict(ck.meta["config"], origin=f"{ck.where}/meta.json"), ck.tag, ck.meta
@@ -554,7 +554,6 @@ def load_config_of(rundir: RunDir, tag: str | None = None):
 
 def load_state_for_eval(run_dir: str, ema: bool = True, tag: str | None = None):
     """(cfg, state_dict, tag): the EMA (or raw) weights of a run's checkpoint, on CPU, verified."""
-    from ditscale.config import config_from_dict
 
     rundir = RunDir(run_dir)
     if not rundir.exists(""):

@@ -18,6 +18,7 @@ def export(run: str, out: str, tag: str | None = None, ema: bool = True, fmt: st
     """(model description, written paths) of a run's export."""
     import torch
 
+    # lazy: torch at import, like `import torch` above
     from ditscale.model.export import model_spec, save_export
     from ditscale.train.checkpoint import load_state_for_eval
 
@@ -26,7 +27,7 @@ def export(run: str, out: str, tag: str | None = None, ema: bool = True, fmt: st
         spec = model_spec(cfg.model.build(), cfg.model.variant)
     info = {"weights": "ema" if ema else "raw", "checkpoint": tag, "run": run}
     if fmt == "diffusers":
-        from ditscale.interop.diffusers import save_diffusers
+        from ditscale.interop.diffusers import save_diffusers  # lazy: torch at import, like `import torch` above
 
         return spec, {"folder": save_diffusers(state, out, spec=spec, info=info)}
     return spec, save_export(state, spec, out, info=info)

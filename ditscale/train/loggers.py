@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 import torch
 
 from ditscale.distenv import free_port
+from ditscale.errors import ConfigError, StorageError
+from ditscale.io import storage
+from ditscale.io.rundir import METRICS, dumps
+from ditscale.observability import Metrics
 
 if TYPE_CHECKING:
     from ditscale.config import LogSection
@@ -69,8 +73,6 @@ class JsonlLogger(Logger):
     """metrics.jsonl, one record per line, flushed per line; uploaded with each checkpoint for URL run dirs."""
 
     def __init__(self, rundir, start_step: int):
-        from ditscale.io.rundir import METRICS
-
         self.rundir, self.rel = rundir, METRICS
         self.path = rundir.local_file(METRICS)
         text = rundir.read_text(METRICS) if rundir.remote else None
@@ -82,8 +84,6 @@ class JsonlLogger(Logger):
         self.f = open(self.path, "a")
 
     def log(self, step: int, record: dict) -> None:
-        from ditscale.io.rundir import dumps
-
         self.rundir.guard("append to metrics.jsonl")
         self.f.write(dumps(record) + "\n")
         self.f.flush()
@@ -93,7 +93,6 @@ class JsonlLogger(Logger):
 
     def sync(self) -> None:
         """Upload (URL run dirs); a store that is down is not fatal here: the next sync carries the lines."""
-        from ditscale.errors import StorageError
 
         if not self.f.closed:
             self.f.flush()
@@ -194,8 +193,6 @@ SCALARS = ("loss", "images_per_second", "step_time", "data_wait_share", "lr", "g
 
 def _require(module: str, extra: str):
     import importlib
-
-    from ditscale.errors import ConfigError
 
     try:
         return importlib.import_module(module)
@@ -310,7 +307,6 @@ def start_metrics(
 ):
     """This rank's Prometheus exporter on log.metrics_port + local rank; when that port is taken (another run on
     the same node), on a free port instead, so runs never clash: the endpoint is published (file_sd), not guessed."""
-    from ditscale.observability import Metrics
 
     kw = {"info": info, "planned_steps": steps, "start_step": start_step}
     if not log.metrics_port or "prometheus" not in log.loggers:
@@ -334,8 +330,6 @@ class FileSD:
         import os
         import socket
 
-        from ditscale.io import storage
-
         self.url = None
         if not directory or metrics.server is None:
             return
@@ -356,8 +350,6 @@ class FileSD:
 
     def close(self) -> None:
         if self.url:
-            from ditscale.io import storage
-
             storage.remove(self.url)
             self.url = None
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from ditscale.config import Config
+from ditscale.diffusion import diffusion_kwargs, sample
+from ditscale.io.rundir import SAMPLES
+from ditscale.observability import save_grid
 
 
 def grid_labels(num_classes: int, n: int = 16) -> torch.Tensor:
@@ -31,7 +34,6 @@ def draw(
     The global RNG state is left as it was, so sampling during training never changes the training trajectory.
     Labels outside the model's classes are clamped (an unconditional, 1-class model gets its one class).
     """
-    from ditscale.diffusion import diffusion_kwargs, sample
 
     n = max(int(getattr(model, "num_classes", 1) or 1), 1)
     labels = torch.as_tensor(labels, dtype=torch.long).clamp(0, n - 1)
@@ -70,8 +72,6 @@ class SampleGrids:
         """The path of the grid written at this step, or None."""
         if not self.due(step):
             return None
-        from ditscale.io.rundir import SAMPLES
-        from ditscale.observability import save_grid
 
         rel = f"{SAMPLES}/step_{step:08d}.png"
         images = draw(model, self.cfg, self.labels, seed=self.cfg.run.seed)

@@ -29,6 +29,7 @@ import torch
 
 from ditscale import distenv
 from ditscale.config import Config, config_changes, dump_config, fixed_changes, format_changes
+from ditscale.data import missing_shards, read_manifest
 from ditscale.errors import (
     CheckpointError,
     ConfigError,
@@ -39,11 +40,14 @@ from ditscale.errors import (
     RunLockedError,
 )
 from ditscale.io.rundir import RunDir
+from ditscale.model import check_variant_windows
 from ditscale.train import engine as eng
 from ditscale.train import stop as stopping
 from ditscale.train.checkpoint import Checkpointer
 from ditscale.train.ema import EMA
+from ditscale.train.loggers import RunValues
 from ditscale.train.nonfinite import NonFinite
+from ditscale.train.sampling import SampleGrids
 from ditscale.train.step import diffusion_loss, model_fn, sample_randomness
 
 log = logging.getLogger("ditscale.train")
@@ -53,8 +57,6 @@ log = logging.getLogger("ditscale.train")
 def validate(cfg: Config, world_size: int) -> dict:
     """Config checks that need the model registry or the data: the manifest, and every shard it names exists
     (one listing, not downloads). Returns the manifest."""
-    from ditscale.data import missing_shards, read_manifest
-    from ditscale.model import check_variant_windows
 
     m = cfg.model
     check_variant_windows(m.variant, m.windows)
@@ -256,8 +258,6 @@ class Trainer:
                 "resumed" if self.step else "starting",
                 self.step,
             )
-        from ditscale.train.loggers import RunValues
-        from ditscale.train.sampling import SampleGrids
 
         labels, info = _labels(cfg, manifest, denv.rank), _run_info(cfg, manifest)
         run = RunValues(cfg.run.name, t.steps, t.global_batch, cfg.model_dump(mode="json"))
