@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,22 @@ def test_slurm_node_range():
     for bad in ("0", "x", "3-1", "1-"):
         with pytest.raises(LaunchError, match="--nodes"):
             parse_nodes(bad)
+
+
+def test_slurm_node_range_reaches_sbatch_and_submitit_counts_an_int():
+    from types import SimpleNamespace
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from ditscale.launch.slurm import SlurmOptions, executor_parameters
+
+    res = {"nodes": 2, "nodes_min": 1, "cpus_per_task": 1, "timeout_min": 5, "gpus_per_node": 0}
+    run = SimpleNamespace(resources=res, tasks_per_node=1, grid="g")
+    params = executor_parameters(run, SlurmOptions(partition="gpu", log_dir=Path("/tmp/x")))
+    assert params["nodes"] == 2  # submitit multiplies it into the number of result files
+    script = _make_sbatch_string(command="true", folder="/tmp/x", nodes=params["nodes"],
+                                 additional_parameters=params["additional_parameters"])  # fmt: skip
+    assert "#SBATCH --nodes=1-2" in script.splitlines() and "#SBATCH --nodes=2" not in script
 
 
 def test_ray_worker_range(tmp_path):

@@ -130,7 +130,8 @@ def test_latest_of_any_content_and_dead_writers_leftovers(tmp_path, config, warm
     base = [sys.executable, "-m", "ditscale"]
     for cmd in (["export", "--run", str(run_dir), "--out", str(tmp_path / "w" / "ema.pt")],
                 ["sample", "--run", str(run_dir), "--out", str(tmp_path / "g.png"), "--n", "2", "--steps", "2"],
-                ["eval", "locality", "--run", str(run_dir), "--images", "2", "--timesteps", "500"]):  # fmt: skip
+                ["eval", "locality", "--run", str(run_dir), "--split", "train", "--images", "2",
+                 "--timesteps", "500"]):  # fmt: skip
         p = subprocess.run(base + cmd, cwd=T.ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "eval" / "locality.json").read_text())["checkpoint"] == "step_00000004"

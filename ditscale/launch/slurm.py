@@ -103,7 +103,7 @@ def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
     res = run.resources
     params: dict[str, Any] = {
         "partition": opts.partition,
-        "nodes": f"{res['nodes_min']}-{res['nodes']}" if res.get("nodes_min") else int(res["nodes"]),
+        "nodes": int(res["nodes"]),
         "ntasks_per_node": run.tasks_per_node,
         "cpus_per_task": int(res["cpus_per_task"]),
         "time": int(res["timeout_min"]),
@@ -114,6 +114,8 @@ def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
         "srun_args": ["--kill-on-bad-exit=1"],  # one rank exiting abnormally ends the step: no half-dead jobs
         "teardown": teardown_lines(opts),
     }
+    if res.get("nodes_min"):  # sbatch's range; submitit counts its result files by an int, so it keeps the max
+        params["additional_parameters"]["nodes"] = f"{res['nodes_min']}-{res['nodes']}"
     if int(res.get("gpus_per_node") or 0) > 0:
         params["gpus_per_node"] = int(res["gpus_per_node"])
     if res.get("mem_gb"):
