@@ -1,8 +1,10 @@
-"""Launchers use elastic resume (issue #21 item 5), against the REAL 2-node Slurm of tests/plugins/slurm.py: a 2-node
-run submitted with `--nodes 1-2` loses node n2 (its slurmd, slurmstepd and task killed, the node marked down); the
-surviving rank requeues the job, which starts again on the one node left and finishes with the losses of the
-undisturbed run (to float reduction); the run's history records the world sizes. (The local launcher's --nproc
-change is in tests/test_local_launcher.py; Ray's --min-workers is described in docs/launchers.md.)
+"""Launchers use elastic resume (issue #21 item 5), against the REAL 2-node Slurm of tests/plugins/slurm.py: a run
+trains on 2 nodes and loses node n2 (its slurmd, slurmstepd and task killed, the node marked down); the surviving
+rank requeues the job, which would wait for two nodes; cancelled and launched again with `--nodes 1-2`, the run
+starts on the one node left (a range starts on what is free) and finishes with the losses of the undisturbed run
+(to float reduction); the run's history records the world sizes. Slurm 22.05 gives a range the fewest nodes that
+fit, so a job is not grown to two nodes by the range itself. (The local launcher's --nproc change is in
+tests/test_local_launcher.py; Ray's --min-workers is described in docs/launchers.md.)
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def test_a_requeued_run_continues_on_the_nodes_left(slurm_cluster, digits8_dir, 
     runs, log_dir = tmp_path / "runs", tmp_path / "runs" / "_slurm"
     run_dir = runs / RUN2
     common = ["--partition", "gpu", "--grid", grid, "--var", f"data_root={digits8_dir}", "--run-root", runs]
-    steps = ["train.steps=40", "checkpoint.every=4", "log.every=1", "--nodes", "1-2"]
-    r = launcher(*common, *steps, env={"DITSCALE_TEST_STEP_DELAY": "0.5"})
+    steps = ["train.steps=40", "checkpoint.every=4", "log.every=1"]
+    r = launcher(*common, *steps, "--nodes", "2", env={"DITSCALE_TEST_STEP_DELAY": "0.5"})
     assert r.returncode == 0, r.stderr
     job = records.jobs(log_dir)[RUN2]["job_id"]
     wait_for("both ranks", lambda: _run_procs(slurm_cluster, job).keys() == {"n1", "n2"}, 300, slurm_cluster)
@@ -47,8 +49,14 @@ def test_a_requeued_run_continues_on_the_nodes_left(slurm_cluster, digits8_dir, 
         assert rec[0]["action"] == "requeued"
         wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T")
                  .stdout.strip() == "PENDING", 300, slurm_cluster)  # fmt: skip
-        slurm_cluster.start_now(job)  # skip Slurm's 2-minute requeue hold
-        err_file = log_dir / job / f"{job}_0_log.err"
+        slurm_cluster.run("scancel", job)  # it asks for two nodes; one is left
+        wait_for("the job gone", lambda: not slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip(),
+                 120, slurm_cluster)  # fmt: skip
+        r = launcher(*common, *steps, "--nodes", "1-2")
+        assert r.returncode == 0, r.stderr
+        job2 = records.jobs(log_dir)[RUN2]["job_id"]
+        assert job2 != job, "the run was not submitted again"
+        err_file = log_dir / job2 / f"{job2}_0_log.err"
         resumed = wait_for("the resumed trainer", lambda: re.search(r"(\d+) processes, .* resumed at step (\d+)",
                            err_file.read_text() if err_file.exists() else ""), 300, slurm_cluster)  # fmt: skip
         assert resumed.group(1) == "1"  # on the one node left

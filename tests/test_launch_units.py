@@ -38,7 +38,6 @@ def test_slurm_node_range_reaches_sbatch_and_submitit_counts_an_int():
     script = _make_sbatch_string(command="true", folder="/tmp/x", nodes=params["nodes"],
                                  additional_parameters=params["additional_parameters"])  # fmt: skip
     assert "#SBATCH --nodes=1-2" in script.splitlines() and "#SBATCH --nodes=2" not in script
-    assert "#SBATCH --spread-job" in script.splitlines()  # as many nodes of the range as are free
 
 
 def test_ray_worker_range(tmp_path):

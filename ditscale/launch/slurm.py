@@ -116,8 +116,6 @@ def executor_parameters(run: RunSpec, opts: SlurmOptions) -> dict[str, Any]:
     }
     if res.get("nodes_min"):  # sbatch's range; submitit counts its result files by an int, so it keeps the max
         params["additional_parameters"]["nodes"] = f"{res['nodes_min']}-{res['nodes']}"
-        # Slurm allocates the fewest nodes of a range that fit the tasks; spread-job takes as many as are free now
-        params["additional_parameters"]["spread_job"] = True
     if int(res.get("gpus_per_node") or 0) > 0:
         params["gpus_per_node"] = int(res["gpus_per_node"])
     if res.get("mem_gb"):
