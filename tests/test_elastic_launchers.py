@@ -1,6 +1,6 @@
 """Launchers use elastic resume (issue #21 item 5), against the REAL 2-node Slurm of tests/plugins/slurm.py: a run
-trains on 2 nodes and loses node n2 (its slurmd, slurmstepd and task killed, the node marked down); the surviving
-rank requeues the job, which would wait for two nodes; cancelled and launched again with `--nodes 1-2`, the run
+trains on 2 nodes and loses node n2 (its slurmd, slurmstepd and task killed, the node marked down); the job is
+requeued and would wait for two nodes; cancelled and launched again with `--nodes 1-2`, the run
 starts on the one node left (a range starts on what is free) and finishes with the losses of the undisturbed run
 (to float reduction); the run's history records the world sizes. Slurm 22.05 gives a range the fewest nodes that
 fit, so a job is not grown to two nodes by the range itself. (The local launcher's --nproc change is in
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from ditscale.launch import records
-from ditscale.launch import task as T
 from tests.test_slurm_faults import RUN2, _run_procs, _two_node_grid, launcher
 from tests.waits import wait_for
 
@@ -45,8 +44,7 @@ def test_a_requeued_run_continues_on_the_nodes_left(slurm_cluster, digits8_dir, 
         assert slurm_cluster.kill_node("n2"), "no process of the job ran on n2"
         # the controller learns the node is gone (as it would after SlurmdTimeout): the requeue may not wait for it
         slurm_cluster.run("scontrol", "update", "nodename=n2", "state=down", "reason=ditscale-test")
-        rec = wait_for("the requeue", lambda: T.failure_records(log_dir, job), 180, slurm_cluster)
-        assert rec[0]["action"] == "requeued"
+        # requeued: by the controller (the node is down) or by the surviving rank's failure record, whichever first
         wait_for("the requeued job pending", lambda: slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T")
                  .stdout.strip() == "PENDING", 300, slurm_cluster)  # fmt: skip
         slurm_cluster.run("scancel", job)  # it asks for two nodes; one is left
