@@ -624,10 +624,14 @@ class RowReader:
 
     def add_details(self, run_dir: str, st: RunStatus) -> RunStatus:
         """The last logged steps (step, loss, stall rules) and the start history (world sizes) of a run."""
-        if st.state in (DONE, DIVERGED) or st.extra.get("detailed"):
+        if st.extra.get("detailed"):
             return st
         rd, files = RunDir(run_dir), st.extra.get("files") or self.files(run_dir)
         st.extra["detailed"] = True
+        if st.state in (DONE, DIVERGED):  # its final.json has the step and loss; only the world sizes to add
+            if HISTORY in files:
+                st.extra["starts"] = rd.starts()
+            return st
         if METRICS in files:
             size = int(files[METRICS].get("size") or 0)
             recent = _tail_records(rd.read_tail(METRICS, TAIL_BYTES, size if rd.remote else None), size > TAIL_BYTES)
