@@ -83,17 +83,19 @@ def test_fixture_reports_a_bad_query(prometheus_server):
 def test_training_run_is_scraped_with_rank_labels(monitored_training):
     prom = monitored_training.prometheus
     run = monitored_training.run_name
+    # asked at the time the run was last seen alive: on a loaded machine the shared run may have ended more than
+    # 10 minutes before this test gets to ask (its targets are gone by then)
+    at = monitored_training.alive_at
+    assert at is not None, monitored_training.output[-4000:]
     loss = prom.wait_for(
         f'last_over_time(ditscale_train_loss{{run="{run}"}}[10m])',
         lambda r: {s["metric"].get("rank") for s in r} >= {"0", "1"},
+        time_s=at,
     )
     for s in loss:
         assert float(s["value"][1]) > 0, s
         assert {"run", "variant", "windows", "data_size", "rank"} <= set(s["metric"]), s["metric"]
-    # rates over [5m] at the time the run was last seen alive: on a loaded machine the run may have ended longer
-    # than 5 minutes before this test gets to ask
-    at = monitored_training.alive_at
-    assert at is not None, monitored_training.output[-4000:]
+    # rates over [5m] at the same time
     throughput = prom.wait_for(
         f'sum by (rank) (rate(ditscale_samples_total{{run="{run}"}}[5m]))',
         lambda r: {s["metric"].get("rank") for s in r} >= {"0", "1"} and all(float(s["value"][1]) > 0 for s in r),
