@@ -24,7 +24,7 @@ def test_run_info_and_planned_steps_are_exported():
     m = Metrics(LABELS, port=port, addr="127.0.0.1", info={"dataset": "celeba32", "seed": "2"}, planned_steps=400)
     try:
         assert m.server.server_address[0] == "127.0.0.1"
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120).read().decode()
     finally:
         m.close()
     info = LAB.replace('rank="0"', 'dataset="celeba32",rank="0"').replace(
@@ -62,7 +62,7 @@ def test_metrics_server_binds_the_configured_address_only():
     port = free_port()
     m = Metrics(LABELS, port=port, addr="127.0.0.1")
     try:
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).status == 200
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120).status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://{other}:{port}/metrics", timeout=5)
     finally:

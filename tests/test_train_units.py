@@ -145,7 +145,7 @@ def test_prometheus_exporter_names_and_labels():
         m.checkpoint_time.observe(1.5)
         m.set_skipped(2)
         m.set_skipped(2)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120).read().decode()
     finally:
         m.close()
     lab = 'data_size="1000",rank="0",run="r1",run_id="abc",variant="DiT-T/2",windows="local@head"'
@@ -265,7 +265,7 @@ def test_busy_metrics_port_falls_back_and_the_endpoint_is_published(tmp_path):
             target = json.loads((tmp_path / "sd" / "r1-rank0-abc.json").read_text())
             assert target[0]["targets"][0].endswith(f":{m.port}")
             assert target[0]["labels"] == {"ditscale_run_id": "abc", "ditscale_run": "r1", "ditscale_rank": "0"}
-            body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=120).read().decode()
             assert 'run="r1"' in body
             sd.close()
             assert not (tmp_path / "sd" / "r1-rank0-abc.json").exists()
