@@ -159,11 +159,7 @@ def read_loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
 def read_final(run_dir: str) -> dict | None:
     """final.json of a finished run, or of one that stopped on a non-finite loss (its record says diverged)."""
-    rd = RunDir(run_dir)
-    rec = rd.final()
-    if rec is None and isinstance(d := rd.read_json("final.json"), dict) and d.get("diverged"):
-        return d
-    return rec
+    return RunDir(run_dir).ended()
 
 
 def newest_sample_grid(run_dir: str) -> str | None:

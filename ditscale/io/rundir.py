@@ -152,6 +152,23 @@ def _diverged(rec: Any) -> bool:
     return isinstance(rec, dict) and bool(rec.get("diverged")) and not rec.get("finished")
 
 
+def _judge(st: RunStatus, started: bool) -> bool:
+    """The state of a run that is not done, from its final.json, holder and checkpoint (RunDir.status and
+    RowReader.status read them their own way): diverged (no live trainer) > running > resumable > started
+    (`started`: config or metrics written) > pending. True when final.json decided it (diverged: nothing more to
+    read)."""
+    if st.holder is None and _diverged(st.final):
+        st.state, st.step = DIVERGED, st.final.get("step")
+        return True
+    if st.holder is not None:
+        st.state = RUNNING
+    elif st.checkpoint:
+        st.state = RESUMABLE
+    elif started:
+        st.state = STARTED
+    return False
+
+
 def _finished(rec: Any, steps: int | None = None) -> bool:
     """A final.json record of a finished run, at `steps` or beyond when given."""
     if not (isinstance(rec, dict) and rec.get("finished")):
@@ -364,6 +381,11 @@ class RunDir:
         rec = self.read_json(FINAL)
         return rec if _finished(rec) else None
 
+    def ended(self) -> dict | None:
+        """final.json of a run that finished or diverged (stopped on a non-finite loss), else None."""
+        rec = self.read_json(FINAL)
+        return rec if _finished(rec) or _diverged(rec) else None
+
     def is_done(self, steps: int) -> bool:
         """The one definition of done: final.json says finished at a step >= `steps`."""
         return _finished(self.read_json(FINAL), steps)
@@ -395,15 +417,8 @@ class RunDir:
         if _finished(st.final, steps):
             st.state, st.step = DONE, st.final.get("step")
             return st
-        if st.holder is None and _diverged(st.final):
-            st.state, st.step = DIVERGED, st.final.get("step")
+        if _judge(st, started=st.last is not None or CONFIG in names):
             return st
-        if st.holder is not None:
-            st.state = RUNNING
-        elif st.checkpoint:
-            st.state = RESUMABLE
-        elif st.last is not None or CONFIG in names:
-            st.state = STARTED
         st.step = (st.last or {}).get("step")
         if st.step is None and st.checkpoint:
             st.step = step_of(st.checkpoint)
@@ -607,15 +622,8 @@ class RowReader:
             return st
         if any(is_lock_name(n) for n in files):  # a lease file is there: who holds it is RunDir.holder()'s to say
             st.holder = rd.holder([n for n in files if "/" not in n])
-        if st.holder is None and _diverged(st.final):
-            st.state, st.step = DIVERGED, st.final.get("step")
+        if _judge(st, started=METRICS in files or CONFIG in files):
             return st
-        if st.holder is not None:
-            st.state = RUNNING
-        elif st.checkpoint:
-            st.state = RESUMABLE
-        elif METRICS in files or CONFIG in files:
-            st.state = STARTED
         if details or st.holder is not None:  # a live trainer: its steps tell whether it is stalled
             self.add_details(run_dir, st)
         elif st.checkpoint:
